@@ -1,0 +1,3 @@
+from tokentrain.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""The InternLM repository data format: the one place that defines it.
+
+A *dataset* is a folder. Its data files are found by `discover_files`:
+
+* walked recursively with ``os.walk(followlinks=True)``: a folder's own files (sorted by
+  name) come before its sub-folders (visited in sorted order) -- the order InternLM's own
+  tools use; files are taken when their name ends with ``file_type`` (default ``.bin``);
+  symlink loops are detected and skipped (counted in the log), never followed forever;
+* or, when a ``data_order_path`` text file is given, exactly the files it lists (paths
+  relative to the folder, one per line, blank lines ignored), in that order.
+
+A data file ``X.bin`` holds one JSON object per line with a ``"tokens"`` list of ints.
+Its index ``X.bin.meta`` is a ``numpy.save``d integer array of shape ``(N, >=2)``:
+column 0 is the byte offset of line i, column 1 its token count. Extra columns are
+ignored (the length is column 1, never "the last column").
+
+Token semantics: a token ``t`` feeds the model as input id ``abs(t)``. It is a training
+*target* iff ``t > 0`` -- so id 0 is never a target, as in the format's origin -- unless
+``zero_is_target`` is set, in which case ``t >= 0`` is a target. Targets are aligned here,
+not in the model: at position i the target is token i+1 of the same document (or
+``IGNORE_INDEX`` when that token is not a target); the last token of every document has
+target ``IGNORE_INDEX``, so no document is ever trained to predict the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from tokentrain.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DEFAULT_FILE_TYPE = ".bin"
+META_SUFFIX = ".meta"
+_NL = 0x0A
+
+# np.fromstring(sep=",") is numpy's C text parser: ~3x faster than orjson + list->array
+# for long token lists. It stops quietly at anything that is not an integer; we detect
+# that by the element count and fall back to orjson, which gives the precise error.
+warnings.filterwarnings("ignore", message="string or file could not be read to its end")
+_FAST_PREFIX = b'{"tokens":'
+_INT32_LIMIT = 2**31 - 1
+
+
+# --------------------------------------------------------------------------- files
+
+
+def discover_files(
+    folder: str | os.PathLike,
+    file_type: str = DEFAULT_FILE_TYPE,
+    data_order_path: str | os.PathLike | None = None,
+) -> list[Path]:
+    """Return the data files of a dataset folder, in training order (see module doc)."""
+    root = Path(folder)
+    if not root.exists():
+        raise DataError(f"{root}: dataset folder does not exist; check `dataset_folder`")
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder is not a directory; point `dataset_folder` at a folder")
+    if data_order_path is not None:
+        return _files_from_order(root, Path(data_order_path))
+
+    files: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    loops = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            # A symlink led back to a folder we already walked: a loop or a duplicate.
+            loops += 1
+            log.warning("%s: folder already visited through another path (symlink loop?); skipped", dirpath)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        files.extend(Path(dirpath) / n for n in sorted(filenames) if n.endswith(file_type))
+    if loops:
+        log.warning("skipped %d folder(s) reached twice through symlinks under %s", loops, root)
+    if not files:
+        raise DataError(f"{root}: no files ending with {file_type!r} found; check `dataset_folder` and `file_type`")
+    return files
+
+
+def _files_from_order(root: Path, order: Path) -> list[Path]:
+    try:
+        text = order.read_text()
+    except OSError as e:
+        raise DataError(f"{order}: cannot read data order file ({e.strerror})") from None
+    files = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        rel = line.strip()
+        if not rel:
+            continue
+        p = root / rel
+        if not p.is_file():
+            raise DataError(f"{order}:{lineno}: listed file {rel!r} does not exist under {root}; fix the list or regenerate it with `tokentrain data order`")
+        files.append(p)
+    if not files:
+        raise DataError(f"{order}: data order file lists no files")
+    return files
+
+
+def relative_order(folder: str | os.PathLike, file_type: str = DEFAULT_FILE_TYPE) -> list[str]:
+    """Paths of the data files relative to `folder`, in walk order (InternLM's get_data_order)."""
+    root = Path(folder)
+    return [str(p.relative_to(root)) for p in discover_files(root, file_type)]
+
+
+# --------------------------------------------------------------------------- meta
+
+
+def meta_path(bin_path: Path) -> Path:
+    return bin_path.with_name(bin_path.name + META_SUFFIX)
+
+
+def read_meta(path: Path, data_path: Path, data_size: int) -> np.ndarray:
+    """Load and validate a ``.meta`` file against its data file; return (N, 2) int64.
+
+    Checks cost O(N) in memory and two small reads of the data file, so opening a
+    terabyte corpus stays fast; each line is checked again when it is read.
+    """
+    try:
+        raw = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError/OSError/EOFError/UnpicklingError...
+        raise DataError(f"{path}: not a readable numpy .npy meta file ({e}); rebuild it with `tokentrain data index --rebuild`") from None
+    if raw.ndim != 2 or raw.shape[1] < 2:
+        raise DataError(f"{path}: meta must have shape (N, >=2) (offset, token count), got {raw.shape}; rebuild it with `tokentrain data index --rebuild`")
+    if raw.dtype.kind not in "iu":
+        raise DataError(f"{path}: meta must hold integers, got dtype {raw.dtype}; rebuild it with `tokentrain data index --rebuild`")
+    meta = np.ascontiguousarray(raw[:, :2], dtype=np.int64)
+    n = len(meta)
+    fix = "the meta is stale or corrupt; rebuild it with `tokentrain data index --rebuild`"
+    if n == 0:
+        if data_size > 0:
+            raise DataError(f"{path}: meta lists no lines but {data_path} has {data_size} bytes; {fix}")
+        return meta
+    offsets, counts = meta[:, 0], meta[:, 1]
+    if offsets[0] != 0:
+        raise DataError(f"{path}: first line offset is {offsets[0]}, expected 0; {fix}")
+    steps = np.diff(offsets)
+    if (steps <= 0).any():
+        i = int(np.flatnonzero(steps <= 0)[0]) + 1
+        why = "negative" if offsets[i] < 0 else "not increasing"
+        hint = " (int32 offsets overflowed past 2 GiB?)" if raw.dtype.itemsize == 4 else ""
+        raise DataError(f"{path}: row {i}: byte offset {offsets[i]} is {why}{hint}; {fix}")
+    if (counts < 0).any():
+        i = int(np.flatnonzero(counts < 0)[0])
+        raise DataError(f"{path}: row {i}: negative token count {counts[i]}; {fix}")
+    last = int(offsets[-1])
+    if last >= data_size:
+        raise DataError(f"{path}: last line offset {last} is past the end of {data_path} ({data_size} bytes); {fix}")
+    # The last line must run to the end of the file: anything after it means lines were
+    # appended (or the file rewritten) after the meta was written.
+    with open(data_path, "rb") as f:
+        f.seek(last - 1 if last else 0)
+        tail = f.read()
+    if last and tail[0] != _NL:
+        raise DataError(f"{path}: line {n} (byte {last}) of {data_path} does not start a line; {fix}")
+    body = tail[1:] if last else tail
+    nl = body.find(b"\n")
+    if nl != -1 and body[nl + 1 :].strip():
+        raise DataError(f"{path}: {data_path} has more lines than the meta's {n} (appended after indexing?); {fix}")
+    return meta
+
+
+def build_meta(data_path: Path) -> np.ndarray:
+    """Scan a data file and return its (N, 2) int64 meta (offset, token count).
+
+    Blank lines (and a missing final newline) are tolerated; every other line must parse.
+    """
+    data = data_path.read_bytes()
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buf == _NL) + 1
+    starts = np.concatenate(([0], ends))
+    ends = np.concatenate((ends, [len(data)]))
+    rows = []
+    for lineno, (s, e) in enumerate(zip(starts.tolist(), ends.tolist()), 1):
+        if not data[s:e].strip():
+            continue
+        tokens = parse_line(data[s:e], data_path, lineno, s)
+        rows.append((s, len(tokens)))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+
+def save_meta(meta: np.ndarray, path: Path) -> None:
+    from tokentrain.utils.atomic import atomic_file
+
+    with atomic_file(path) as f:
+        np.save(f, np.asarray(meta, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------- lines
+
+
+def parse_line(line: bytes, path: Path | str, lineno: int, offset: int, expected: int | None = None) -> np.ndarray:
+    """Parse one JSON line into its signed tokens (int64); raise DataError naming the place.
+
+    `expected` is the meta's token count; a mismatch means the meta is stale.
+    """
+    tokens = _parse_fast(line)
+    if tokens is None:
+        tokens = _parse_strict(line, path, lineno, offset)
+    if expected is not None and len(tokens) != expected:
+        raise DataError(
+            f"{path}: line {lineno} (byte {offset}): has {len(tokens)} tokens but the meta says {expected}; "
+            "the meta is stale; rebuild it with `tokentrain data index --rebuild`"
+        )
+    return tokens
+
+
+def _parse_fast(line: bytes) -> np.ndarray | None:
+    """Canonical ``{"tokens": [..]}`` lines via numpy's C parser; None when unsure."""
+    s = line.rstrip()
+    if not s.startswith(_FAST_PREFIX) or not s.endswith(b"]}"):
+        return None
+    lb = s.find(b"[", len(_FAST_PREFIX))
+    if lb == -1 or s[len(_FAST_PREFIX) : lb].strip():
+        return None
+    body = s[lb + 1 : -2]
+    if not body.strip():
+        return np.zeros(0, dtype=np.int64)
+    try:
+        arr = np.fromstring(body, dtype=np.int64, sep=",")
+    except ValueError:
+        return None
+    if len(arr) != body.count(b",") + 1 or b"]" in body or b"." in body:
+        return None
+    if len(arr) and (arr.max() > _INT32_LIMIT or arr.min() < -_INT32_LIMIT):
+        return None  # let the strict path judge out-of-range values
+    return arr
+
+
+def _parse_strict(line: bytes, path, lineno: int, offset: int) -> np.ndarray:
+    where = f"{path}: line {lineno} (byte {offset})"
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e}); fix or remove the line, then rebuild the meta") from None
+    if not isinstance(obj, dict) or "tokens" not in obj:
+        raise DataError(f'{where}: no "tokens" key; each line must be a JSON object like {{"tokens": [1, -5, 2]}}')
+    toks = obj["tokens"]
+    if not isinstance(toks, list):
+        raise DataError(f'{where}: "tokens" must be a list of ints, got {type(toks).__name__}')
+    for j, t in enumerate(toks):
+        if type(t) is not int:
+            raise DataError(f'{where}: "tokens"[{j}] is {t!r} ({type(t).__name__}); token ids must be ints')
+        if not -_INT32_LIMIT <= t <= _INT32_LIMIT:
+            raise DataError(f'{where}: "tokens"[{j}] = {t} is out of range for a token id')
+    return np.asarray(toks, dtype=np.int64).reshape(-1)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def inputs_and_targets(raw: np.ndarray, zero_is_target: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Input ids and aligned targets of one whole document (see module doc)."""
+    ids = np.abs(raw)
+    targets = np.full(len(raw), IGNORE_INDEX, dtype=np.int64)
+    nxt = raw[1:]
+    is_target = nxt >= 0 if zero_is_target else nxt > 0
+    targets[:-1] = np.where(is_target, nxt, IGNORE_INDEX)
+    return ids, targets

@@ -1,0 +1,26 @@
+"""Errors a user can act on, each mapped to a documented process exit code.
+
+Anything raised as a `TokentrainError` is printed by the CLI as one line (no traceback
+unless `--debug`) and turned into its `exit_code`. Anything else is a bug or an
+environment failure and exits with `EXIT_FAILURE`.
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # unexpected failure (a bug, a crashed rank, out of memory, ...)
+EXIT_USAGE = 2  # bad command line or config
+EXIT_DATA = 3  # bad training data
+EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGUSR1 after writing a checkpoint (EX_TEMPFAIL: retry)
+
+
+class TokentrainError(Exception):
+    """A failure with a one-line message that tells the user what to do."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(TokentrainError):
+    exit_code = EXIT_USAGE
+
+
+class DataError(TokentrainError):
+    exit_code = EXIT_DATA
