@@ -1,0 +1,179 @@
+"""`tokentrain data ...`: look at, check, index and make InternLM-format data."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub, common) -> None:
+    data = sub.add_parser("data", help="inspect, check, index and synthesize InternLM-format data", parents=[common])
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True, parser_class=type(data))
+
+    def folder_args(p):
+        p.add_argument("folder", metavar="DIR", help="dataset folder")
+        p.add_argument("--file-type", default=".bin", help="data file suffix (default .bin)")
+        p.add_argument("--data-order", metavar="FILE", help="text file listing the data files to use, in order")
+
+    p = dsub.add_parser("stats", help="files, documents, tokens, target tokens, length percentiles", parents=[common])
+    folder_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_stats)
+
+    p = dsub.add_parser("show", help="print one sample exactly as training sees it", parents=[common])
+    folder_args(p)
+    p.add_argument("--max-length", type=int, required=True)
+    p.add_argument("--index", type=int, default=0, help="sample number")
+    p.add_argument("--no-shuffle", action="store_true", help="documents in file order")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unpacked", action="store_true", help="one document per sample (pack_to_max_length=False)")
+    p.add_argument("--min-length", type=int, default=1)
+    p.add_argument("--zero-is-target", action="store_true", help="token id 0 can be a target")
+    p.add_argument("--tokenizer", metavar="PATH", help="HF tokenizer folder for a readable view")
+    p.add_argument("--json", action="store_true", help="print the arrays as JSON")
+    p.set_defaults(func=cmd_show)
+
+    p = dsub.add_parser("check", help="validate every line against its meta; list every problem", parents=[common])
+    folder_args(p)
+    p.set_defaults(func=cmd_check)
+
+    p = dsub.add_parser("index", help="write missing (or, with --rebuild, all) .bin.meta files", parents=[common])
+    folder_args(p)
+    p.add_argument("--rebuild", action="store_true", help="rewrite every meta, not only missing ones")
+    p.set_defaults(func=cmd_index)
+
+    p = dsub.add_parser("order", help="write data_order.txt (relative paths in walk order)", parents=[common])
+    p.add_argument("--data-folder", required=True, metavar="DIR")
+    p.add_argument("--save-folder", required=True, metavar="OUT")
+    p.add_argument("--file-type", default=".bin")
+    p.set_defaults(func=cmd_order)
+
+    p = dsub.add_parser("synth", help="write deterministic synthetic data (tests, benchmarks)", parents=[common])
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--files", type=int, default=4)
+    p.add_argument("--documents", type=int, default=1000, help="documents in all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mean-length", type=float, default=562.0)
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.set_defaults(func=cmd_synth)
+
+
+def _files(args):
+    from tokentrain.data.format import discover_files
+
+    return discover_files(args.folder, args.file_type, args.data_order)
+
+
+def cmd_stats(args) -> int:
+    from tokentrain.data.inspect import dataset_stats
+
+    st = dataset_stats(_files(args)).as_dict()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    for k, v in st.items():
+        if k == "length_percentiles":
+            v = "  ".join(f"{q}={n}" for q, n in v.items())
+        print(f"{k:>20}: {v}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from tokentrain.data.dataset import DataSettings, build_dataset
+
+    ds = build_dataset(
+        DataSettings(
+            folder=args.folder, max_length=args.max_length, pack_to_max_length=not args.unpacked,
+            shuffle=not args.no_shuffle, seed=args.seed, min_length=args.min_length,
+            file_type=args.file_type, data_order_path=args.data_order, zero_is_target=args.zero_is_target,
+        )
+    )
+    if not 0 <= args.index < len(ds):
+        from tokentrain.errors import ConfigError
+
+        raise ConfigError(f"--index {args.index} out of range: the dataset has {len(ds)} samples")
+    s = ds[args.index]
+    sources = [{"file": f, "line": n} for f, n in ds.sources(args.index)]
+    if args.json or not args.tokenizer:
+        out = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in s.items()}
+        out["num_samples"], out["sources"] = len(ds), sources
+        print(json.dumps(out) if args.json else json.dumps(out, indent=1))
+        return 0
+    print(_readable(s, sources, args.tokenizer))
+    return 0
+
+
+def _readable(s: dict, sources: list[dict], tokenizer_path: str) -> str:
+    """Each fragment decoded; spans not trained in this sample shown inside [MASKED ...]."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    ids, labels, cu = s["input_ids"], s["labels"], s["cu_seqlens"]
+    trained = [False] + [bool(labels[i - 1] != -100) for i in range(1, len(ids))]
+    out = []
+    for j in range(len(cu) - 1):
+        a, b = int(cu[j]), int(cu[j + 1])
+        src = sources[j] if j < len(sources) else {}
+        out.append(f"--- fragment {j}: tokens {a}..{b} from {src.get('file')}:{src.get('line')}")
+        spans, cur, flag = [], [], None
+        for i in range(a, b):
+            t = trained[i] and i > a
+            if flag is not None and t != flag:
+                spans.append((flag, cur))
+                cur = []
+            cur.append(int(ids[i]))
+            flag = t
+        spans.append((flag, cur))
+        out.append("".join(tok.decode(c) if f else f"[MASKED {tok.decode(c)!r}]" for f, c in spans))
+    return "\n".join(out)
+
+
+def cmd_check(args) -> int:
+    from tokentrain.data.inspect import check_dataset
+
+    files = _files(args)
+    problems = check_dataset(files)
+    for p in problems:
+        print(p)
+    print(f"checked {len(files)} file(s): {len(problems)} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def cmd_index(args) -> int:
+    import logging
+
+    from tokentrain.data import format as fmt
+
+    built = 0
+    for p in _files(args):
+        mp = fmt.meta_path(p)
+        if p.stat().st_size == 0 or (mp.exists() and not args.rebuild):
+            continue
+        meta = fmt.build_meta(p)
+        fmt.save_meta(meta, mp)
+        built += 1
+        logging.getLogger("tokentrain").info("%s: %d lines", mp, len(meta))
+    print(f"wrote {built} meta file(s)")
+    return 0
+
+
+def cmd_order(args) -> int:
+    from tokentrain.data.format import relative_order
+    from tokentrain.utils.atomic import atomic_file
+
+    rel = relative_order(args.data_folder, args.file_type)
+    out = Path(args.save_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / "data_order.txt", "w") as f:
+        f.write("".join(r + "\n" for r in rel))
+    print(f"wrote {out / 'data_order.txt'} ({len(rel)} files)")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from tokentrain.data.synth import synth_dataset
+
+    paths = synth_dataset(args.out, args.files, args.documents, args.seed, args.mean_length, args.vocab_size)
+    print(f"wrote {len(paths)} file(s) with {args.documents} documents to {args.out}")
+    return 0

@@ -1,0 +1,79 @@
+"""tokentrain: train causal LMs on pre-tokenized InternLM-format data (command line).
+
+One entry, subcommands, errors as one line and a documented exit code.
+
+Start-up stays fast: this module and the command modules import only the standard
+library at the top; torch, transformers and deepspeed are imported inside the commands
+that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from tokentrain import __version__
+from tokentrain.errors import EXIT_FAILURE, EXIT_USAGE, TokentrainError
+
+# Each module defines `register(subparsers, parent)`, which adds its commands and sets
+# `func` on them (a callable taking the parsed args and returning an exit code).
+COMMAND_MODULES = [
+    "tokentrain.cli.data_cmd",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, our usage exit code
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    parser = _Parser(prog="tokentrain", description=__doc__.splitlines()[0], parents=[common])
+    parser.add_argument("--version", action="version", version=f"tokentrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub, common)
+    return parser
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="[tokentrain] %(levelname)s %(message)s" if debug else "[tokentrain] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    setup_logging(args.debug)
+    try:
+        return int(args.func(args) or 0)
+    except TokentrainError as e:
+        if args.debug:
+            raise
+        print(f"tokentrain: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("tokentrain: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `tokentrain data show ... | head`
+        return 0
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"tokentrain: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

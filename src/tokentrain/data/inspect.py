@@ -1,0 +1,140 @@
+"""Full scans of a dataset: statistics and validation of every line against its meta."""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tokentrain.data import format as fmt
+from tokentrain.data.index import ensure_meta
+from tokentrain.errors import DataError
+
+
+@dataclass
+class Problem:
+    file: str
+    line: int | None
+    byte: int | None
+    what: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f": line {self.line}"
+        if self.byte is not None:
+            where += f" (byte {self.byte})"
+        return f"{where}: {self.what}"
+
+
+def _map(path: Path):
+    """The file's bytes without reading them all into memory (empty files can't be mmapped)."""
+    size = path.stat().st_size
+    if size == 0:
+        return b""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _line_spans(meta: np.ndarray, size: int):
+    offsets = meta[:, 0]
+    return zip(offsets.tolist(), np.diff(offsets, append=size).tolist(), meta[:, 1].tolist())
+
+
+# --------------------------------------------------------------------------- check
+
+
+def check_file(path: Path, zero_meta_ok: bool = True) -> list[Problem]:
+    """Every problem of one data file, rather than the first."""
+    problems: list[Problem] = []
+    size = path.stat().st_size
+    if size == 0:
+        return problems
+    mp = fmt.meta_path(path)
+    if not mp.exists():
+        problems.append(Problem(str(path), None, None, f"no meta file {mp.name}; build it with `tokentrain data index`"))
+        try:
+            fmt.build_meta(path)
+        except DataError as e:
+            problems.append(Problem(str(path), None, None, str(e).removeprefix(f"{path}: ")))
+        return problems
+    try:
+        meta = fmt.read_meta(mp, path, size)
+    except DataError as e:
+        problems.append(Problem(str(mp), None, None, str(e).removeprefix(f"{mp}: ")))
+        return problems
+    data = _map(path)
+    for lineno, (off, nbytes, count) in enumerate(_line_spans(meta, size), 1):
+        if off and data[off - 1] != 0x0A:
+            problems.append(Problem(str(path), lineno, off, "the meta's offset is not at a line start; rebuild the meta"))
+            continue
+        line = data[off : off + nbytes]
+        if b"\n" in line.rstrip():
+            problems.append(Problem(str(path), lineno, off, "the meta skips a line here; rebuild the meta"))
+            continue
+        try:
+            fmt.parse_line(line, path, lineno, off, count)
+        except DataError as e:
+            problems.append(Problem(str(path), lineno, off, str(e).split("): ", 1)[-1]))
+    return problems
+
+
+def check_dataset(files: list[Path]) -> list[Problem]:
+    out = []
+    for p in files:
+        out.extend(check_file(p))
+    return out
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@dataclass
+class Stats:
+    files: int = 0
+    empty_files: int = 0
+    documents: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    zero_tokens: int = 0
+    lengths: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        lens = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+        pct = {}
+        if len(lens):
+            for q in (0, 1, 10, 50, 90, 99, 100):
+                pct[f"p{q}"] = int(np.percentile(lens, q, method="nearest"))
+        return {
+            "files": self.files,
+            "empty_files": self.empty_files,
+            "documents": self.documents,
+            "empty_documents": int((lens == 0).sum()),
+            "tokens": self.tokens,
+            "target_tokens": self.target_tokens,
+            "id0_tokens": self.zero_tokens,
+            "mean_length": float(lens.mean()) if len(lens) else 0.0,
+            "length_percentiles": pct,
+        }
+
+
+def dataset_stats(files: list[Path]) -> Stats:
+    """Counts over every token: needs a full read (the meta alone has no signs)."""
+    st = Stats(files=len(files))
+    for p in files:
+        size = p.stat().st_size
+        if size == 0:
+            st.empty_files += 1
+            continue
+        meta = fmt.read_meta(ensure_meta(p), p, size)
+        data = _map(p)
+        st.documents += len(meta)
+        st.lengths.append(meta[:, 1].copy())
+        for lineno, (off, nbytes, count) in enumerate(_line_spans(meta, size), 1):
+            toks = fmt.parse_line(data[off : off + nbytes], p, lineno, off, count)
+            st.tokens += len(toks)
+            st.target_tokens += int((toks > 0).sum())
+            st.zero_tokens += int((toks == 0).sum())
+    return st
