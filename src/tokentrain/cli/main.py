@@ -50,12 +50,24 @@ def setup_logging(debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _run(sys.argv[1:] if argv is None else argv)
+    from tokentrain.distributed.spawn import record_exit_code
+
+    record_exit_code(code)
+    return code
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
     setup_logging(args.debug)
+    from tokentrain.distributed import spawn
+
+    if args.command == "train" and spawn.wants_spawn():
+        return spawn.spawn_torchrun(argv[argv.index("train") + 1 :])
     try:
         return int(args.func(args) or 0)
     except TokentrainError as e:

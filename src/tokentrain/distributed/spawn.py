@@ -1,0 +1,97 @@
+"""`NPROC_PER_NODE=N tokentrain train ...`: start torchrun ourselves, as xtuner users expect.
+
+Variables (all optional but NPROC_PER_NODE): NNODES, NODE_RANK, ADDR, PORT. The job's
+exit code comes back: torchrun itself only says 1 for any failed worker, so each rank
+writes its own code to a file in ``$TOKENTRAIN_EXIT_DIR`` (see ``record_exit_code``) and
+the most meaningful one -- rank 0's if it failed, else the first failing rank's -- is
+returned.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+INSIDE_LAUNCHER_VARS = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID")
+
+
+def wants_spawn(environ=os.environ) -> bool:
+    return bool(environ.get("NPROC_PER_NODE")) and not any(v in environ for v in INSIDE_LAUNCHER_VARS)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _strip_launcher(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--launcher":
+            skip = True
+            continue
+        if a.startswith("--launcher="):
+            continue
+        out.append(a)
+    return out
+
+
+def torchrun_command(train_args: list[str], environ=os.environ) -> list[str]:
+    nnodes = environ.get("NNODES", "1")
+    port = environ.get("PORT") or (str(_free_port()) if nnodes == "1" else "29500")
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={environ['NPROC_PER_NODE']}",
+        f"--nnodes={nnodes}",
+        f"--node_rank={environ.get('NODE_RANK', '0')}",
+        f"--master_addr={environ.get('ADDR', '127.0.0.1')}",
+        f"--master_port={port}",
+        "-m", "tokentrain.train", *_strip_launcher(train_args), "--launcher", "pytorch",
+    ]
+
+
+def spawn_torchrun(train_args: list[str]) -> int:
+    with tempfile.TemporaryDirectory(prefix="tokentrain-exit-") as codes:
+        env = dict(os.environ, TOKENTRAIN_EXIT_DIR=codes)
+        proc = subprocess.Popen(torchrun_command(train_args), env=env)
+        # Forward preemption signals; torchrun passes them on to the ranks.
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, lambda s, _f: proc.send_signal(s))
+        rc = proc.wait()
+        return job_exit_code(rc, Path(codes))
+
+
+def job_exit_code(torchrun_rc: int, codes_dir: Path) -> int:
+    codes = {}
+    for f in codes_dir.glob("rank*.code"):
+        try:
+            codes[int(f.stem[4:])] = int(f.read_text())
+        except ValueError:
+            continue
+    if torchrun_rc == 0:
+        return 0
+    if codes.get(0):
+        return codes[0]
+    failing = [c for _, c in sorted(codes.items()) if c]
+    return failing[0] if failing else torchrun_rc
+
+
+def record_exit_code(code: int) -> None:
+    """Called by every rank on exit when started by `spawn_torchrun`."""
+    d = os.environ.get("TOKENTRAIN_EXIT_DIR")
+    if not d:
+        return
+    rank = os.environ.get("RANK", "0")
+    try:
+        Path(d, f"rank{rank}.code").write_text(str(code))
+    except OSError:
+        pass
