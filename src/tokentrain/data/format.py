@@ -234,7 +234,7 @@ def _parse_fast(line: bytes) -> np.ndarray | None:
     if lb == -1 or s[len(_FAST_PREFIX) : lb].strip():
         return None
     body = s[lb + 1 : -2]
-    if not body.strip():
+    if not body.strip(b" \t\r\n"):  # JSON whitespace only
         return np.zeros(0, dtype=np.int64)
     try:
         arr = np.fromstring(body, dtype=np.int64, sep=",")
