@@ -21,6 +21,7 @@ from tokentrain.errors import EXIT_FAILURE, EXIT_USAGE, TokentrainError
 # `func` on them (a callable taking the parsed args and returning an exit code).
 COMMAND_MODULES = [
     "tokentrain.cli.data_cmd",
+    "tokentrain.cli.tokenize_cmd",
 ]
 
 

@@ -11,9 +11,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-import orjson
-
 from tokentrain.data import format as fmt
+from tokentrain.data.writer import encode_line
 from tokentrain.utils.atomic import atomic_file
 
 
@@ -31,13 +30,14 @@ def synth_documents(rng: np.random.Generator, n: int, mean_length: float, vocab_
 
 def write_file(path: Path, docs) -> np.ndarray:
     """Write documents as JSON lines plus the meta, both atomically; return the meta."""
-    rows, offset = [], 0
+    rows, offset, lines = [], 0, []
+    for toks in docs:
+        line = encode_line(toks)
+        rows.append((offset, len(toks)))
+        lines.append(line)
+        offset += len(line)
     with atomic_file(path) as f:
-        for toks in docs:
-            line = orjson.dumps({"tokens": toks}, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
-            rows.append((offset, len(toks)))
-            f.write(line)
-            offset += len(line)
+        f.writelines(lines)
     meta = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
     fmt.save_meta(meta, fmt.meta_path(path))
     return meta
