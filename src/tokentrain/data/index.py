@@ -207,4 +207,6 @@ def open_index(
     info = json.loads((target / "info.json").read_text())
     docs = np.load(target / "docs.npy", mmap_mode="r")
     ends = np.load(target / "ends.npy", mmap_mode="r")
-    return DocIndex(info["files"], info["file_sizes"], docs, ends, IndexStats(**info["stats"]), target)
+    # The key is made of resolved paths, so the cached table may have been built from another
+    # working directory: name the files as this caller does, never by the stored (maybe relative) names.
+    return DocIndex([str(p) for p in files], info["file_sizes"], docs, ends, IndexStats(**info["stats"]), target)
