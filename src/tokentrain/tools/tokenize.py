@@ -321,4 +321,4 @@ def _progress(total: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", leave=False)
+    return tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", leave=False, disable=None)  # None: off when not a TTY
