@@ -22,6 +22,9 @@ from tokentrain.errors import EXIT_FAILURE, EXIT_USAGE, TokentrainError
 COMMAND_MODULES = [
     "tokentrain.cli.data_cmd",
     "tokentrain.cli.tokenize_cmd",
+    "tokentrain.cli.cfg_cmd",
+    "tokentrain.cli.train_cmd",
+    "tokentrain.cli.plot_cmd",
 ]
 
 

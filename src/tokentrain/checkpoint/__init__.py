@@ -1,0 +1,1 @@
+"""Checkpoints (atomic step_N + latest pointer, resume) and the final Hugging Face export."""

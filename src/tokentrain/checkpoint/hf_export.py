@@ -1,0 +1,52 @@
+"""The final Hugging Face folder `WORK_DIR/hf`: safetensors + config + tokenizer.
+
+Written aside and swapped into place, so `WORK_DIR/hf` is always a loadable model (the
+previous export or the new one). Exported in `export_dtype` (default float32: the
+trained master weights exactly, so the folder reproduces the trainer's logits).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32") -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        dtype = DTYPES.get(export_dtype)  # None for "auto": the dtype the model was published in
+        if dtype is None:
+            dtype = getattr(model.config, "dtype", None) or torch.float32
+            if isinstance(dtype, str):
+                dtype = DTYPES.get(dtype, torch.float32)
+        state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu() for k, v in model.state_dict().items()}
+        use_cache, saved_dtype = model.config.use_cache, getattr(model.config, "dtype", None)
+        model.config.use_cache = True  # generation-ready
+        model.config.dtype = dtype  # what the weights are stored in, so dtype="auto" loads them as they are
+        try:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        finally:
+            model.config.use_cache, model.config.dtype = use_cache, saved_dtype
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

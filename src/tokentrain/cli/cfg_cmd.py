@@ -1,0 +1,30 @@
+"""`tokentrain list-cfg [-p PATTERN]` and `tokentrain copy-cfg NAME DIR` (shipped templates)."""
+
+from __future__ import annotations
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("list-cfg", help="list the shipped config templates", parents=[common])
+    p.add_argument("-p", "--pattern", help="only names containing PATTERN (or matching a shell glob)")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("copy-cfg", help="copy a config template to DIR/NAME_copy.py", parents=[common])
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("dest", metavar="DIR")
+    p.set_defaults(func=cmd_copy)
+
+
+def cmd_list(args) -> int:
+    from tokentrain.config.templates import list_templates
+
+    names = list_templates(args.pattern)
+    for n in names:
+        print(n)
+    return 0
+
+
+def cmd_copy(args) -> int:
+    from tokentrain.config.templates import copy_template
+
+    print(f"Copied to {copy_template(args.name, args.dest)}")
+    return 0

@@ -1,0 +1,93 @@
+"""`tokentrain train CFG ...` and `tokentrain make-tiny-model DIR`.
+
+`train` loads and validates the config (one-line errors, before anything heavy), joins
+the launcher's process group, and runs the trainer. With NPROC_PER_NODE set (and not
+already under a launcher) it starts torchrun itself. Exit codes: 0 done, 1 failure,
+2 bad command line or config, 3 bad data, 75 preempted (checkpoint written; resume).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+
+def add_train_arguments(p) -> None:
+    p.add_argument("config", metavar="CFG", help="config file (see `tokentrain list-cfg` / `copy-cfg`)")
+    p.add_argument("--work-dir", metavar="DIR", help="checkpoints, logs, metrics and the final model (default: work_dirs/CFG_NAME)")
+    p.add_argument("--launcher", choices=("none", "pytorch", "slurm"), default="none",
+                   help="none: one process; pytorch: under torchrun; slurm: one task per rank under srun")
+    p.add_argument("--resume", metavar="auto|PATH", help="auto: newest complete checkpoint in the work dir; or a step_N folder")
+    p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings")
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("train", help="train a model from a config file", parents=[common])
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random Llama + tokenizer folder (demo, tests)", parents=[common])
+    p.add_argument("out", metavar="DIR")
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_model)
+
+
+def _train_argv() -> list[str]:
+    argv = sys.argv[1:]
+    return argv[argv.index("train") + 1 :] if "train" in argv else argv
+
+
+def default_work_dir(config_path: str) -> Path:
+    return Path("work_dirs") / Path(config_path).stem
+
+
+def quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cmd_train(args) -> int:
+    from tokentrain.config.loader import load_config
+    from tokentrain.distributed.spawn import spawn_torchrun, wants_spawn
+
+    cfg = load_config(args.config, args.cfg_options, seed=args.seed)  # all config errors before anything heavy
+    if args.launcher == "none" and wants_spawn():
+        return spawn_torchrun(_train_argv())
+    work_dir = Path(args.work_dir or cfg.work_dir or default_work_dir(args.config))
+    cfg = cfg.replace(work_dir=str(work_dir))
+
+    from tokentrain.distributed.env import destroy_distributed, init_distributed
+
+    env = init_distributed(args.launcher)
+    try:
+        if not env.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        quiet_libraries()
+        if env.is_main:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(args.config, work_dir / Path(args.config).name) if Path(args.config).resolve() != (work_dir / Path(args.config).name).resolve() else None
+            logging.getLogger("tokentrain.train").info("work dir %s, %d rank(s) on %s", work_dir, env.world_size, env.device)
+        from tokentrain.engine.trainer import run
+
+        return run(cfg, env, work_dir, args.resume)
+    finally:
+        destroy_distributed()
+
+
+def cmd_make_tiny_model(args) -> int:
+    from tokentrain.cli.train_cmd import quiet_libraries
+    from tokentrain.model.tiny import make_tiny_model
+
+    quiet_libraries()
+    out = make_tiny_model(args.out, args.vocab_size, args.hidden_size, args.layers, args.heads, seed=args.seed)
+    print(out)
+    return 0

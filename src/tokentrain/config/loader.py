@@ -1,0 +1,200 @@
+"""Python config file (+ `--cfg-options key=value`) -> one validated `TrainConfig`.
+
+Everything is checked before any heavy import or I/O: an unknown key (with "did you
+mean"), a value of the wrong type, or an impossible value is a `ConfigError` whose one
+line names the file and the key.
+
+What counts as a setting: every module-level name not starting with ``_`` that is not a
+module, class or function (so ``import torch`` or a helper function in a config is fine).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import os
+import runpy
+import types
+import typing
+from pathlib import Path
+
+from tokentrain.config.schema import DTYPE_ALIASES, FIELDS, TrainConfig, check_values
+from tokentrain.errors import ConfigError
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "True or False"}
+
+
+def did_you_mean(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    if not close:
+        close = [c for c in choices if c.lower() == key.lower()]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join("None" if a is type(None) else _describe(a) for a in args)
+    if origin is tuple:
+        return f"a tuple of {len(args)} numbers"
+    if origin is list:
+        return "a list of strings"
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _field_type(name: str):
+    return typing.get_type_hints(TrainConfig)[name]
+
+
+def check_type(name: str, value, tp=None):
+    """Return `value` converted to the field's type, or raise ValueError describing the need."""
+    tp = _field_type(name) if tp is None else tp
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return check_type(name, value, a)
+            except ValueError:
+                pass
+        raise ValueError(_describe(tp))
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)) or len(value) != len(args):
+            raise ValueError(_describe(tp))
+        return tuple(check_type(name, v, a) for v, a in zip(value, args))
+    if origin is list:
+        if not isinstance(value, (tuple, list)):
+            raise ValueError(_describe(tp))
+        return [check_type(name, v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(_describe(tp))
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(_describe(tp))
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(_describe(tp))
+    if tp is str:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+        raise ValueError(_describe(tp))
+    raise ValueError(_describe(tp))
+
+
+def _settings_of(namespace: dict) -> dict:
+    return {
+        k: v for k, v in namespace.items()
+        if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType))
+    }
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`key=value` from the command line; the value is coerced to the key's type."""
+    if "=" not in text:
+        raise ConfigError(f"--cfg-options {text!r}: expected key=value")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if key not in FIELDS:
+        raise ConfigError(f"--cfg-options: unknown key {key!r}{did_you_mean(key, FIELDS)}")
+    return key, coerce_text(key, raw)
+
+
+def coerce_text(key: str, raw: str):
+    tp = _field_type(key)
+    args = typing.get_args(tp)
+    if raw.lower() in ("none", "null") and type(None) in args:
+        return None
+    base = next((a for a in args if a is not type(None)), tp) if args and typing.get_origin(tp) in (types.UnionType, typing.Union) else tp
+    try:
+        if base is bool:
+            low = raw.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            try:
+                return int(raw)
+            except ValueError:
+                f = float(raw)  # "1e3" -> 1000
+                if not f.is_integer():
+                    raise
+                return int(f)
+        if base is float:
+            return float(raw)
+        if base is str:
+            try:
+                v = ast.literal_eval(raw)
+                return v if isinstance(v, str) else raw
+            except (ValueError, SyntaxError):
+                return raw
+        # tuple / list: a Python literal, or comma-separated items
+        try:
+            v = ast.literal_eval(raw)
+            if not isinstance(v, (list, tuple)):
+                v = [v]
+        except (ValueError, SyntaxError):
+            v = [s.strip() for s in raw.split(",") if s.strip()]
+            inner = typing.get_args(base)
+            if inner and inner[0] is float:
+                v = [float(s) for s in v]
+        return check_type(key, v)
+    except ValueError:
+        raise ConfigError(f"--cfg-options {key}={raw!r}: expected {_describe(tp)}") from None
+
+
+def build_config(settings: dict, source: str, overrides: dict | None = None) -> TrainConfig:
+    """Validate a mapping of settings (from a file, then overridden) into a TrainConfig."""
+    values = {}
+    for key, value in settings.items():
+        if key not in FIELDS:
+            raise ConfigError(f"{source}: unknown setting {key!r}{did_you_mean(key, FIELDS)}")
+        values[key] = value
+    values.update(overrides or {})
+    for key in ("dtype", "export_dtype"):
+        if isinstance(values.get(key), str):
+            values[key] = DTYPE_ALIASES.get(values[key].lower(), values[key].lower())
+    typed = {}
+    for key, value in values.items():
+        try:
+            typed[key] = check_type(key, value)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {key} = {value!r}: expected {e}") from None
+    cfg = TrainConfig(**typed)
+    bad = check_values(cfg)
+    if bad:
+        key, why = bad[0]
+        raise ConfigError(f"{source}: {key} = {getattr(cfg, key)!r}: {why}")
+    return cfg
+
+
+def read_settings(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        namespace = runpy.run_path(str(p), run_name="__tokentrain_config__")
+    except SyntaxError as e:
+        raise ConfigError(f"{p}:{e.lineno}: syntax error in config: {e.msg}") from None
+    except Exception as e:
+        raise ConfigError(f"{p}: executing the config failed: {type(e).__name__}: {e}") from None
+    return _settings_of(namespace)
+
+
+def load_config(path: str | os.PathLike, options: list[str] | None = None, **overrides) -> TrainConfig:
+    """Load a config file, apply `--cfg-options` strings, then keyword overrides."""
+    parsed = dict(parse_override(o) for o in (options or []))
+    parsed.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = [k for k in parsed if k not in FIELDS]
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}{did_you_mean(unknown[0], FIELDS)}")
+    return build_config(read_settings(path), str(path), parsed)

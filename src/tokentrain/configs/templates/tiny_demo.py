@@ -1,0 +1,50 @@
+# tokentrain config: a tiny Llama (demo/tiny-llama, ~1M parameters) that trains on CPU in minutes
+#
+# A plain Python file of settings. Change PART 1 (at least the two paths), then:
+#     tokentrain train tiny_demo_copy.py --work-dir work_dirs/tiny_demo
+# Every key is checked when the file is loaded: a misspelled key is an error, not a default.
+# The full list of keys is in docs/trainer.md; `--cfg-options key=value` overrides any of them.
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+# Model
+pretrained_model_name_or_path = 'demo/tiny-llama'  # shipped: config + tokenizer, no weights = train from scratch
+trust_remote_code = False
+
+# Data
+dataset_folder = 'demo_out/data'  # e.g. `tokentrain data synth demo_out/data --vocab-size 768`
+max_length = 512
+pack_to_max_length = True
+
+# Scheduler & Optimizer
+batch_size = 2  # per device
+accumulative_counts = 2  # global batch = batch_size * accumulative_counts * ranks
+dataloader_num_workers = 1
+max_epochs = 1
+max_iters = 60  # optimizer steps; wins over max_epochs
+lr = 0.001
+betas = (0.9, 0.95)
+weight_decay = 0.01
+max_norm = 1  # grad clip
+warm_up_ratio = 0.05
+min_lr_ratio = 0.15  # cosine decays to lr * min_lr_ratio
+
+# Save
+save_steps = 20
+save_total_limit = 2  # Maximum checkpoints to keep (-1 means unlimited)
+
+# Evaluate the generation performance during the training
+evaluation_freq = 20
+SYSTEM = ''
+evaluation_inputs = ['Hello, I am']
+
+#######################################################################
+#                     PART 2  Runtime (defaults are fine)             #
+#######################################################################
+seed = 1024
+dtype = 'auto'  # bfloat16 autocast where the device supports it, else float32
+gradient_checkpointing = False
+use_varlen_attn = None  # None: flash-attention varlen on CUDA when installed, else sdpa
+log_interval = 5
+evaluation_max_new_tokens = 16

@@ -1,0 +1,1 @@
+"""The training engine: strategy (local / DDP), schedule, the trainer loop."""

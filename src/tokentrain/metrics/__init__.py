@@ -1,0 +1,1 @@
+"""Training metrics: FLOPs per document, JSONL + TensorBoard + progress bar, plots."""

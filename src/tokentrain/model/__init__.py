@@ -1,0 +1,1 @@
+"""Model side: loading, attention backend and document masking, summed loss."""

@@ -1,0 +1,160 @@
+"""The model as the engine sees it: HF causal LM + document masking + summed loss, one module.
+
+`CausalLMWithLoss.forward(input_ids, labels, position_ids)` returns the fp32 *sum* of
+cross-entropy over target tokens. It is the module DDP (or later DeepSpeed) wraps, so
+the whole forward -- decoder, masking, loss -- runs inside the wrapper's hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tokentrain.errors import ConfigError
+from tokentrain.model.attention import DocMasking
+from tokentrain.model.loss import linear_cross_entropy_sum, logits_cross_entropy_sum
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The compute dtype for autocast (None: plain fp32). 'auto': bf16 where the device has it."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        if device.type == "cpu":
+            try:
+                fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+            except AttributeError:
+                fast = False
+            return torch.bfloat16 if fast else None
+        return None
+    if name == "float16" and device.type == "cpu":
+        raise ConfigError("dtype = 'float16' is not supported on CPU; use 'bfloat16' or 'float32'")
+    return None if name == "float32" else DTYPES[name]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def load_tokenizer(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ConfigError(f"pretrained_model_name_or_path = {path!r}: cannot load the tokenizer: {_first_line(e)}") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def has_weights(path: str) -> bool:
+    """False only for a local folder that has a config but no weight files (train from scratch)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        return True
+    return any((p / f).is_file() for f in WEIGHT_FILES) or any(p.glob("*.safetensors"))
+
+
+def load_model(path: str, trust_remote_code: bool, attn_implementation: str, device: torch.device, seed: int = 0) -> nn.Module:
+    """The HF model in fp32 (the master weights; compute runs in the autocast dtype).
+
+    A local folder with a config.json but no weights starts from random weights
+    (seeded, the same on every rank): training from scratch.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        if has_weights(path):
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            )
+        else:
+            log.info("%s has a config but no weights: training from scratch (random init, seed %d)", path, seed)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation,
+                                                         trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ConfigError(f"pretrained_model_name_or_path = {path!r}: cannot load the model: {_first_line(e)}") from None
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def _fused_parts(model: nn.Module):
+    """(decoder, lm_head) when logits are plainly lm_head(decoder(x)); else None."""
+    cfg = model.config
+    if any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or decoder is model or not isinstance(head, nn.Linear):
+        return None
+    return decoder, head
+
+
+@dataclass
+class LossSettings:
+    chunk_tokens: int = 0
+
+
+class CausalLMWithLoss(nn.Module):
+    def __init__(self, model: nn.Module, masking: DocMasking, compute_dtype: torch.dtype | None, chunk_tokens: int = 0):
+        super().__init__()
+        self.model = model
+        self.masking = masking
+        self.compute_dtype = compute_dtype
+        self.chunk_tokens = chunk_tokens
+        self.fused = self._check_fused()
+
+    def _check_fused(self) -> bool:
+        """Use the fused head only if lm_head(decoder(x)) reproduces model(x).logits here."""
+        parts = _fused_parts(self.model)
+        if parts is None:
+            return False
+        decoder, head = parts
+        dev = head.weight.device
+        ids = torch.arange(3, 11, device=dev)[None] % head.weight.shape[0]
+        pos = torch.arange(8, device=dev)[None]
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                ref = self.model(input_ids=ids, position_ids=pos, use_cache=False).logits
+                hid = decoder(input_ids=ids, position_ids=pos, use_cache=False)[0]
+                ok = torch.allclose(head(hid), ref, rtol=1e-4, atol=1e-5)
+        except Exception as e:
+            log.debug("fused loss head unavailable: %s", e)
+            ok = False
+        finally:
+            self.model.train(was)
+        if not ok:
+            log.info("loss: model logits are not lm_head(decoder(x)); computing the loss from full logits (chunked fp32)")
+        return ok
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        dev = input_ids.device.type
+        kw = self.masking.model_inputs(input_ids, position_ids, additive_dtype=self.compute_dtype or torch.float32)
+        with torch.autocast(dev, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
+            if self.fused:
+                decoder, head = _fused_parts(self.model)
+                hidden = decoder(**kw)[0]
+                return linear_cross_entropy_sum(hidden, labels, head.weight, head.bias, self.chunk_tokens, self.compute_dtype)
+            logits = self.model(**kw).logits
+            return logits_cross_entropy_sum(logits, labels, self.chunk_tokens)
