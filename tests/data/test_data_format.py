@@ -424,3 +424,17 @@ def test_save_meta_is_atomic_int64(tmp_path):
     got = np.load(p)
     assert got.dtype == np.int64 and got.tolist() == [[0, 1]]
     assert [q.name for q in tmp_path.iterdir()] == ["x.bin.meta"]  # no temp file left
+
+
+def test_meta_stale_last_line_truncated_mid_line(tmp_path):
+    p, mp, _ = _good(tmp_path)
+    p.write_bytes(p.read_bytes()[:-3])
+    with pytest.raises(DataError, match=r"a.bin.meta: the last line of .*a.bin does not match the meta \(line 3 \(byte \d+\): malformed JSON"):
+        _read(p, mp)
+
+
+def test_meta_stale_last_line_rewritten(tmp_path):
+    p, mp, _ = _good(tmp_path)
+    p.write_bytes(p.read_bytes().replace(b"[6]", b"[6, 7, 8]"))
+    with pytest.raises(DataError, match="does not match the meta .*has 3 tokens but the meta says 1"):
+        _read(p, mp)

@@ -166,6 +166,10 @@ def read_meta(path: Path, data_path: Path, data_size: int) -> np.ndarray:
     nl = body.find(b"\n")
     if nl != -1 and body[nl + 1 :].strip():
         raise DataError(f"{path}: {data_path} has more lines than the meta's {n} (appended after indexing?); {fix}")
+    try:  # a truncated or rewritten last line
+        parse_line(body, data_path, n, last, int(counts[-1]))
+    except DataError as e:
+        raise DataError(f"{path}: the last line of {data_path} does not match the meta ({str(e).removeprefix(f'{data_path}: ')}); {fix}") from None
     return meta
 
 

@@ -74,6 +74,9 @@ def check_file(path: Path, zero_meta_ok: bool = True) -> list[Problem]:
         if b"\n" in line.rstrip():
             problems.append(Problem(str(path), lineno, off, "the meta skips a line here; rebuild the meta"))
             continue
+        if off + nbytes < size and not line.endswith(b"\n"):
+            problems.append(Problem(str(path), lineno, off, "the line runs on past where the meta says it ends; rebuild the meta"))
+            continue
         try:
             fmt.parse_line(line, path, lineno, off, count)
         except DataError as e:

@@ -68,6 +68,8 @@ class DocReader:
         body = buf[lead:]
         if b"\n" in body.rstrip():  # trailing blank lines before the next row are fine
             raise DataError(f"{path}: line {line + 1} (byte {off}) ends before the meta says; {_STALE}")
+        if off + nbytes < self.index.file_sizes[fid] and not body.endswith(b"\n"):
+            raise DataError(f"{path}: line {line + 1} (byte {off}) runs on past where the meta says it ends; {_STALE}")
         expected = int(self.index.ends[doc]) - self.index.doc_start(doc)
         tokens = fmt.parse_line(body, path, line + 1, off, expected)
         self._last = (doc, tokens)
