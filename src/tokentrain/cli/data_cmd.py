@@ -145,13 +145,23 @@ def cmd_index(args) -> int:
 
     from tokentrain.data import format as fmt
 
+    from tokentrain.data.index import _cached_meta_path
+    from tokentrain.errors import DataError
+
     built = 0
     for p in _files(args):
         mp = fmt.meta_path(p)
         if p.stat().st_size == 0 or (mp.exists() and not args.rebuild):
             continue
         meta = fmt.build_meta(p)
-        fmt.save_meta(meta, mp)
+        try:
+            fmt.save_meta(meta, mp)
+        except OSError as e:
+            if mp.exists():  # a stale meta we cannot replace would keep winning over a cached one
+                raise DataError(f"{mp}: cannot rewrite the meta ({e.strerror}); make the folder writable") from None
+            mp = _cached_meta_path(p)  # read-only folder: where training looks next (as ensure_meta does)
+            mp.parent.mkdir(parents=True, exist_ok=True)
+            fmt.save_meta(meta, mp)
         built += 1
         logging.getLogger("tokentrain").info("%s: %d lines", mp, len(meta))
     print(f"wrote {built} meta file(s)")

@@ -47,41 +47,58 @@ def _line_spans(meta: np.ndarray, size: int):
 
 
 def check_file(path: Path, zero_meta_ok: bool = True) -> list[Problem]:
-    """Every problem of one data file, rather than the first."""
+    """Every problem of one data file, rather than the first, each with its line and byte."""
     problems: list[Problem] = []
     size = path.stat().st_size
     if size == 0:
         return problems
     mp = fmt.meta_path(path)
+    meta = None
     if not mp.exists():
         problems.append(Problem(str(path), None, None, f"no meta file {mp.name}; build it with `tokentrain data index`"))
+    else:
         try:
-            fmt.build_meta(path)
+            meta = fmt.read_meta(mp, path, size)
         except DataError as e:
-            problems.append(Problem(str(path), None, None, str(e).removeprefix(f"{path}: ")))
-        return problems
-    try:
-        meta = fmt.read_meta(mp, path, size)
-    except DataError as e:
-        problems.append(Problem(str(mp), None, None, str(e).removeprefix(f"{mp}: ")))
-        return problems
+            problems.append(Problem(str(mp), None, None, str(e).removeprefix(f"{mp}: ")))
     data = _map(path)
-    for lineno, (off, nbytes, count) in enumerate(_line_spans(meta, size), 1):
-        if off and data[off - 1] != 0x0A:
-            problems.append(Problem(str(path), lineno, off, "the meta's offset is not at a line start; rebuild the meta"))
-            continue
+    # Line numbers count every line of the file, blank ones too (as build_meta's errors do).
+    newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)
+    if meta is None:  # no usable meta: check every line on its own
+        starts = np.concatenate(([0], newlines + 1)).tolist()
+        ends = np.concatenate((newlines + 1, [size])).tolist()
+        for lineno, (s, e) in enumerate(zip(starts, ends), 1):
+            line = data[s:e]
+            if line.strip():
+                _check_line(problems, path, line, lineno, s, None)
+        return problems
+    for off, nbytes, count in _line_spans(meta, size):
+        lineno = int(np.searchsorted(newlines, off)) + 1
         line = data[off : off + nbytes]
-        if b"\n" in line.rstrip():
-            problems.append(Problem(str(path), lineno, off, "the meta skips a line here; rebuild the meta"))
+        why = _misplaced(data, line, off, size)
+        if why:
+            problems.append(Problem(str(path), lineno, off, f"{why}; rebuild the meta"))
             continue
-        if off + nbytes < size and not line.endswith(b"\n"):
-            problems.append(Problem(str(path), lineno, off, "the line runs on past where the meta says it ends; rebuild the meta"))
-            continue
-        try:
-            fmt.parse_line(line, path, lineno, off, count)
-        except DataError as e:
-            problems.append(Problem(str(path), lineno, off, str(e).split("): ", 1)[-1]))
+        _check_line(problems, path, line, lineno, off, count)
     return problems
+
+
+def _misplaced(data, line: bytes, off: int, size: int) -> str | None:
+    """Why the meta's line [off, off + len(line)) is not one line of the file, or None."""
+    if off and data[off - 1] != 0x0A:
+        return "the meta's offset is not at a line start"
+    if b"\n" in line.rstrip():
+        return "the meta skips a line here"
+    if off + len(line) < size and not line.endswith(b"\n"):
+        return "the line runs on past where the meta says it ends"
+    return None
+
+
+def _check_line(problems: list[Problem], path: Path, line: bytes, lineno: int, off: int, count: int | None) -> None:
+    try:
+        fmt.parse_line(line, path, lineno, off, count)
+    except DataError as e:
+        problems.append(Problem(str(path), lineno, off, str(e).split("): ", 1)[-1]))
 
 
 def check_dataset(files: list[Path]) -> list[Problem]:
@@ -136,7 +153,11 @@ def dataset_stats(files: list[Path]) -> Stats:
         st.documents += len(meta)
         st.lengths.append(meta[:, 1].copy())
         for lineno, (off, nbytes, count) in enumerate(_line_spans(meta, size), 1):
-            toks = fmt.parse_line(data[off : off + nbytes], p, lineno, off, count)
+            line = data[off : off + nbytes]
+            why = _misplaced(data, line, off, size)
+            if why:
+                raise DataError(f"{p}: line {lineno} (byte {off}): {why}; the meta is stale; rebuild it with `tokentrain data index --rebuild`")
+            toks = fmt.parse_line(line, p, lineno, off, count)
             st.tokens += len(toks)
             st.target_tokens += int((toks > 0).sum())
             st.zero_tokens += int((toks == 0).sum())
