@@ -172,16 +172,19 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
             log.debug("removed old checkpoint %s", old)
 
-    def load(self, folder: Path) -> dict:
-        """Restore model, optimizer and this rank's RNG; return the trainer state."""
+    def load(self, folder: Path) -> tuple[dict, dict | None]:
+        """Restore model and optimizer; return the trainer state and this rank's RNG state.
+
+        The caller applies the RNG state (`set_rng_state`) as the very last thing before
+        training continues, so nothing in between can draw from it.
+        """
         self.strategy.load(folder)
         state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
         rng = folder / f"rng_rank{self.env.rank}.pt"
         if rng.is_file():
-            set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
-        else:
-            log.warning("%s has no RNG state for rank %d (different world size); RNG streams restart", folder, self.env.rank)
-        return state
+            return state, torch.load(rng, map_location="cpu", weights_only=True)
+        log.warning("%s has no RNG state for rank %d (different world size); RNG streams restart", folder, self.env.rank)
+        return state, None
 
 
 def _fsync_tree(path: Path) -> None:

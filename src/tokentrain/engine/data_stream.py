@@ -50,6 +50,7 @@ class StepStream:
         return self.sampler.epoch + self.sampler.consumed / max(1, self.steps_per_epoch * self.samples_per_step)
 
     def __iter__(self):
+        import torch
         from torch.utils.data import DataLoader
 
         while True:
@@ -61,6 +62,9 @@ class StepStream:
                 self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=collate_with_stats,
                 num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
                 worker_init_fn=_worker_init if self.num_workers else None,
+                # Its own generator: otherwise each new iterator draws a seed from the global RNG
+                # and a resumed run's dropout stream would differ from an uninterrupted one.
+                generator=torch.Generator().manual_seed(self.sampler.seed + self.sampler.epoch),
             )
             it = iter(loader)
             for _ in range(remaining):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tokentrain.checkpoint.hf_export import export_hf
-from tokentrain.checkpoint.manager import CheckpointManager, resolve_resume
+from tokentrain.checkpoint.manager import CheckpointManager, resolve_resume, set_rng_state
 from tokentrain.config.schema import TrainConfig
 from tokentrain.engine.data_stream import StepStream
 from tokentrain.engine.evaluation import generate_samples, validation_loss
@@ -102,14 +102,15 @@ class Trainer:
         self._setup_model()
         self._setup_optimization()
         self.ckpt = CheckpointManager(self.work_dir / "checkpoints", env, self.strategy, cfg.save_total_limit)
-        resume_from = resolve_resume(self.resume, self.work_dir / "checkpoints")
-        if resume_from is not None:
-            self._load(resume_from)
-        self.metrics = MetricsLogger(self.work_dir, env.is_main, self.total_steps, self.step, cfg.tensorboard)
-        if env.is_main and resume_from is not None:
-            _truncate_metrics(self.work_dir / "metrics.jsonl", self.step)
         self.flops = FlopCounter.for_model(self.hf_model)
         self.peak, self.peak_source = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
+        resume_from = resolve_resume(self.resume, self.work_dir / "checkpoints")
+        rng = self._load(resume_from) if resume_from is not None else None
+        if env.is_main and resume_from is not None:
+            _truncate_metrics(self.work_dir / "metrics.jsonl", self.step)
+        self.metrics = MetricsLogger(self.work_dir, env.is_main, self.total_steps, self.step, cfg.tensorboard)
+        if rng is not None:
+            set_rng_state(rng)  # last: nothing may draw from the RNG between here and the loop
 
     def _setup_data(self) -> None:
         from tokentrain.data.dataset import DataSettings, build_dataset
@@ -172,8 +173,8 @@ class Trainer:
                 "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
                 "sampler": self.sampler.state_dict(), "world_size": self.env.world_size}
 
-    def _load(self, folder: Path) -> None:
-        state = self.ckpt.load(folder)
+    def _load(self, folder: Path) -> dict | None:
+        state, rng = self.ckpt.load(folder)
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
@@ -185,6 +186,7 @@ class Trainer:
         if self.env.is_main:
             log.info("resumed from %s at step %d (epoch %d, %d samples into it on each rank)",
                      folder, self.step, self.sampler.epoch, self.sampler.consumed)
+        return rng
 
     def save(self) -> None:
         path = self.ckpt.save(self.step, self.trainer_state(), self.cfg.to_dict())

@@ -107,6 +107,7 @@ class DocMasking:
         if self.mode == "varlen":
             kw = varlen_kwargs(position_ids)
             kw["input_ids"] = input_ids.reshape(1, -1)
+            kw["use_cache"] = False
             return kw
         kw = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
         if self.mode == "mask4d":
