@@ -231,24 +231,75 @@ def parse_line(line: bytes, path: Path | str, lineno: int, offset: int, expected
 
 def _parse_fast(line: bytes) -> np.ndarray | None:
     """Canonical ``{"tokens": [..]}`` lines via numpy's C parser; None when unsure."""
-    s = line.rstrip()
-    if not s.startswith(_FAST_PREFIX) or not s.endswith(b"]}"):
+    got = _read_list(line)
+    if got is None:
         return None
-    lb = s.find(b"[", len(_FAST_PREFIX))
-    if lb == -1 or s[len(_FAST_PREFIX) : lb].strip():
-        return None
-    body = s[lb + 1 : -2]
-    if not body.strip(b" \t\r\n"):  # JSON whitespace only
-        return np.zeros(0, dtype=np.int64)
-    try:
-        arr = np.fromstring(body, dtype=np.int64, sep=",")
-    except ValueError:
-        return None
+    arr, body = got
+    if not len(arr) or _is_canonical(arr, len(body)):
+        return arr
     if len(arr) != body.count(b",") + 1 or b"]" in body or b"." in body or not _is_json_int_list(body, len(arr)):
         return None
-    if len(arr) and (arr.max() > _INT32_LIMIT or arr.min() < -_INT32_LIMIT):
+    if arr.max() > _INT32_LIMIT or arr.min() < -_INT32_LIMIT:
         return None  # let the strict path judge out-of-range values
     return arr
+
+
+_I64 = np.dtype(np.int64)
+_EMPTY_BODY = b""
+
+
+def _read_list(line: bytes, start: int = 0) -> tuple[np.ndarray, bytes] | None:
+    """numpy's reading of the list of a ``{"tokens": [..]}`` line (from byte `start`), and the
+    list text it read; None when the line is not of that shape or numpy refuses the text.
+
+    Unchecked: numpy also reads text JSON refuses (see `_is_json_int_list`); `_is_canonical`
+    is the cheap check for the common case. Text after a comma loses its spaces first (JSON
+    allows them; values and validity do not change), so ``json.dumps`` output reads compact.
+    """
+    if not line.startswith(_FAST_PREFIX, start):
+        return None
+    rb = line.rfind(b"]")
+    if rb == -1 or line[rb + 1 :].rstrip() != b"}":
+        return None
+    lb = line.find(b"[", start + len(_FAST_PREFIX), rb)
+    if lb == -1 or (lb != start + len(_FAST_PREFIX) and line[start + len(_FAST_PREFIX) : lb].strip()):
+        return None
+    body = line[lb + 1 : rb]
+    if not body.strip(b" \t\r\n"):  # JSON whitespace only
+        return np.zeros(0, dtype=np.int64), _EMPTY_BODY
+    if b" " in body:
+        body = body.replace(b", ", b",")
+    try:
+        return np.fromstring(body, dtype=_I64, sep=","), body
+    except (ValueError, DeprecationWarning):  # numpy >= 2.3 raises where older ones stop and warn
+        return None
+
+
+_max, _min, _nonzero = np.maximum.reduce, np.minimum.reduce, np.count_nonzero
+
+
+def _is_canonical(arr: np.ndarray, nbytes: int, parts: int = 1) -> bool:
+    """True when `arr` (numpy's reading of `parts` non-empty list texts of `nbytes` bytes in
+    all, concatenated) has only nonzero in-range values and the texts are exactly their
+    compact JSON: then every value is what JSON reads. False: look closer (`_is_json_int_list`).
+
+    Why a length suffices: numpy reads a number from its digits with at most a sign and spaces
+    around, and a field with no digit as 0; it takes ``+5``, ``01``, ``- 5``, trailing commas
+    and (old numpy) stops quietly at junk. With no value 0, each value came from a field with
+    at least its own digits and a sign when negative, and fields from at least one comma
+    between them -- so the text is at least as long as the compact JSON of the values, and
+    exactly as long only when it is that JSON. Vectorised over a whole pack's documents.
+    """
+    a = np.abs(arr)
+    hi = _max(a)
+    if _min(a) <= 0 or hi > _INT32_LIMIT:  # a 0, or abs() overflowed, or out of range
+        return False
+    n = len(a)
+    digits, p = n, 10
+    while p <= hi:
+        digits += _nonzero(a >= p)
+        p *= 10
+    return nbytes == digits + _nonzero(arr < 0) + n - parts
 
 
 _JSON_INT_CHARS = b"0123456789-, \t\r\n"

@@ -19,6 +19,7 @@ length <= L), ``cu_seqlens`` (int32, fragment boundaries from 0 to the length) a
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -28,6 +29,16 @@ from tokentrain.data.index import DocIndex
 from tokentrain.data.reader import DocReader
 
 log = logging.getLogger(__name__)
+
+_NO_TARGET = np.array([IGNORE_INDEX], dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=8)
+def _positions(n: int) -> np.ndarray:
+    """0..n-1, shared: position_ids are slices of it, copied."""
+    a = np.arange(n, dtype=np.int64)
+    a.flags.writeable = False
+    return a
 
 
 class _DocDataset:
@@ -41,22 +52,33 @@ class _DocDataset:
 
     def _assemble(self, k: int, frags: list[tuple[int, int, int]]) -> dict:
         """Build a sample from (doc, a, b) fragments: tokens [a, b) of document doc."""
-        raws = [self.reader.read(d) for d, _, _ in frags]
-        cat = np.concatenate([r[a:b] for r, (_, a, b) in zip(raws, frags)])
-        lens = np.fromiter((b - a for _, a, b in frags), dtype=np.int64, count=len(frags))
-        cu = np.zeros(len(frags) + 1, dtype=np.int64)
-        np.cumsum(lens, out=cu[1:])
-        nxt = np.empty_like(cat)
-        nxt[:-1] = cat[1:]
-        # At each fragment's last position the next token is the document's own next token
-        # (beyond the sample edge) or nothing at the document's end.
-        nxt[cu[1:] - 1] = [r[b] if b < len(r) else IGNORE_INDEX for r, (_, _, b) in zip(raws, frags)]
-        is_target = nxt >= 0 if self.zero_is_target else nxt > 0
+        lo, n = frags[0][0], len(frags)
+        if frags[-1][0] - lo == n - 1:  # consecutive documents (always, for packs): one read
+            raws = self.reader.read_many(lo, lo + n)
+        else:
+            raws = [self.reader.read(d) for d, _, _ in frags]
+        # Each output is one new array filled in place: fewer large allocations, which cost
+        # page faults when the allocator hands freed memory back between samples.
+        pieces, nxt, pos, cu = [], [], [], [0]
+        positions = _positions(self.max_length)
+        for r, (_, a, b) in zip(raws, frags):
+            pieces.append(r[a:b])
+            # The target of a fragment's last token is the document's own next token (beyond
+            # the sample edge), or nothing at the document's end.
+            nxt.append(r[a + 1 : b + 1])
+            if b >= len(r):
+                nxt.append(_NO_TARGET)
+            pos.append(positions[: b - a])
+            cu.append(cu[-1] + b - a)
+        ids = np.concatenate(pieces)
+        np.abs(ids, out=ids)
+        labels = np.concatenate(nxt)
+        np.putmask(labels, labels < 0 if self.zero_is_target else labels <= 0, IGNORE_INDEX)
         return {
-            "input_ids": np.abs(cat),
-            "labels": np.where(is_target, nxt, IGNORE_INDEX),
-            "position_ids": np.arange(len(cat), dtype=np.int64) - np.repeat(cu[:-1], lens),
-            "cu_seqlens": cu.astype(np.int32),
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": np.concatenate(pos),
+            "cu_seqlens": np.array(cu, dtype=np.int32),
             "index": k,
         }
 
@@ -102,10 +124,9 @@ class PackedDataset(_DocDataset):
         k = self._check(k)
         s, e = self._span(k)
         ends = self.index.ends
-        frags = []
-        for d in self._docs_of(k):
-            start = self.index.doc_start(d)
-            frags.append((d, max(s, start) - start, min(e, int(ends[d])) - start))
+        lo, hi = int(ends.searchsorted(s, "right")), int(ends.searchsorted(e, "left")) + 1
+        bounds = ends[lo - 1 : hi].tolist() if lo else [0, *ends[:hi].tolist()]  # doc starts and ends
+        frags = [(lo + j, max(s, bounds[j]) - bounds[j], min(e, bounds[j + 1]) - bounds[j]) for j in range(hi - lo)]
         return self._assemble(k, frags)
 
 

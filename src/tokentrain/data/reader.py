@@ -58,22 +58,66 @@ class DocReader:
         """The signed tokens of one document (row of the document table)."""
         if self._last is not None and self._last[0] == doc:
             return self._last[1]
-        row = self.index.docs[doc]
-        fid, line, off, nbytes = int(row[FILE]), int(row[LINE]), int(row[OFFSET]), int(row[NBYTES])
-        lead = 1 if off else 0
-        buf = os.pread(self._fd(fid), nbytes + lead, off - lead)
-        path = self.index.files[fid]
-        if len(buf) != nbytes + lead or (lead and buf[0] != 0x0A):
-            raise DataError(f"{path}: line {line + 1} (byte {off}) is not where the meta says; {_STALE}")
-        body = buf[lead:]
-        if b"\n" in body.rstrip():  # trailing blank lines before the next row are fine
-            raise DataError(f"{path}: line {line + 1} (byte {off}) ends before the meta says; {_STALE}")
-        if off + nbytes < self.index.file_sizes[fid] and not body.endswith(b"\n"):
-            raise DataError(f"{path}: line {line + 1} (byte {off}) runs on past where the meta says it ends; {_STALE}")
-        expected = int(self.index.ends[doc]) - self.index.doc_start(doc)
-        tokens = fmt.parse_line(body, path, line + 1, off, expected)
-        self._last = (doc, tokens)
-        return tokens
+        n = len(self.index)
+        d = doc + n if doc < 0 else doc
+        if not 0 <= d < n:
+            raise IndexError(f"document {doc} out of range ({n} documents)")
+        return self.read_many(d, d + 1)[0]
+
+    def read_many(self, lo: int, hi: int) -> list[np.ndarray]:
+        """``[self.read(d) for d in range(lo, hi)]`` -- same checks, same first error -- for less:
+        one slice of the table for all rows, and numpy's readings of all the lines confirmed
+        by one vectorised test (`fmt._is_canonical`); a line is looked at alone only when that
+        test fails (a token 0, spaces other than after commas, or a bad line)."""
+        if self._pid != os.getpid():  # forked into a worker: the parent's fds are not ours
+            self._fds, self._pid, self._last = {}, os.getpid(), None
+        index, last, fds = self.index, self._last, self._fds
+        rows = index.docs[lo:hi].tolist()
+        cum = index.ends[lo - 1 : hi].tolist() if lo else [0, *index.ends[:hi].tolist()]
+        out: list[np.ndarray] = []
+        todo: list[tuple] = []  # lines numpy read, not yet confirmed
+        for i, (fid, line, off, nbytes) in enumerate(rows):
+            if last is not None and last[0] == lo + i:
+                out.append(last[1])
+                continue
+            expected = cum[i + 1] - cum[i]
+            lead = 1 if off else 0
+            try:
+                fd = fds.get(fid)
+                buf = os.pread(self._fd(fid) if fd is None else fd, nbytes + lead, off - lead)
+                if len(buf) != nbytes + lead or (lead and buf[0] != 0x0A):
+                    raise DataError(f"{index.files[fid]}: line {line + 1} (byte {off}) is not where the meta says; {_STALE}")
+                nl = buf.find(b"\n", lead)
+                if nl != -1 and buf[nl:].strip():  # trailing blank lines before the next row are fine
+                    raise DataError(f"{index.files[fid]}: line {line + 1} (byte {off}) ends before the meta says; {_STALE}")
+                if off + nbytes < index.file_sizes[fid] and not buf.endswith(b"\n", lead):
+                    raise DataError(f"{index.files[fid]}: line {line + 1} (byte {off}) runs on past where the meta says it ends; {_STALE}")
+            except DataError:
+                self._confirm(out, todo)
+                raise
+            got = fmt._read_list(buf, lead)
+            if got is None or len(got[0]) != expected:
+                self._confirm(out, todo)  # earlier lines' errors come first
+                out.append(fmt.parse_line(buf[lead:], index.files[fid], line + 1, off, expected))
+                continue
+            out.append(got[0])
+            if expected:
+                todo.append((i, len(got[1]), buf, lead, fid, line, off, expected))
+        self._confirm(out, todo)
+        self._last = (hi - 1, out[-1])
+        return out
+
+    def _confirm(self, out: list[np.ndarray], todo: list[tuple]) -> None:
+        """Check numpy's readings `todo` of lines (entries of `out`): all at once, else one by
+        one, re-reading a line the strict way when its text is not plainly its values."""
+        if not todo:
+            return
+        arrs = [out[t[0]] for t in todo]
+        if not fmt._is_canonical(arrs[0] if len(arrs) == 1 else np.concatenate(arrs), sum(t[1] for t in todo), len(todo)):
+            for i, nb, buf, lead, fid, line, off, expected in todo:
+                if not fmt._is_canonical(out[i], nb):
+                    out[i] = fmt.parse_line(buf[lead:], self.index.files[fid], line + 1, off, expected)
+        todo.clear()
 
     def close(self) -> None:
         for fd in self._fds.values():
