@@ -30,9 +30,6 @@ from tokentrain.data.reader import DocReader
 
 log = logging.getLogger(__name__)
 
-_NO_TARGET = np.array([IGNORE_INDEX], dtype=np.int64)
-
-
 @functools.lru_cache(maxsize=8)
 def _positions(n: int) -> np.ndarray:
     """0..n-1, shared: position_ids are slices of it, copied."""
@@ -51,33 +48,39 @@ class _DocDataset:
         self.reader = DocReader(index)
 
     def _assemble(self, k: int, frags: list[tuple[int, int, int]]) -> dict:
-        """Build a sample from (doc, a, b) fragments: tokens [a, b) of document doc."""
+        """Build a sample from (doc, a, b) fragments: tokens [a, b) of document doc. The
+        fragments are consecutive documents, each but the first from its start and each but
+        the last to its end (as packs and unpacked samples are)."""
         lo, n = frags[0][0], len(frags)
-        if frags[-1][0] - lo == n - 1:  # consecutive documents (always, for packs): one read
-            raws = self.reader.read_many(lo, lo + n)
-        else:
-            raws = [self.reader.read(d) for d, _, _ in frags]
-        # Each output is one new array filled in place: fewer large allocations, which cost
-        # page faults when the allocator hands freed memory back between samples.
-        pieces, nxt, pos, cu = [], [], [], [0]
+        cut = frags[-1][2] - (int(self.index.ends[lo + n - 1]) - self.index.doc_start(lo + n - 1))
+        assert frags[-1][0] == lo + n - 1 and all(a == 0 for _, a, _ in frags[1:]) and cut <= 0, "fragments must be contiguous"
+        return self._sample(k, lo, lo + n, frags[0][1], int(self.index.ends[lo + n - 1]) - self.index.doc_start(lo) + cut)
+
+    def _sample(self, k: int, lo: int, hi: int, start: int, stop: int) -> dict:
+        """The sample of tokens [start, stop) of documents lo..hi-1 read back to back."""
+        flat, starts = self.reader.read_span(lo, hi)
+        n = stop - start
+        # Documents' fragments: where each ends in the sample; a document that ends inside
+        # the sample has no target at its last token, one cut at the edge keeps its own next.
+        cu, ends_at, pos = [0], [], []
         positions = _positions(self.max_length)
-        for r, (_, a, b) in zip(raws, frags):
-            pieces.append(r[a:b])
-            # The target of a fragment's last token is the document's own next token (beyond
-            # the sample edge), or nothing at the document's end.
-            nxt.append(r[a + 1 : b + 1])
-            if b >= len(r):
-                nxt.append(_NO_TARGET)
-            pos.append(positions[: b - a])
-            cu.append(cu[-1] + b - a)
-        ids = np.concatenate(pieces)
-        np.abs(ids, out=ids)
-        labels = np.concatenate(nxt)
+        for j in range(hi - lo):
+            e = starts[j + 1]
+            f = (e if e < stop else stop) - start
+            pos.append(positions[: f - cu[-1]])
+            cu.append(f)
+            if e <= stop:
+                ends_at.append(f - 1)
+        ids = np.abs(flat[start:stop])
+        labels = np.empty(n, dtype=np.int64)
+        m = min(n, len(flat) - start - 1)
+        labels[:m] = flat[start + 1 : start + 1 + m]  # the next token; the last one only if in flat
         np.putmask(labels, labels < 0 if self.zero_is_target else labels <= 0, IGNORE_INDEX)
+        labels[ends_at] = IGNORE_INDEX
         return {
             "input_ids": ids,
             "labels": labels,
-            "position_ids": np.concatenate(pos),
+            "position_ids": np.concatenate(pos) if len(pos) > 1 else pos[0].copy(),
             "cu_seqlens": np.array(cu, dtype=np.int32),
             "index": k,
         }
@@ -125,9 +128,8 @@ class PackedDataset(_DocDataset):
         s, e = self._span(k)
         ends = self.index.ends
         lo, hi = int(ends.searchsorted(s, "right")), int(ends.searchsorted(e, "left")) + 1
-        bounds = ends[lo - 1 : hi].tolist() if lo else [0, *ends[:hi].tolist()]  # doc starts and ends
-        frags = [(lo + j, max(s, bounds[j]) - bounds[j], min(e, bounds[j + 1]) - bounds[j]) for j in range(hi - lo)]
-        return self._assemble(k, frags)
+        first = int(ends[lo - 1]) if lo else 0  # where document lo starts in the stream
+        return self._sample(k, lo, hi, s - first, e - first)
 
 
 class UnpackedDataset(_DocDataset):

@@ -65,10 +65,16 @@ class DocReader:
         return self.read_many(d, d + 1)[0]
 
     def read_many(self, lo: int, hi: int) -> list[np.ndarray]:
-        """``[self.read(d) for d in range(lo, hi)]`` -- same checks, same first error -- for less:
-        one slice of the table for all rows, and numpy's readings of all the lines confirmed
-        by one vectorised test (`fmt._is_canonical`); a line is looked at alone only when that
-        test fails (a token 0, spaces other than after commas, or a bad line)."""
+        """``[self.read(d) for d in range(lo, hi)]``: same tokens, checks and first error."""
+        flat, starts = self.read_span(lo, hi)
+        return [flat[starts[i] : starts[i + 1]] for i in range(hi - lo)]
+
+    def read_span(self, lo: int, hi: int) -> tuple[np.ndarray, list[int]]:
+        """Documents lo..hi-1 back to back in one array, and where each starts in it (and the
+        end): what `read_many` returns, for less. One slice of the table for all rows, and
+        numpy's readings of all the lines confirmed by one vectorised test
+        (`fmt._is_canonical`); a line is looked at alone only when that test fails (a token 0,
+        spaces other than after commas, or a bad line). Do not write to the array."""
         if self._pid != os.getpid():  # forked into a worker: the parent's fds are not ours
             self._fds, self._pid, self._last = {}, os.getpid(), None
         index, last, fds = self.index, self._last, self._fds
@@ -77,7 +83,7 @@ class DocReader:
         out: list[np.ndarray] = []
         todo: list[tuple] = []  # lines numpy read, not yet confirmed
         for i, (fid, line, off, nbytes) in enumerate(rows):
-            if last is not None and last[0] == lo + i:
+            if i == 0 and last is not None and last[0] == lo:  # a long document spans packs
                 out.append(last[1])
                 continue
             expected = cum[i + 1] - cum[i]
@@ -103,17 +109,26 @@ class DocReader:
             out.append(got[0])
             if expected:
                 todo.append((i, len(got[1]), buf, lead, fid, line, off, expected))
-        self._confirm(out, todo)
-        self._last = (hi - 1, out[-1])
-        return out
+        c0 = cum[0]
+        starts = [c - c0 for c in cum]
+        flat = out[0] if len(out) == 1 else np.concatenate(out)
+        if todo and todo[0][0] + len(todo) == len(out) == todo[-1][0] + 1:  # the usual case: one test on a slice of flat
+            if not fmt._is_canonical(flat[starts[todo[0][0]] :], sum(t[1] for t in todo), len(todo)):
+                self._confirm(out, todo, batch=False)
+                flat = out[0] if len(out) == 1 else np.concatenate(out)
+        elif todo:
+            self._confirm(out, todo)
+            flat = out[0] if len(out) == 1 else np.concatenate(out)
+        self._last = (hi - 1, flat[starts[-2] :])
+        return flat, starts
 
-    def _confirm(self, out: list[np.ndarray], todo: list[tuple]) -> None:
+    def _confirm(self, out: list[np.ndarray], todo: list[tuple], batch: bool = True) -> None:
         """Check numpy's readings `todo` of lines (entries of `out`): all at once, else one by
         one, re-reading a line the strict way when its text is not plainly its values."""
         if not todo:
             return
         arrs = [out[t[0]] for t in todo]
-        if not fmt._is_canonical(arrs[0] if len(arrs) == 1 else np.concatenate(arrs), sum(t[1] for t in todo), len(todo)):
+        if not batch or not fmt._is_canonical(arrs[0] if len(arrs) == 1 else np.concatenate(arrs), sum(t[1] for t in todo), len(todo)):
             for i, nb, buf, lead, fid, line, off, expected in todo:
                 if not fmt._is_canonical(out[i], nb):
                     out[i] = fmt.parse_line(buf[lead:], self.index.files[fid], line + 1, off, expected)
