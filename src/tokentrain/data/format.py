@@ -258,9 +258,12 @@ def _read_list(line: bytes, start: int = 0) -> tuple[np.ndarray, bytes] | None:
     """
     if not line.startswith(_FAST_PREFIX, start):
         return None
-    rb = line.rfind(b"]")
-    if rb == -1 or line[rb + 1 :].rstrip() != b"}":
-        return None
+    if line.endswith(b"]}\n"):
+        rb = len(line) - 3
+    else:
+        rb = line.rfind(b"]")
+        if rb == -1 or line[rb + 1 :].rstrip() != b"}":
+            return None
     lb = line.find(b"[", start + len(_FAST_PREFIX), rb)
     if lb == -1 or (lb != start + len(_FAST_PREFIX) and line[start + len(_FAST_PREFIX) : lb].strip()):
         return None

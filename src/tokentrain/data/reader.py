@@ -91,13 +91,16 @@ class DocReader:
             try:
                 fd = fds.get(fid)
                 buf = os.pread(self._fd(fid) if fd is None else fd, nbytes + lead, off - lead)
-                if len(buf) != nbytes + lead or (lead and buf[0] != 0x0A):
+                if buf.find(b"\n", lead) == nbytes + lead - 1 and (not lead or buf[0] == 0x0A):
+                    pass  # the usual line: in place, one newline at its end (all the checks below pass)
+                elif len(buf) != nbytes + lead or (lead and buf[0] != 0x0A):
                     raise DataError(f"{index.files[fid]}: line {line + 1} (byte {off}) is not where the meta says; {_STALE}")
-                nl = buf.find(b"\n", lead)
-                if nl != -1 and buf[nl:].strip():  # trailing blank lines before the next row are fine
-                    raise DataError(f"{index.files[fid]}: line {line + 1} (byte {off}) ends before the meta says; {_STALE}")
-                if off + nbytes < index.file_sizes[fid] and not buf.endswith(b"\n", lead):
-                    raise DataError(f"{index.files[fid]}: line {line + 1} (byte {off}) runs on past where the meta says it ends; {_STALE}")
+                else:
+                    nl = buf.find(b"\n", lead)
+                    if nl != -1 and buf[nl:].strip():  # trailing blank lines before the next row are fine
+                        raise DataError(f"{index.files[fid]}: line {line + 1} (byte {off}) ends before the meta says; {_STALE}")
+                    if off + nbytes < index.file_sizes[fid] and not buf.endswith(b"\n", lead):
+                        raise DataError(f"{index.files[fid]}: line {line + 1} (byte {off}) runs on past where the meta says it ends; {_STALE}")
             except DataError:
                 self._confirm(out, todo)
                 raise
