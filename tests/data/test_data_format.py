@@ -36,6 +36,16 @@ def test_walk_order_files_before_sorted_subfolders(tmp_path):
     ]
 
 
+def test_walk_order_does_not_depend_on_creation_order(tmp_path):
+    names = ["k", "c", "x", "a", "q", "e", "m", "b", "z", "h", "0", "B"]
+    for n in names:  # created unsorted: the file system's own listing order is not sorted
+        _touch(tmp_path, f"{n}.bin", f"d{n}/{n}.bin", f"d{n}/s{n}/{n}.bin")
+    want = [f"{n}.bin" for n in sorted(names)]
+    for n in sorted(names):
+        want += [f"d{n}/{n}.bin", f"d{n}/s{n}/{n}.bin"]
+    assert _rel(tmp_path, fmt.discover_files(tmp_path)) == want
+
+
 def test_walk_takes_only_file_type(tmp_path):
     _touch(tmp_path, "a.bin", "a.bin.meta", "b.txt", "sub/c.bin", "sub/c.jsonl", "binx", "d.bin.bak")
     assert _rel(tmp_path, fmt.discover_files(tmp_path)) == ["a.bin", "sub/c.bin"]

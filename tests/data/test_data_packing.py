@@ -180,9 +180,10 @@ def test_rewritten_same_size_shifted_lines(tmp_path):
         [ds[k] for k in range(len(ds))]
 
 
-def test_rewritten_same_boundaries_different_count(tmp_path):
+@pytest.mark.parametrize("new", [b"[45,   6]", b"[4, 5555]", b"[4,55555]"])
+def test_rewritten_same_boundaries_different_count(tmp_path, new):
     p, ds = _built(tmp_path)
-    p.write_bytes(p.read_bytes().replace(b"[4, 5, 6]", b"[45,   6]"))
+    p.write_bytes(p.read_bytes().replace(b"[4, 5, 6]", new))
     with pytest.raises(DataError, match=r"a.bin: line 2 \(byte \d+\): has 2 tokens but the meta says 3"):
         ds[1]
 
@@ -205,6 +206,36 @@ def test_rewritten_in_place_while_open(tmp_path):
         f.write(b'{"tokens": [1, 2, 3, 4]}\n{"tokens": [5, 6]}  \n')
     assert len(p.read_bytes()) == len(old)
     with pytest.raises(DataError, match="a.bin"):
+        [ds[k] for k in range(len(ds))]
+
+
+def test_line_start_moved_under_a_running_job(tmp_path):
+    """Line 2 still parses where the meta says, but line 1 now runs into it: caught, whichever is read."""
+    p = tmp_path / "a.bin"
+    write_bin(p, [[1, 2], [3, 4]])
+    ds = _ds(tmp_path, 3, pack_to_max_length=False)
+    data = bytearray(p.read_bytes())
+    data[len(line_bytes([1, 2])) - 1] = ord(" ")  # same size, one line with two objects
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"a.bin: line 2 \(byte 19\) is not where the meta says"):
+        ds[1]
+    with pytest.raises(DataError, match=r"a.bin: line 1 \(byte 0\)"):
+        ds[0]
+
+
+@pytest.mark.parametrize("bad", [b"[1,  , 2]", b"[1, -, 2]", b"[1, +5, 2]", b"[1, 05, 2]", b"[1, 5, 2,]", b"[1, - 5, 2]", b"[1, 5.0,2]"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_rewritten_line_numpy_would_misread(tmp_path, bad, packed):
+    """Same size, same token count by numpy's lenient reading: still a DataError, never a silent 0."""
+    p = tmp_path / "a.bin"
+    good = b"[1, " + b"5" * (len(bad) - 8) + b", 2]"
+    assert len(good) == len(bad)
+    write_bin(p, [[7, 8], [9, 10, 11]], meta=False)
+    p.write_bytes(p.read_bytes() + b'{"tokens": ' + good + b"}\n" + line_bytes([12, 13]))
+    ds = _ds(tmp_path, 4, pack_to_max_length=packed, drop_last_pack=False)
+    [ds[k] for k in range(len(ds))]  # fine before
+    p.write_bytes(p.read_bytes().replace(good, bad))
+    with pytest.raises(DataError, match=r"a.bin: line 3 \(byte \d+\): (malformed JSON|\"tokens\"\[1\] is 5.0)"):
         [ds[k] for k in range(len(ds))]
 
 
