@@ -111,6 +111,8 @@ def test_show_index_out_of_range(tmp_path, capsys):
     write_bin(tmp_path / "a.bin", [[1, 2, 3, 4]])
     code, out, err = run(capsys, "data", "show", tmp_path, "--max-length", 2, "--index", 2, "--json")
     assert code == 2 and "--index 2 out of range: the dataset has 2 samples" in err and "Traceback" not in err
+    code, out, err = run(capsys, "data", "show", tmp_path, "--max-length", 0, "--json")
+    assert code == 2 and "--max-length must be positive" in err
 
 
 # --------------------------------------------------------------------------- check

@@ -285,3 +285,23 @@ def test_concurrent_opens_build_one_index(tmp_path, cache_dir):
     assert results[0] == results[1] and results[0][2] is True
     built = [p for p in (cache_dir / "index").iterdir() if p.is_dir()]
     assert len(built) == 1 and not [p for p in (cache_dir / "index").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_interrupted_build_leaves_no_partial_index(tmp_path, cache_dir, monkeypatch):
+    files = _dataset(tmp_path)
+    real_save = np.save
+    calls = []
+
+    def failing_save(path, arr, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:  # after docs.npy, before ends.npy and info.json
+            raise OSError(28, "No space left on device")
+        return real_save(path, arr, *a, **k)
+
+    monkeypatch.setattr(np, "save", failing_save)
+    with pytest.raises(OSError):
+        idx.open_index(files)
+    monkeypatch.setattr(np, "save", real_save)
+    assert [p for p in (cache_dir / "index").iterdir() if not p.name.endswith(".lock")] == []
+    ix = idx.open_index(files)
+    assert len(ix) == 7 and (ix.path / "info.json").exists()

@@ -81,7 +81,10 @@ def cmd_stats(args) -> int:
 
 def cmd_show(args) -> int:
     from tokentrain.data.dataset import DataSettings, build_dataset
+    from tokentrain.errors import ConfigError
 
+    if args.max_length <= 0:
+        raise ConfigError(f"--max-length must be positive, got {args.max_length}")
     ds = build_dataset(
         DataSettings(
             folder=args.folder, max_length=args.max_length, pack_to_max_length=not args.unpacked,
@@ -90,8 +93,6 @@ def cmd_show(args) -> int:
         )
     )
     if not 0 <= args.index < len(ds):
-        from tokentrain.errors import ConfigError
-
         raise ConfigError(f"--index {args.index} out of range: the dataset has {len(ds)} samples")
     s = ds[args.index]
     sources = [{"file": f, "line": n} for f, n in ds.sources(args.index)]
