@@ -256,16 +256,8 @@ def _read_list(line: bytes, start: int = 0) -> tuple[np.ndarray, bytes] | None:
     is the cheap check for the common case. Text after a comma loses its spaces first (JSON
     allows them; values and validity do not change), so ``json.dumps`` output reads compact.
     """
-    if not line.startswith(_FAST_PREFIX, start):
-        return None
-    if line.endswith(b"]}\n"):
-        rb = len(line) - 3
-    else:
-        rb = line.rfind(b"]")
-        if rb == -1 or line[rb + 1 :].rstrip() != b"}":
-            return None
-    lb = line.find(b"[", start + len(_FAST_PREFIX), rb)
-    if lb == -1 or (lb != start + len(_FAST_PREFIX) and line[start + len(_FAST_PREFIX) : lb].strip()):
+    lb, rb = _list_brackets(line, start)
+    if lb < 0:
         return None
     body = line[lb + 1 : rb]
     if not body.strip(b" \t\r\n"):  # JSON whitespace only
@@ -276,6 +268,104 @@ def _read_list(line: bytes, start: int = 0) -> tuple[np.ndarray, bytes] | None:
         return np.fromstring(body, dtype=_I64, sep=","), body
     except (ValueError, DeprecationWarning):  # numpy >= 2.3 raises where older ones stop and warn
         return None
+
+
+def _list_brackets(line: bytes, start: int = 0) -> tuple[int, int]:
+    """Where the ``[`` and ``]`` of a ``{"tokens": [..]}`` line (from byte `start`) are;
+    (-1, -1) when the line is not of that shape."""
+    if not line.startswith(_FAST_PREFIX, start):
+        return -1, -1
+    if line.endswith(b"]}\n"):
+        rb = len(line) - 3
+    else:
+        rb = line.rfind(b"]")
+        if rb == -1 or line[rb + 1 :].rstrip() != b"}":
+            return -1, -1
+    lb = line.find(b"[", start + len(_FAST_PREFIX), rb)
+    if lb == -1 or (lb != start + len(_FAST_PREFIX) and line[start + len(_FAST_PREFIX) : lb].strip()):
+        return -1, -1
+    return lb, rb
+
+
+def _list_text(line: bytes, start: int = 0):
+    """The list text of a ``{"tokens": [..]}`` line (from byte `start`) as `_read_list` reads
+    it (a memoryview when nothing is dropped), for `_read_lists`; None when the line is not of
+    that shape or the list is empty."""
+    lb, rb = _list_brackets(line, start)
+    if rb - lb < 2:
+        return None
+    if line.find(b" ", lb, rb) != -1:
+        text = line[lb + 1 : rb].replace(b", ", b",")
+        return text if text.strip(b" \t\r\n") else None
+    return memoryview(line)[lb + 1 : rb]
+
+
+def _refuses_junk() -> bool:
+    try:
+        np.fromstring(b"1,x", dtype=np.int64, sep=",")
+    except ValueError:
+        return True  # numpy >= 2.3
+    except Exception:
+        pass
+    return False  # older numpy stops quietly (with a DeprecationWarning) at the first junk
+
+
+_REFUSES_JUNK = _refuses_junk()
+
+
+def _read_lists(texts: list, counts: list[int]) -> np.ndarray | None:
+    """The values of several list texts (`_list_text`) back to back, read by numpy in one
+    call, when each text is exactly the compact JSON of its `counts[i]` values -- then they
+    are what JSON reads, and each line has the count its meta says; None otherwise (look at
+    the lines one by one). Needs a numpy that refuses junk."""
+    if not _REFUSES_JUNK:
+        return None
+    text = b",".join(texts)
+    try:
+        arr = np.fromstring(text, dtype=_I64, sep=",")
+    except (ValueError, DeprecationWarning):
+        return None
+    return arr if _is_compact_json(arr, text, [len(t) for t in texts], counts) else None
+
+
+def _is_compact_json(arr: np.ndarray, text: bytes, lengths: list[int], counts: list[int]) -> bool:
+    """True when `text` -- texts of `lengths` bytes joined by commas, which numpy (refusing
+    junk) read as `arr` -- is exactly the compact JSON of arr, with the i-th text holding the
+    next `counts[i]` values, and every value is in range.
+
+    Why: numpy read all of `text` as fields split by commas, each field a number from its
+    digits with at most a sign and spaces around; a field with no digit reads as 0, and a
+    trailing comma is taken. (a) With no value 0, every field has a digit; else, every
+    character but digits being below "0" in ASCII, there is none but one comma between
+    values and a minus per negative value. (b) Each text then holds whole fields, each at
+    least as long as the compact JSON of its value; if, split by the counts, each text is
+    exactly as long as the compact JSON of its values, there are no leading zeros, signs,
+    spaces or trailing commas, and (the length growing with every value) each text holds
+    exactly its count.
+    """
+    n = len(arr)
+    if n != sum(counts) or not n:
+        return False
+    a = np.abs(arr)
+    lo, hi = _min(a), _max(a)
+    if lo < 0 or hi > _INT32_LIMIT:  # abs() overflowed, or out of range
+        return False
+    neg = arr < 0
+    if lo == 0 and _nonzero(np.frombuffer(text, dtype=np.uint8) < 48) != n - 1 + _nonzero(neg):  # (a)
+        return False
+    # (b) a value's JSON: 1 digit, 1 more per power of ten it reaches, a minus when negative;
+    # and a comma after each value but a text's last.
+    w = neg.view(np.int8)
+    p = 10
+    while p <= hi:
+        np.add(w, a >= p, out=w)
+        p *= 10
+    first, f = [], 0
+    for c in counts:
+        first.append(f)
+        f += c
+    per = np.add.reduceat(w, first, dtype=np.int64).tolist()
+    return all(x + 2 * c - 1 == nb for x, c, nb in zip(per, counts, lengths))
 
 
 _max, _min, _nonzero = np.maximum.reduce, np.minimum.reduce, np.count_nonzero

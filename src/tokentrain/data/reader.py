@@ -71,26 +71,65 @@ class DocReader:
 
     def read_span(self, lo: int, hi: int) -> tuple[np.ndarray, list[int]]:
         """Documents lo..hi-1 back to back in one array, and where each starts in it (and the
-        end): what `read_many` returns, for less. One slice of the table for all rows, and
-        numpy's readings of all the lines confirmed by one vectorised test
-        (`fmt._is_canonical`); a line is looked at alone only when that test fails (a token 0,
-        spaces other than after commas, or a bad line). Do not write to the array."""
+        end): what `read_many` returns, for less. One slice of the table for all rows; the
+        lines' lists read by numpy in one call and confirmed by one vectorised test
+        (`fmt._read_lists`). Only when that fails (a bad line, spaces other than after commas,
+        old numpy) is each line looked at alone. Do not write to the array."""
         if self._pid != os.getpid():  # forked into a worker: the parent's fds are not ours
             self._fds, self._pid, self._last = {}, os.getpid(), None
         index, last, fds = self.index, self._last, self._fds
         rows = index.docs[lo:hi].tolist()
         cum = index.ends[lo - 1 : hi].tolist() if lo else [0, *index.ends[:hi].tolist()]
-        out: list[np.ndarray] = []
-        todo: list[tuple] = []  # lines numpy read, not yet confirmed
-        for i, (fid, line, off, nbytes) in enumerate(rows):
-            if i == 0 and last is not None and last[0] == lo:  # a long document spans packs
-                out.append(last[1])
-                continue
-            expected = cum[i + 1] - cum[i]
+        starts = [c - cum[0] for c in cum]
+        skip = 1 if last is not None and last[0] == lo else 0  # a long document spans packs
+        bufs: list[bytes] = []
+        texts: list | None = []  # each line's list text, while all lines look usual
+        for fid, line, off, nbytes in rows[skip:] if skip else rows:
             lead = 1 if off else 0
             try:
                 fd = fds.get(fid)
                 buf = os.pread(self._fd(fid) if fd is None else fd, nbytes + lead, off - lead)
+            except DataError:
+                texts = None  # raised again below, after the lines before it
+                break
+            bufs.append(buf)
+            if texts is not None:
+                # the usual line: in place, one newline at its end (the checks in _read_each pass)
+                if buf.find(b"\n", lead) == nbytes + lead - 1 and (not lead or buf[0] == 0x0A):
+                    text = fmt._list_text(buf, lead)
+                    if text is not None:
+                        texts.append(text)
+                        continue
+                texts = None
+        if texts:
+            counts = [cum[i + 1] - cum[i] for i in range(skip, hi - lo)]
+            flat = fmt._read_lists(texts, counts)
+            if flat is not None:
+                if skip:
+                    flat = np.concatenate((last[1], flat))
+                self._last = (hi - 1, flat[starts[-2] :])
+                return flat, starts
+        out = self._read_each(rows, cum, bufs, skip)
+        flat = out[0] if len(out) == 1 else np.concatenate(out)
+        self._last = (hi - 1, flat[starts[-2] :])
+        return flat, starts
+
+    def _read_each(self, rows: list, cum: list[int], bufs: list[bytes], skip: int) -> list[np.ndarray]:
+        """Rows' tokens one line at a time (`bufs`: the lines already read, from row `skip`;
+        row 0 is the cached last document when `skip`), raising the first line's error."""
+        index, fds = self.index, self._fds
+        out: list[np.ndarray] = [self._last[1]] if skip else []
+        todo: list[tuple] = []  # lines numpy read, not yet confirmed
+        for i in range(skip, len(rows)):
+            fid, line, off, nbytes = rows[i]
+            expected = cum[i + 1] - cum[i]
+            lead = 1 if off else 0
+            try:
+                if i - skip < len(bufs):
+                    buf = bufs[i - skip]
+                else:
+                    fd = fds.get(fid)
+                    buf = os.pread(self._fd(fid) if fd is None else fd, nbytes + lead, off - lead)
                 if buf.find(b"\n", lead) == nbytes + lead - 1 and (not lead or buf[0] == 0x0A):
                     pass  # the usual line: in place, one newline at its end (all the checks below pass)
                 elif len(buf) != nbytes + lead or (lead and buf[0] != 0x0A):
@@ -112,18 +151,8 @@ class DocReader:
             out.append(got[0])
             if expected:
                 todo.append((i, len(got[1]), buf, lead, fid, line, off, expected))
-        c0 = cum[0]
-        starts = [c - c0 for c in cum]
-        flat = out[0] if len(out) == 1 else np.concatenate(out)
-        if todo and todo[0][0] + len(todo) == len(out) == todo[-1][0] + 1:  # the usual case: one test on a slice of flat
-            if not fmt._is_canonical(flat[starts[todo[0][0]] :], sum(t[1] for t in todo), len(todo)):
-                self._confirm(out, todo, batch=False)
-                flat = out[0] if len(out) == 1 else np.concatenate(out)
-        elif todo:
-            self._confirm(out, todo)
-            flat = out[0] if len(out) == 1 else np.concatenate(out)
-        self._last = (hi - 1, flat[starts[-2] :])
-        return flat, starts
+        self._confirm(out, todo)
+        return out
 
     def _confirm(self, out: list[np.ndarray], todo: list[tuple], batch: bool = True) -> None:
         """Check numpy's readings `todo` of lines (entries of `out`): all at once, else one by
