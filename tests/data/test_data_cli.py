@@ -327,6 +327,16 @@ def test_bad_input_one_line_exit_3(tmp_path, capsys, case):
         assert re.search(pattern, lines[0]), lines[0]
 
 
+def test_dangling_symlink(tmp_path, capsys):
+    write_bin(tmp_path / "a.bin", [[1, 2, 3]])
+    os.symlink(tmp_path / "gone", tmp_path / "b.bin")
+    code, out, err = run(capsys, "data", "check", tmp_path)
+    assert code == 1 and out == f"{tmp_path / 'b.bin'}: cannot read data file (No such file or directory)\n"
+    for argv in (["data", "stats", tmp_path], ["data", "show", tmp_path, "--max-length", 2, "--json"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 3 and f"{tmp_path / 'b.bin'}: cannot read data file" in err and "Traceback" not in err
+
+
 def test_tolerated_input_through_show(tmp_path, capsys):
     """Empty files are skipped, all-negative documents kept, CRLF lines read correctly."""
     write_bin(tmp_path / "a.bin", [[1, 2], [-3, -4, -5], [6, 7, 8]], newline=b"\r\n")
@@ -342,7 +352,6 @@ def test_tolerated_input_through_show(tmp_path, capsys):
 
 def _env(cache):
     env = dict(os.environ, TOKENTRAIN_CACHE=str(cache))
-    env.pop("PYTHONPATH", None)
     return env
 
 

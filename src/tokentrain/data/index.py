@@ -161,7 +161,10 @@ def _cache_key(files: list[Path], min_length: int, shuffle: bool, seed: int) -> 
     h = hashlib.sha256()
     h.update(json.dumps([INDEX_VERSION, min_length, shuffle, seed]).encode())
     for p in files:
-        st = p.stat()
+        try:
+            st = p.stat()
+        except OSError as e:  # e.g. a dangling symlink
+            raise DataError(f"{p}: cannot read data file ({e.strerror})") from None
         ident = [str(p.resolve()), st.st_size, st.st_mtime_ns]
         if st.st_size:
             mst = ensure_meta(p).stat()

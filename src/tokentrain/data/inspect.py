@@ -49,7 +49,10 @@ def _line_spans(meta: np.ndarray, size: int):
 def check_file(path: Path, zero_meta_ok: bool = True) -> list[Problem]:
     """Every problem of one data file, rather than the first, each with its line and byte."""
     problems: list[Problem] = []
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as e:  # e.g. a dangling symlink
+        return [Problem(str(path), None, None, f"cannot read data file ({e.strerror})")]
     if size == 0:
         return problems
     mp = fmt.meta_path(path)
@@ -144,7 +147,10 @@ def dataset_stats(files: list[Path]) -> Stats:
     """Counts over every token: needs a full read (the meta alone has no signs)."""
     st = Stats(files=len(files))
     for p in files:
-        size = p.stat().st_size
+        try:
+            size = p.stat().st_size
+        except OSError as e:  # e.g. a dangling symlink
+            raise DataError(f"{p}: cannot read data file ({e.strerror})") from None
         if size == 0:
             st.empty_files += 1
             continue
