@@ -173,3 +173,11 @@ def test_validation_loss_and_generation_are_logged(tiny_model, tiny_data, val_da
     assert all("loss" in r and "tokens_per_s" in r and "tflops" in r for r in recs)
     gens = [json.loads(x) for x in (tmp_path / "w/generations.jsonl").read_text().splitlines()]
     assert [g["step"] for g in gens] == [0, 0, 2, 2, 4, 4] and gens[1]["input"] == "上海"
+
+
+def test_gradient_checkpointing_and_workers_change_nothing(tiny_model, tiny_data, tmp_path):
+    base = make_config(tiny_model, tiny_data, batch_size=2, accumulative_counts=2, max_iters=2, lr=4e-5)
+    assert train(base, tmp_path / "plain") == 0
+    assert train(base.replace(gradient_checkpointing=True, dataloader_num_workers=2), tmp_path / "ckpt") == 0
+    assert max_rel_diff(checkpoint_weights(tmp_path / "ckpt", 2), checkpoint_weights(tmp_path / "plain", 2)) <= 1e-6
+    assert [r["loss"] for r in metrics(tmp_path / "ckpt")] == pytest.approx([r["loss"] for r in metrics(tmp_path / "plain")], rel=1e-6)

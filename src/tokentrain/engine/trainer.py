@@ -71,6 +71,15 @@ class Preemption:
         return self.signal is not None
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant; the name changed in transformers 5.x."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
@@ -147,7 +156,7 @@ class Trainer:
         masking = select_masking(self.hf_model, impl, cfg.doc_masking, env.device, self.compute_dtype)
         self.module = CausalLMWithLoss(self.hf_model, masking, self.compute_dtype, cfg.loss_chunk_tokens)
         if cfg.gradient_checkpointing:
-            self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.hf_model)
         self.hf_model.train()
         if env.is_main:
             n = sum(p.numel() for p in self.hf_model.parameters())
@@ -211,6 +220,7 @@ class Trainer:
     def fit(self) -> int:
         cfg, env, strategy = self.cfg, self.env, self.strategy
         self.preemption.install()
+        self.t_start = time.perf_counter()
         try:
             if self.step == 0:
                 self.evaluate(val=False, generate=True)
@@ -297,6 +307,7 @@ class Trainer:
                      data_time=window.data_time / window.steps, tflops=tflops,
                      mfu=(tflops / self.peak) if self.peak else None)
         r["memory_gb"] = memory_gb(self.env.device)
+        r["elapsed"] = time.perf_counter() - self.t_start  # seconds since this process started training
         r["skipped_steps"] = self.skipped_steps
         return r
 
