@@ -64,8 +64,8 @@ def _check_structure(s, L, cut):
 
 @_settings
 @given(files=_files, layout=_layout, L=st.integers(1, 16), shuffle=st.booleans(), seed=st.integers(0, 3),
-       min_length=st.integers(0, 4), zero_is_target=st.booleans(), drop_last=st.booleans())
-def test_packs_match_reference(files, layout, L, shuffle, seed, min_length, zero_is_target, drop_last):
+       min_length=st.integers(0, 4), zero_is_target=st.booleans(), drop_last=st.booleans(), data=st.data())
+def test_packs_match_reference(files, layout, L, shuffle, seed, min_length, zero_is_target, drop_last, data):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         _write(root, files, layout)
@@ -90,12 +90,15 @@ def test_packs_match_reference(files, layout, L, shuffle, seed, min_length, zero
         for k, (g, ref) in enumerate(zip(got, packs)):
             assert g == ref, f"pack {k}"
             _check_structure(ds[k], L, cut=drop_last or k < len(ds) - 1)
+        # random access (as a shuffled sampler reads), repeats and negative indices included
+        for k in data.draw(st.lists(st.integers(-len(ds), len(ds) - 1), max_size=12), label="access order"):
+            assert as_lists(ds[k]) == packs[k]
 
 
 @_settings
 @given(files=_files, layout=_layout, L=st.integers(1, 10), shuffle=st.booleans(), min_length=st.integers(0, 3),
-       zero_is_target=st.booleans())
-def test_unpacked_samples_match_reference(files, layout, L, shuffle, min_length, zero_is_target):
+       zero_is_target=st.booleans(), data=st.data())
+def test_unpacked_samples_match_reference(files, layout, L, shuffle, min_length, zero_is_target, data):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         _write(root, files, layout)
@@ -113,3 +116,5 @@ def test_unpacked_samples_match_reference(files, layout, L, shuffle, min_length,
         for k, doc in enumerate(table):
             assert as_lists(ds[k]) == ref_unpacked(doc, L, zero_is_target)
             _check_structure(ds[k], L, cut=False)
+        for k in data.draw(st.lists(st.integers(-len(ds), len(ds) - 1), max_size=12), label="access order"):
+            assert as_lists(ds[k]) == ref_unpacked(table[k], L, zero_is_target)
