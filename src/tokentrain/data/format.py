@@ -24,6 +24,7 @@ target ``IGNORE_INDEX``, so no document is ever trained to predict the next one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -67,21 +68,27 @@ def discover_files(
         return _files_from_order(root, Path(data_order_path))
 
     files: list[Path] = []
-    seen: set[tuple[int, int]] = set()
     loops = 0
+    # Real paths of each walked folder and of all folders above it on its walk path: a
+    # sub-folder resolving to one of them is a symlink loop (the walk would never end).
+    # A link to a sibling is no loop and is walked, as os.walk does.
+    chain: dict[str, frozenset[str]] = {str(root): frozenset({os.path.realpath(root)})}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            # A symlink led back to a folder we already walked: a loop or a duplicate.
-            loops += 1
-            log.warning("%s: folder already visited through another path (symlink loop?); skipped", dirpath)
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames.sort()
+        above = chain.pop(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            sub = os.path.join(dirpath, d)
+            real = os.path.realpath(sub)
+            if real in above:
+                loops += 1
+                log.warning("%s: symlink loop (points back to %s); not followed", sub, real)
+            else:
+                keep.append(d)
+                chain[sub] = above | {real}
+        dirnames[:] = keep
         files.extend(Path(dirpath) / n for n in sorted(filenames) if n.endswith(file_type))
     if loops:
-        log.warning("skipped %d folder(s) reached twice through symlinks under %s", loops, root)
+        log.warning("skipped %d symlink loop(s) under %s", loops, root)
     if not files:
         raise DataError(f"{root}: no files ending with {file_type!r} found; check `dataset_folder` and `file_type`")
     return files
@@ -355,17 +362,35 @@ def _is_compact_json(arr: np.ndarray, text: bytes, lengths: list[int], counts: l
         return False
     # (b) a value's JSON: 1 digit, 1 more per power of ten it reaches, a minus when negative;
     # and a comma after each value but a text's last.
-    w = neg.view(np.int8)
-    p = 10
-    while p <= hi:
-        np.add(w, a >= p, out=w)
-        p *= 10
+    if hi < _DIGITS_TABLE_LIMIT:
+        w = _extra_digits(int(hi).bit_length()).take(a)
+        np.add(w, neg, out=w)
+    else:
+        w = neg.view(np.int8)
+        p = 10
+        while p <= hi:
+            np.add(w, a >= p, out=w)
+            p *= 10
     first, f = [], 0
     for c in counts:
         first.append(f)
         f += c
     per = np.add.reduceat(w, first, dtype=np.int64).tolist()
     return all(x + 2 * c - 1 == nb for x, c, nb in zip(per, counts, lengths))
+
+
+_DIGITS_TABLE_LIMIT = 1 << 21
+
+
+@functools.lru_cache(maxsize=None)
+def _extra_digits(bits: int) -> np.ndarray:
+    """Digits beyond the first of 0 .. 2**bits - 1 (bits >= 16), as int8: a lookup table."""
+    t = np.zeros(1 << max(bits, 16), dtype=np.int8)
+    p = 10
+    while p < len(t):
+        t[p:] += 1
+        p *= 10
+    return t
 
 
 _max, _min, _nonzero = np.maximum.reduce, np.minimum.reduce, np.count_nonzero
