@@ -71,6 +71,18 @@ def test_symlink_loop_is_detected_not_followed(tmp_path, caplog):
     assert "symlink" in caplog.text
 
 
+def test_two_folder_symlink_cycle_ends_and_sibling_links_are_walked(tmp_path, caplog):
+    # A/toB -> B and B/toA -> A: no single link points above itself, yet the walk would
+    # never end without tracking the whole chain of folders above.
+    _touch(tmp_path, "A/a.bin", "B/b.bin")
+    os.symlink("../B", tmp_path / "A" / "toB")
+    os.symlink("../A", tmp_path / "B" / "toA")
+    caplog.set_level("WARNING", logger="tokentrain")
+    files = fmt.discover_files(tmp_path)
+    assert _rel(tmp_path, files) == ["A/a.bin", "A/toB/b.bin", "B/b.bin", "B/toA/a.bin"]
+    assert caplog.text.count("symlink loop") >= 2
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         fmt.discover_files(tmp_path / "nope")

@@ -44,6 +44,14 @@ def write_file(path: Path, docs) -> np.ndarray:
 
 
 def synth_dataset(out: str | Path, files: int, documents: int, seed: int = 0, mean_length: float = 562.0, vocab_size: int = 32000) -> list[Path]:
+    if files < 1 or documents < files:
+        from tokentrain.errors import ConfigError
+
+        raise ConfigError(f"data synth: need files >= 1 and documents >= files (got files={files}, documents={documents})")
+    if mean_length < 2 or vocab_size < 4:
+        from tokentrain.errors import ConfigError
+
+        raise ConfigError("data synth: need mean_length >= 2 and vocab_size >= 4 (ids 0-2 are reserved)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     per_file = [documents // files + (i < documents % files) for i in range(files)]
