@@ -66,6 +66,16 @@ def test_two_ddp_ranks_give_the_same_parameters(split_runs, tiny_model, tiny_dat
     assert [m["loss"] for m in metrics(tmp_path / "w")] == pytest.approx([m["loss"] for m in metrics(split_runs[(4, 1)])], rel=1e-6)
 
 
+def test_unpacked_padded_batches_equal_one_document_at_a_time(tiny_model, tiny_data, tmp_path):
+    """pack_to_max_length=False: rows of different lengths are padded; padding changes nothing."""
+    cfg = make_config(tiny_model, tiny_data, pack_to_max_length=False, max_length=64, max_iters=2, lr=4e-5)
+    assert train(cfg.replace(batch_size=4), tmp_path / "b4") == 0
+    assert train(cfg.replace(batch_size=1, accumulative_counts=4), tmp_path / "b1") == 0
+    assert max_rel_diff(checkpoint_weights(tmp_path / "b4", 2), checkpoint_weights(tmp_path / "b1", 2)) <= 1e-6
+    recs = metrics(tmp_path / "b4")
+    assert all(r["tokens"] <= 4 * 64 * r["step"] for r in recs)  # real tokens: padding is not counted
+
+
 def test_steps_without_target_tokens_are_skipped_not_nan(tiny_model, tmp_path):
     from tokentrain.data.synth import write_file
 

@@ -49,7 +49,13 @@ def default_work_dir(config_path: str) -> Path:
 
 
 def quiet_libraries() -> None:
+    import os
+
+    import torch
     import transformers
+
+    if not torch.cuda.is_available():  # transformers may import DeepSpeed, which then warns about "no GPU"
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
