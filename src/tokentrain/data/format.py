@@ -25,6 +25,7 @@ target ``IGNORE_INDEX``, so no document is ever trained to predict the next one.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import warnings
@@ -353,43 +354,44 @@ def _is_compact_json(arr: np.ndarray, text: bytes, lengths: list[int], counts: l
     n = len(arr)
     if n != sum(counts) or not n:
         return False
-    a = np.abs(arr)
-    lo, hi = _min(a), _max(a)
-    if lo < 0 or hi > _INT32_LIMIT:  # abs() overflowed, or out of range
+    lo, hi = int(_min(arr)), int(_max(arr))
+    if lo < -_INT32_LIMIT or hi > _INT32_LIMIT:
         return False
-    neg = arr < 0
-    if lo == 0 and _nonzero(np.frombuffer(text, dtype=np.uint8) < 48) != n - 1 + _nonzero(neg):  # (a)
-        return False
+    if lo <= 0 <= hi and _nonzero(arr) < n:  # (a), with a value 0
+        if _nonzero(np.frombuffer(text, dtype=np.uint8) < 48) != n - 1 + _nonzero(arr < 0):
+            return False
     # (b) a value's JSON: 1 digit, 1 more per power of ten it reaches, a minus when negative;
     # and a comma after each value but a text's last.
-    if hi < _DIGITS_TABLE_LIMIT:
-        w = _extra_digits(int(hi).bit_length()).take(a)
-        np.add(w, neg, out=w)
+    big = max(hi, -lo)
+    if big < _WIDTHS_LIMIT:
+        w = _json_widths(big.bit_length()).take(arr)
     else:
-        w = neg.view(np.int8)
+        a = np.abs(arr)
+        w = (arr < 0).view(np.int8)
         p = 10
-        while p <= hi:
+        while p <= big:
             np.add(w, a >= p, out=w)
             p *= 10
-    first, f = [], 0
-    for c in counts:
-        first.append(f)
-        f += c
-    per = np.add.reduceat(w, first, dtype=np.int64).tolist()
+    per = np.add.reduceat(w, [0, *itertools.accumulate(counts[:-1])], dtype=np.int64).tolist()
     return all(x + 2 * c - 1 == nb for x, c, nb in zip(per, counts, lengths))
 
 
-_DIGITS_TABLE_LIMIT = 1 << 21
+_WIDTHS_LIMIT = 1 << 21
 
 
 @functools.lru_cache(maxsize=None)
-def _extra_digits(bits: int) -> np.ndarray:
-    """Digits beyond the first of 0 .. 2**bits - 1 (bits >= 16), as int8: a lookup table."""
-    t = np.zeros(1 << max(bits, 16), dtype=np.int8)
+def _json_widths(bits: int) -> np.ndarray:
+    """A lookup table, int8, indexed by a value v with |v| < S = 2**max(bits, 16) (negative v
+    from the end, as ``take`` does): the length of v's JSON minus 1."""
+    s = 1 << max(bits, 16)
+    extra = np.zeros(s + 1, dtype=np.int8)  # digits beyond the first of 0..s
     p = 10
-    while p < len(t):
-        t[p:] += 1
+    while p <= s:
+        extra[p:] += 1
         p *= 10
+    t = np.empty(2 * s, dtype=np.int8)
+    t[:s] = extra[:s]
+    t[s:] = extra[1:][::-1] + 1  # t[2s - j] = width of -j: its digits and the minus
     return t
 
 
