@@ -127,3 +127,17 @@ def test_every_template_trains_with_only_the_paths_changed(tiny_model, tmp_path,
         recs = metrics(tmp_path / name)
         assert recs and recs[-1]["step"] == recs[-1]["total_steps"] and (tmp_path / name / "hf" / "config.json").is_file()
         assert json.loads((tmp_path / name / "generations.jsonl").read_text().splitlines()[0])["step"] == 0
+
+
+def test_module_entry_accepts_and_ignores_local_rank(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """`python -m tokentrain.train CFG --local_rank N` (torch.distributed.launch style)."""
+    from tokentrain.train import main as module_main, strip_local_rank
+
+    assert strip_local_rank(["c.py", "--local_rank", "3", "--seed", "1"]) == (["c.py", "--seed", "1"], "3")
+    assert strip_local_rank(["--local-rank=2", "c.py"]) == (["c.py"], "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the env takes precedence over the flag
+    cfg = _cfg(tmp_path / "m.py", tiny_model, tiny_data, max_iters=2, dataloader_num_workers=0, evaluation_inputs=[])
+    assert module_main([str(cfg), "--local_rank", "5", "--work-dir", str(tmp_path / "w")]) == 0
+    import os as _os
+
+    assert _os.environ["LOCAL_RANK"] == "0" and [r["step"] for r in metrics(tmp_path / "w")] == [1, 2]
