@@ -44,8 +44,10 @@ META_SUFFIX = ".meta"
 _NL = 0x0A
 
 # np.fromstring(sep=",") is numpy's C text parser: ~3x faster than orjson + list->array
-# for long token lists. It stops quietly at anything that is not an integer; we detect
-# that by the element count and fall back to orjson, which gives the precise error.
+# for long token lists. It also reads text JSON refuses (and old numpy stops quietly at
+# junk); what it reads is used only when shown to be exactly JSON's reading (cheaply by
+# `_is_canonical` / `_is_compact_json`, else `_is_json_int_list`); the rest falls back to
+# orjson, which gives the precise error.
 warnings.filterwarnings("ignore", message="string or file could not be read to its end")
 _FAST_PREFIX = b'{"tokens":'
 _INT32_LIMIT = 2**31 - 1

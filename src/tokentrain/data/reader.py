@@ -77,6 +77,8 @@ class DocReader:
         old numpy) is each line looked at alone. Do not write to the array."""
         if self._pid != os.getpid():  # forked into a worker: the parent's fds are not ours
             self._fds, self._pid, self._last = {}, os.getpid(), None
+        if hi <= lo:
+            return np.zeros(0, dtype=np.int64), [0]
         index, last, fds = self.index, self._last, self._fds
         ends = np.asarray(index.ends)  # plain views of the memory maps: cheaper to slice
         rows = np.asarray(index.docs)[lo:hi].tolist()
