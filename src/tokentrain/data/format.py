@@ -50,6 +50,7 @@ _NL = 0x0A
 # orjson, which gives the precise error.
 warnings.filterwarnings("ignore", message="string or file could not be read to its end")
 _FAST_PREFIX = b'{"tokens":'
+_FAST_LIST = _FAST_PREFIX + b"["
 _INT32_LIMIT = 2**31 - 1
 
 
@@ -301,7 +302,10 @@ def _list_text(line: bytes, start: int = 0):
     """The list text of a ``{"tokens": [..]}`` line (from byte `start`) as `_read_list` reads
     it (a memoryview when nothing is dropped), for `_read_lists`; None when the line is not of
     that shape or the list is empty."""
-    lb, rb = _list_brackets(line, start)
+    if line.startswith(_FAST_LIST, start) and line.endswith(b"]}\n"):  # the usual line
+        lb, rb = start + len(_FAST_PREFIX), len(line) - 3
+    else:
+        lb, rb = _list_brackets(line, start)
     if rb - lb < 2:
         return None
     if line.find(b" ", lb, rb) != -1:

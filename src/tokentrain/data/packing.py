@@ -62,21 +62,19 @@ class _DocDataset:
         n = stop - start
         # Documents' fragments: where each ends in the sample; a document that ends inside
         # the sample has no target at its last token, one cut at the edge keeps its own next.
-        cu, ends_at, pos = [0], [], []
-        positions = _positions(self.max_length)
-        for j in range(hi - lo):
-            e = starts[j + 1]
-            f = (e if e < stop else stop) - start
-            pos.append(positions[: f - cu[-1]])
-            cu.append(f)
-            if e <= stop:
-                ends_at.append(f - 1)
         ids = np.abs(flat[start:stop])
         labels = np.empty(n, dtype=np.int64)
         m = min(n, len(flat) - start - 1)
         labels[:m] = flat[start + 1 : start + 1 + m]  # the next token; the last one only if in flat
         np.putmask(labels, labels < 0 if self.zero_is_target else labels <= 0, IGNORE_INDEX)
-        labels[ends_at] = IGNORE_INDEX
+        cu, pos = [0], []
+        positions = _positions(self.max_length)
+        for e in starts[1:]:
+            f = (e if e < stop else stop) - start
+            pos.append(positions[: f - cu[-1]])
+            cu.append(f)
+            if e <= stop:
+                labels[f - 1] = IGNORE_INDEX
         return {
             "input_ids": ids,
             "labels": labels,
