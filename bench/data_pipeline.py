@@ -204,6 +204,52 @@ def pack_reads(folder: Path, cache: Path, max_length: int, packs: int, rounds: i
     return out
 
 
+def load_revision(rev: str, workdir: Path):
+    """The packing module of git revision `rev` (its format, reader and packing; the rest from
+    this tree), importable next to the current one."""
+    import importlib
+    import re
+
+    repo = Path(__file__).resolve().parent.parent
+    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", rev], check=True, capture_output=True, text=True).stdout.strip()
+    tag = f"rev_{sha}"
+    folder = workdir / "revisions"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("format", "reader", "packing"):
+        text = subprocess.run(["git", "-C", str(repo), "show", f"{sha}:src/tokentrain/data/{name}.py"], check=True, capture_output=True, text=True).stdout
+        text = re.sub(r"^from tokentrain\.data import format as fmt$", f"import {tag}_format as fmt", text, flags=re.M)
+        text = re.sub(r"^from tokentrain\.data\.reader import DocReader$", f"from {tag}_reader import DocReader", text, flags=re.M)
+        (folder / f"{tag}_{name}.py").write_text(text)
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return sha, importlib.import_module(f"{tag}_packing")
+
+
+def compare_revisions(folder: Path, cache: Path, max_length: int, revs: list[str], workdir: Path, packs: int, rounds: int, seed: int) -> dict:
+    """Pack reads of this tree and of `revs`, the same packs, interleaved rounds: ratios."""
+    from tokentrain.data import packing
+    from tokentrain.data.dataset import DataSettings, build_dataset
+
+    index = build_dataset(DataSettings(folder=str(folder), max_length=max_length, cache_dir=str(cache))).index
+    impls = {"this tree": packing}
+    for rev in revs:
+        sha, mod = load_revision(rev, workdir)
+        impls[sha] = mod
+    n = min(packs, index.num_tokens // max_length)
+    rng = np.random.default_rng(seed)
+    rates: dict = {(k, o): [] for k in impls for o in ("sequential", "random")}
+    for r in range(rounds):
+        s = int(rng.integers(0, index.num_tokens // max_length - n + 1))
+        orders = {"sequential": range(s, s + n), "random": rng.permutation(index.num_tokens // max_length)[:n].tolist()}
+        for k in (list(impls) if r % 2 == 0 else list(impls)[::-1]):
+            for o, ks in orders.items():
+                cpu, _, tokens = _time(impls[k].PackedDataset(index, max_length), ks)
+                rates[(k, o)].append(tokens / cpu)
+    med = {key: statistics.median(v) for key, v in rates.items()}
+    return {k: {o: {"tokens_per_cpu_s": med[(k, o)], "this_tree_speedup": med[("this tree", o)] / med[(k, o)]} for o in ("sequential", "random")}
+            for k in impls}
+
+
 def flatness(folders: dict[str, Path], cache: Path, max_length: int, packs: int, rounds: int, seed: int) -> dict:
     from tokentrain.data.dataset import DataSettings, build_dataset
 
@@ -239,6 +285,7 @@ def main() -> None:
     p.add_argument("--flat-mean-length", type=float, default=64.0, help="document length there (default 64: 1M documents in ~0.4 GB)")
     p.add_argument("--open-documents", type=int, help="documents of the big-index open (default 10000000; quick 300000)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: open,packs,flat,bigopen")
+    p.add_argument("--baseline", metavar="REV[,REV]", help="also time pack reads with format/reader/packing of these git revisions: speed-up ratios")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     p.add_argument("--_open-child", nargs=3, help=argparse.SUPPRESS)
@@ -278,6 +325,9 @@ def main() -> None:
     if "packs" not in skip:
         res["packs"] = pack_reads(main_set, caches / "main", a.max_length, packs, rounds, a.seed)
         print("  pack reads done", flush=True)
+    if a.baseline:
+        res["baseline"] = compare_revisions(main_set, caches / "main", a.max_length, a.baseline.split(","), work, packs, rounds, a.seed)
+        print("  baseline comparison done", flush=True)
     if "flat" not in skip:
         folders, total = {}, max(flat_sizes)  # the same documents, split into files of n
         for n in flat_sizes:
@@ -332,6 +382,14 @@ def report(r: dict) -> None:
             o = r[key]
             ok = "met" if o["wall_s"] <= 2 and o["peak_rss_mib"] <= 1024 else "MISSED"
             opened(f"{o['documents'] / 1e6:g}M-document open, {name}", o, f"<= 2 s, <= 1 GiB: {ok}")
+    if "baseline" in r:
+        print()
+        print("| pack reads, same packs, interleaved rounds | sequential | random |")
+        print("|---|---|---|")
+        for k, x in r["baseline"].items():
+            cells = [f"{x[o]['tokens_per_cpu_s'] / 1e6:.1f} M tokens/CPU-s" + ("" if k == "this tree" else f" (this tree x{x[o]['this_tree_speedup']:.2f})")
+                     for o in ("sequential", "random")]
+            print(f"| {k} | {cells[0]} | {cells[1]} |")
     print()
     print("pack reads: median of rounds alternating the orders, page cache warm, a fresh reader per round;")
     print("per-pack cost: median of interleaved rounds of random packs, documents of the same lengths in all three.")
