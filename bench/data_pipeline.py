@@ -23,7 +23,7 @@ open in <= 2 s and <= 1 GiB RSS.
 Generated data goes under --workdir (default: $TMPDIR/tokentrain-bench) and is reused when
 present (same arguments, same bytes); --quick shrinks every size for a smoke run (< 30 s).
 
-    .venv/bin/python bench/data_pipeline.py [--quick] [--workdir DIR] [--json OUT]
+    .venv/bin/python bench/data_pipeline.py [--quick] [--workdir DIR] [--json OUT] [--baseline REV,...]
 """
 
 from __future__ import annotations
