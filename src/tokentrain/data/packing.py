@@ -30,6 +30,7 @@ from tokentrain.data.reader import DocReader
 
 log = logging.getLogger(__name__)
 
+
 @functools.lru_cache(maxsize=8)
 def _positions(n: int) -> np.ndarray:
     """0..n-1, shared: position_ids are slices of it, copied."""
@@ -60,13 +61,13 @@ class _DocDataset:
         """The sample of tokens [start, stop) of documents lo..hi-1 read back to back."""
         flat, starts = self.reader.read_span(lo, hi)
         n = stop - start
-        # Documents' fragments: where each ends in the sample; a document that ends inside
-        # the sample has no target at its last token, one cut at the edge keeps its own next.
         ids = np.abs(flat[start:stop])
         labels = np.empty(n, dtype=np.int64)
         m = min(n, len(flat) - start - 1)
         labels[:m] = flat[start + 1 : start + 1 + m]  # the next token; the last one only if in flat
         np.putmask(labels, labels < 0 if self.zero_is_target else labels <= 0, IGNORE_INDEX)
+        # Documents' fragments: where each ends in the sample; a document that ends inside
+        # the sample has no target at its last token, one cut at the edge keeps its own next.
         cu, pos = [0], []
         positions = _positions(self.max_length)
         for e in starts[1:]:
