@@ -167,13 +167,13 @@ def test_shuffle_is_seeded_permutation_of_the_kept_documents(tmp_path):
 
 def _count_builds(monkeypatch):
     calls = []
-    real = idx.build_index
+    real = idx._layout
 
     def counted(*a, **k):
         calls.append(a)
         return real(*a, **k)
 
-    monkeypatch.setattr(idx, "build_index", counted)
+    monkeypatch.setattr(idx, "_layout", counted)
     return calls
 
 
@@ -255,14 +255,14 @@ def test_cache_independent_of_working_directory(tmp_path, monkeypatch):
 
 def _open_in_child(files, cache, marker_dir, barrier, out):
     os.environ["TOKENTRAIN_CACHE"] = cache
-    real = idx.build_index
+    real = idx._layout
 
     def slow_build(*a, **k):
         (Path(marker_dir) / f"built-{os.getpid()}").write_text("")
         time.sleep(0.5)  # hold the lock long enough for the other process to wait on it
         return real(*a, **k)
 
-    idx.build_index = slow_build
+    idx._layout = slow_build
     barrier.wait()
     ix = idx.open_index([Path(f) for f in files], seed=5)
     out.put((str(ix.path), ix.ends.tolist(), isinstance(ix.docs, np.memmap)))
@@ -294,7 +294,7 @@ def test_interrupted_build_leaves_no_partial_index(tmp_path, cache_dir, monkeypa
 
     def failing_save(path, arr, *a, **k):
         calls.append(path)
-        if len(calls) == 2:  # after docs.npy, before ends.npy and info.json
+        if len(calls) == 1:  # docs.npy is written, ends.npy fails; info.json never comes
             raise OSError(28, "No space left on device")
         return real_save(path, arr, *a, **k)
 

@@ -116,34 +116,60 @@ def _file_sizes(files: list[Path]) -> list[int]:
 # --------------------------------------------------------------------------- build
 
 
-def build_index(files: list[Path], min_length: int = 1, shuffle: bool = True, seed: int = 0) -> DocIndex:
-    """Read every meta and lay out the kept documents in training order (in memory)."""
+@dataclass
+class _Layout:
+    """The document table before it is written: all documents in file order, and the rows
+    to take, in training order. Rows are gathered chunk by chunk (one 32-byte copy per
+    row), so the full (D, 4) table never exists twice in memory."""
+
+    files: list[Path]
+    sizes: list[int]
+    stats: IndexStats
+    table: np.ndarray  # (all documents, 4) int64 in file order
+    order: np.ndarray  # rows of `table` kept, in training order
+    ends: np.ndarray
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        whole_rows = self.table.view(np.dtype((np.void, 32))).reshape(-1)
+        return np.take(whole_rows, self.order[start:stop]).view(np.int64).reshape(-1, 4)
+
+
+def _layout(files: list[Path], min_length: int, shuffle: bool, seed: int) -> _Layout:
     stats = IndexStats(files=len(files))
     sizes = _file_sizes(files)
-    blocks, lens = [np.zeros((0, 4), np.int64)], [np.zeros(0, np.int64)]
-    for fid, (p, size) in enumerate(zip(files, sizes)):
+    metas = []
+    for p, size in zip(files, sizes):
         if size == 0:
             stats.empty_files += 1
-            continue
-        meta = fmt.read_meta(ensure_meta(p, stats), p, size)
-        block = np.empty((len(meta), 4), dtype=np.int64)
-        block[:, FILE] = fid
-        block[:, LINE] = np.arange(len(meta))
-        block[:, OFFSET] = meta[:, 0]
-        block[:, NBYTES] = np.diff(meta[:, 0], append=size)
-        blocks.append(block)
-        lens.append(meta[:, 1])
-    docs, lens = np.concatenate(blocks), np.concatenate(lens)
-    stats.documents = len(docs)
+            metas.append(np.zeros((0, 2), np.int64))
+        else:
+            metas.append(fmt.read_meta(ensure_meta(p, stats), p, size))
+    total = sum(len(m) for m in metas)
+    table = np.empty((total, 4), dtype=np.int64)
+    lens = np.empty(total, np.int64)
+    start = 0
+    for fid, (m, size) in enumerate(zip(metas, sizes)):
+        n = len(m)
+        if n:
+            block = table[start : start + n]
+            block[:, FILE] = fid
+            block[:, LINE] = np.arange(n)
+            block[:, OFFSET] = m[:, 0]
+            block[:-1, NBYTES] = np.diff(m[:, 0])
+            block[-1, NBYTES] = size - m[-1, 0]
+            lens[start : start + n] = m[:, 1]
+        start += n
+    del metas
+    stats.documents = total
     keep = lens >= max(1, min_length)
     stats.empty_documents = int((lens == 0).sum())
-    stats.short_documents = int((~keep).sum()) - stats.empty_documents
-    if not keep.all():
-        docs, lens = docs[keep], lens[keep]
+    stats.short_documents = total - int(keep.sum()) - stats.empty_documents
+    index_dtype = np.int32 if total < 2**31 else np.int64  # half the memory traffic to shuffle
+    order = np.flatnonzero(keep).astype(index_dtype, copy=False) if not keep.all() else np.arange(total, dtype=index_dtype)
     if shuffle:
-        perm = np.random.default_rng(seed).permutation(len(docs))
-        docs, lens = docs[perm], lens[perm]
-    ends = np.cumsum(lens, dtype=np.int64)
+        # In place; the same order as applying rng.permutation(len(order)).
+        np.random.default_rng(seed).shuffle(order)
+    ends = np.cumsum(lens[order], dtype=np.int64)
     stats.tokens = int(ends[-1]) if len(ends) else 0
     if stats.empty_files:
         log.warning("skipped %d empty data file(s)", stats.empty_files)
@@ -153,7 +179,25 @@ def build_index(files: list[Path], min_length: int = 1, shuffle: bool = True, se
         log.info("dropped %d document(s) shorter than min_length=%d", stats.short_documents, min_length)
     if not len(ends):
         raise DataError(f"no documents left to train on in {len(files)} file(s) (after dropping empty and short ones)")
-    return DocIndex([str(p) for p in files], sizes, docs, ends, stats)
+    return _Layout(files, sizes, stats, table, order, ends)
+
+
+def build_index(files: list[Path], min_length: int = 1, shuffle: bool = True, seed: int = 0) -> DocIndex:
+    """Read every meta and lay out the kept documents in training order (in memory)."""
+    lay = _layout(files, min_length, shuffle, seed)
+    return DocIndex([str(p) for p in files], lay.sizes, lay.rows(0, len(lay.order)), lay.ends, lay.stats)
+
+
+_CHUNK_ROWS = 1 << 20
+
+
+def _write_table(lay: _Layout, path: Path) -> None:
+    """docs.npy written chunk by chunk: a standard .npy, never whole in memory."""
+    n = len(lay.order)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.int64).str, "fortran_order": False, "shape": (n, 4)})
+        for start in range(0, n, _CHUNK_ROWS):
+            f.write(lay.rows(start, min(n, start + _CHUNK_ROWS)).tobytes())
 
 
 def _cache_key(files: list[Path], min_length: int, shuffle: bool, seed: int) -> str:
@@ -200,13 +244,14 @@ def open_index(
             shutil.rmtree(target)
         if not (target / "info.json").exists():
             t0 = time.perf_counter()
-            index = build_index(files, min_length, shuffle, seed)
+            lay = _layout(files, min_length, shuffle, seed)
             with atomic_dir(target) as tmp:
-                np.save(tmp / "docs.npy", index.docs)
-                np.save(tmp / "ends.npy", index.ends)
-                info = {"files": index.files, "file_sizes": index.file_sizes, "stats": vars(index.stats)}
+                _write_table(lay, tmp / "docs.npy")
+                np.save(tmp / "ends.npy", lay.ends)
+                info = {"files": [str(p) for p in files], "file_sizes": lay.sizes, "stats": vars(lay.stats)}
                 (tmp / "info.json").write_text(json.dumps(info))
-            log.info("indexed %d documents in %d files in %.2fs -> %s", len(index), len(files), time.perf_counter() - t0, target)
+            log.info("indexed %d documents in %d files in %.2fs -> %s", len(lay.order), len(files), time.perf_counter() - t0, target)
+            del lay
     info = json.loads((target / "info.json").read_text())
     docs = np.load(target / "docs.npy", mmap_mode="r")
     ends = np.load(target / "ends.npy", mmap_mode="r")
