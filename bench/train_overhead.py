@@ -1,7 +1,7 @@
 """Trainer overhead: tokentrain vs a minimal hand-written PyTorch loop, same model, same batches.
 
 For each (model size, dtype) both loops train the same Llama (random init from one
-seed) on the same packed batches of `max_length` tokens, alternating A/B rounds in one
+seed) on the same packed batches of `max_length` tokens, alternating rounds (A B B A ...) in one
 process so that machine noise hits both alike. Reported: median tokens/s of each and
 their ratio (tokentrain / bare; target >= 0.97).
 
@@ -92,7 +92,7 @@ def bare_run(model_dir: Path, batches: list, steps: int, dtype: str) -> list[flo
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        float(loss)
+        float(loss.detach())
         now = time.perf_counter()
         times.append(now - last)
         last = now
@@ -144,8 +144,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="10M,50M")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--max-length", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per round (plus one warm-up step)")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating tokentrain/bare rounds")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per round (plus one warm-up step)")
+    ap.add_argument("--rounds", type=int, default=4, help="tokentrain/bare rounds, in A B B A order")
     ap.add_argument("--quick", action="store_true", help="10M fp32 only, 3 steps, 1 round")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
@@ -174,9 +174,13 @@ def main() -> None:
             batches = same_batches(data, args.max_length, args.steps + 1)
             for dt in args.dtypes.split(","):
                 tt, bare = [], []
-                for r in range(args.rounds):
-                    tt += tokentrain_run(model_dir, data, tmp / f"w-{size}-{dt}-{r}", args.max_length, args.steps + 1, dt_names[dt])
-                    bare += bare_run(model_dir, batches, args.steps + 1, dt_names[dt])
+                for r in range(args.rounds):  # A B B A ...: drift and noise hit both alike
+                    runs = [
+                        lambda: tt.extend(tokentrain_run(model_dir, data, tmp / f"w-{size}-{dt}-{r}", args.max_length, args.steps + 1, dt_names[dt])),
+                        lambda: bare.extend(bare_run(model_dir, batches, args.steps + 1, dt_names[dt])),
+                    ]
+                    for run in (runs if r % 2 == 0 else runs[::-1]):
+                        run()
                 tok_tt = args.max_length / statistics.median(tt)
                 tok_bare = args.max_length / statistics.median(bare)
                 row = dict(size=size, params=n_params, dtype=dt, max_length=args.max_length,

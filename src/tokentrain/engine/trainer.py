@@ -208,8 +208,12 @@ class Trainer:
             if val and self.val_set is not None:
                 out["val_loss"] = validation_loss(self.strategy, self.val_set, self.env, self.cfg.batch_size, 0)
             if generate and self.cfg.evaluation_inputs and self.env.is_main:
-                samples = generate_samples(self.hf_model, self.tokenizer, self.cfg.evaluation_inputs, self.cfg.SYSTEM,
-                                           self.cfg.evaluation_max_new_tokens, self.env.device, self.compute_dtype)
+                try:
+                    samples = generate_samples(self.hf_model, self.tokenizer, self.cfg.evaluation_inputs, self.cfg.SYSTEM,
+                                               self.cfg.evaluation_max_new_tokens, self.env.device, self.compute_dtype)
+                except Exception as e:  # a sample to read is not worth a crashed run
+                    self.metrics.message(f"generation at step {self.step} failed: {type(e).__name__}: {e}")
+                    samples = []
                 with open(self.work_dir / "generations.jsonl", "a") as f:
                     for prompt, text in samples:
                         self.metrics.message(f"sample at step {self.step}: {prompt!r} -> {text!r}")
@@ -232,27 +236,7 @@ class Trainer:
                 micro = next(steps)
                 t_data = time.perf_counter() - t0
 
-                # Count the step's target tokens on all ranks before any backward.
-                local_targets = sum(b.num_targets for b, _, _ in micro)
-                (global_targets,) = strategy.all_reduce_sum([float(local_targets)])
-                lr = self.scheduler.lr
-                loss_sum = torch.zeros((), dtype=torch.float32, device=env.device)
-                if global_targets > 0:
-                    scale = strategy.loss_scale / global_targets
-                    for i, (batch, _, _) in enumerate(micro):
-                        batch = batch.to(env.device)
-                        with strategy.accumulate(is_last=i == len(micro) - 1):
-                            part = strategy.forward(batch.input_ids, batch.labels, batch.position_ids)
-                            strategy.backward(part * scale)
-                        loss_sum += part.detach()
-                    grad_norm = strategy.step(cfg.max_norm)
-                    if not math.isfinite(grad_norm):
-                        self.skipped_steps += 1
-                        self.metrics.message(f"step {self.step + 1}: non-finite gradient norm; update skipped")
-                else:
-                    grad_norm = 0.0
-                    self.skipped_steps += 1
-                    strategy.zero_grad()
+                loss_sum, global_targets, lr, grad_norm = self.train_step(micro)
                 self.scheduler.step()
                 self.sampler.advance(self.stream.samples_per_step)
                 self.step += 1
@@ -284,7 +268,7 @@ class Trainer:
                     return EXIT_PREEMPTED
                 if evaluating or self.step == saved_at:
                     window.reset_clock()
-            if self.step > saved_at or self.total_steps == 0:
+            if self.step > saved_at:
                 self.save()
             if env.is_main:
                 export_hf(self.hf_model, self.tokenizer, self.work_dir / "hf", cfg.export_dtype)
@@ -294,6 +278,31 @@ class Trainer:
         finally:
             self.preemption.restore()
             self.metrics.close()
+
+    def train_step(self, micro: list) -> tuple[torch.Tensor, float, float, float]:
+        """One optimizer step on this rank's micro-batches: (loss sum, global target count, lr, grad norm)."""
+        strategy, device = self.strategy, self.env.device
+        # Count the step's target tokens on all ranks before any backward.
+        local_targets = sum(b.num_targets for b, _, _ in micro)
+        (global_targets,) = strategy.all_reduce_sum([float(local_targets)])
+        lr = self.scheduler.lr
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        if global_targets == 0:  # nothing to learn from: no forward, no backward, no update
+            self.skipped_steps += 1
+            strategy.zero_grad()
+            return loss_sum, 0.0, lr, 0.0
+        scale = strategy.loss_scale / global_targets
+        for i, (batch, _, _) in enumerate(micro):
+            batch = batch.to(device)
+            with strategy.accumulate(is_last=i == len(micro) - 1):
+                part = strategy.forward(batch.input_ids, batch.labels, batch.position_ids)
+                strategy.backward(part * scale)
+            loss_sum += part.detach()
+        grad_norm = strategy.step(self.cfg.max_norm)
+        if not math.isfinite(grad_norm):
+            self.skipped_steps += 1
+            self.metrics.message(f"step {self.step + 1}: non-finite gradient norm; update skipped")
+        return loss_sum, global_targets, lr, grad_norm
 
     def _record(self, loss, lr, grad_norm, targets, window: "_Window", extra: dict) -> dict:
         ws = self.env.world_size
