@@ -17,7 +17,7 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32") -> Path:
+def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_shard_size: str = "5GB") -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -32,7 +32,7 @@ def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32") -> Pat
         model.config.use_cache = True  # generation-ready
         model.config.dtype = dtype  # what the weights are stored in, so dtype="auto" loads them as they are
         try:
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
         finally:
             model.config.use_cache, model.config.dtype = use_cache, saved_dtype
         if tokenizer is not None:

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "tokentrain.cli.cfg_cmd",
     "tokentrain.cli.train_cmd",
     "tokentrain.cli.plot_cmd",
+    "tokentrain.cli.convert_cmd",
 ]
 
 

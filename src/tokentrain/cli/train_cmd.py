@@ -22,6 +22,9 @@ def add_train_arguments(p) -> None:
     p.add_argument("--resume", metavar="auto|PATH", help="auto: newest complete checkpoint in the work dir; or a step_N folder")
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings")
+    p.add_argument("--deepspeed", metavar="NAME|JSON",
+                   help="DeepSpeed ZeRO: a preset (deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload, "
+                        "deepspeed_zero3, deepspeed_zero3_offload) or a path to a DeepSpeed JSON; default: DDP")
 
 
 def register(sub, common) -> None:
@@ -66,6 +69,11 @@ def cmd_train(args) -> int:
     from tokentrain.distributed.spawn import spawn_torchrun, wants_spawn
 
     cfg = load_config(args.config, args.cfg_options, seed=args.seed)  # all config errors before anything heavy
+    deepspeed = None
+    if args.deepspeed:
+        from tokentrain.distributed.deepspeed_config import load_deepspeed_config
+
+        deepspeed = load_deepspeed_config(args.deepspeed)
     if args.launcher == "none" and wants_spawn():
         return spawn_torchrun(_train_argv())
     work_dir = Path(args.work_dir or cfg.work_dir or default_work_dir(args.config))
@@ -84,7 +92,7 @@ def cmd_train(args) -> int:
             logging.getLogger("tokentrain.train").info("work dir %s, %d rank(s) on %s", work_dir, env.world_size, env.device)
         from tokentrain.engine.trainer import run
 
-        return run(cfg, env, work_dir, args.resume)
+        return run(cfg, env, work_dir, args.resume, deepspeed)
     finally:
         destroy_distributed()
 

@@ -29,6 +29,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 class LocalStrategy:
     name = "local"
+    partitioned_params = False  # True when a forward needs every rank (ZeRO-3)
 
     def __init__(self, env):
         self.env = env
@@ -74,6 +75,11 @@ class LocalStrategy:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def full_parameters(self, module=None):
+        """Whole parameters for the duration (a sharding engine gathers them; here: as is)."""
+        yield
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return list(values)

@@ -95,9 +95,10 @@ def memory_gb(device: torch.device) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env, work_dir: Path, resume: str | None = None):
+    def __init__(self, cfg: TrainConfig, env, work_dir: Path, resume: str | None = None, deepspeed: dict | None = None):
         self.cfg, self.env, self.work_dir = cfg, env, Path(work_dir)
         self.resume = resume
+        self.deepspeed = deepspeed  # a DeepSpeed config (preset or user JSON), "auto" values unresolved
         self.step = 0
         self.skipped_steps = 0
         self.tokens_seen = 0
@@ -108,6 +109,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         seed_everything(cfg.seed, env.rank)
         self._setup_data()
+        self.strategy = self._make_strategy()  # before the model: ZeRO-3 builds it partitioned
         self._setup_model()
         self._setup_optimization()
         self.ckpt = CheckpointManager(self.work_dir / "checkpoints", env, self.strategy, cfg.save_total_limit)
@@ -153,8 +155,9 @@ class Trainer:
         impl = choose_attn_implementation(cfg.attn_implementation, env.device, cfg.use_varlen_attn)
         self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
         self.hf_model = load_model(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, impl, env.device, cfg.seed)
-        masking = select_masking(self.hf_model, impl, cfg.doc_masking, env.device, self.compute_dtype)
-        self.module = CausalLMWithLoss(self.hf_model, masking, self.compute_dtype, cfg.loss_chunk_tokens)
+        with self.strategy.full_parameters(self.hf_model):  # the probes run the model (ZeRO-3: gathered for them)
+            masking = select_masking(self.hf_model, impl, cfg.doc_masking, env.device, self.compute_dtype)
+            self.module = CausalLMWithLoss(self.hf_model, masking, self.compute_dtype, cfg.loss_chunk_tokens)
         if cfg.gradient_checkpointing:
             enable_checkpointing(self.hf_model)
         self.hf_model.train()
@@ -165,9 +168,30 @@ class Trainer:
                      str(self.compute_dtype or torch.float32).replace("torch.", ""),
                      "fused chunked" if self.module.fused else "chunked from logits")
 
+    def _make_strategy(self):
+        from tokentrain.model.lm import autocast_dtype
+
+        cfg, env = self.cfg, self.env
+        if self.deepspeed is None:
+            return make_strategy(env)
+        from transformers import AutoConfig
+
+        from tokentrain.distributed.deepspeed_config import fill_auto
+        from tokentrain.distributed.deepspeed_strategy import DeepSpeedStrategy
+
+        compute = autocast_dtype(cfg.dtype, env.device)
+        hidden = getattr(AutoConfig.from_pretrained(cfg.pretrained_model_name_or_path, trust_remote_code=cfg.trust_remote_code),
+                         "hidden_size", None)
+        ds = fill_auto(self.deepspeed, micro_batch_size=cfg.batch_size, accumulation=cfg.accumulative_counts,
+                       world_size=env.world_size, max_norm=cfg.max_norm,
+                       dtype=str(compute or torch.float32).replace("torch.", ""), hidden_size=hidden)
+        if env.is_main:
+            log.info("engine: DeepSpeed ZeRO stage %d%s", ds.get("zero_optimization", {}).get("stage", 0),
+                     " with CPU offload" if "offload_optimizer" in ds.get("zero_optimization", {}) else "")
+        return DeepSpeedStrategy(env, ds)
+
     def _setup_optimization(self) -> None:
         cfg = self.cfg
-        self.strategy = make_strategy(self.env)
         params = [p for p in self.module.parameters() if p.requires_grad]
         fused = self.env.device.type == "cuda"
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
@@ -207,12 +231,17 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.env.device] if self.env.device.type == "cuda" else []):
             if val and self.val_set is not None:
                 out["val_loss"] = validation_loss(self.strategy, self.val_set, self.env, self.cfg.batch_size, 0)
-            if generate and self.cfg.evaluation_inputs and self.env.is_main:
+            # ZeRO-3 gathers parameters in every forward: all ranks generate together then.
+            everyone = self.strategy.partitioned_params
+            if generate and self.cfg.evaluation_inputs and (self.env.is_main or everyone):
                 try:
                     samples = generate_samples(self.hf_model, self.tokenizer, self.cfg.evaluation_inputs, self.cfg.SYSTEM,
-                                               self.cfg.evaluation_max_new_tokens, self.env.device, self.compute_dtype)
+                                               self.cfg.evaluation_max_new_tokens, self.env.device, self.compute_dtype,
+                                               synced=everyone)
                 except Exception as e:  # a sample to read is not worth a crashed run
                     self.metrics.message(f"generation at step {self.step} failed: {type(e).__name__}: {e}")
+                    samples = []
+                if not self.env.is_main:
                     samples = []
                 with open(self.work_dir / "generations.jsonl", "a") as f:
                     for prompt, text in samples:
@@ -270,8 +299,10 @@ class Trainer:
                     window.reset_clock()
             if self.step > saved_at:
                 self.save()
+            with strategy.full_parameters():  # ZeRO-3: gathered on every rank; main writes
+                if env.is_main:
+                    export_hf(self.hf_model, self.tokenizer, self.work_dir / "hf", cfg.export_dtype)
             if env.is_main:
-                export_hf(self.hf_model, self.tokenizer, self.work_dir / "hf", cfg.export_dtype)
                 self.metrics.message(f"done: {self.step} steps ({self.skipped_steps} skipped); Hugging Face model in {self.work_dir / 'hf'}")
             strategy.barrier()
             return EXIT_OK
@@ -367,7 +398,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         f.write("".join(k + "\n" for k in keep))
 
 
-def run(cfg: TrainConfig, env, work_dir: Path, resume: str | None) -> int:
-    trainer = Trainer(cfg, env, work_dir, resume)
+def run(cfg: TrainConfig, env, work_dir: Path, resume: str | None, deepspeed: dict | None = None) -> int:
+    trainer = Trainer(cfg, env, work_dir, resume, deepspeed)
     trainer.setup()
     return trainer.fit()
