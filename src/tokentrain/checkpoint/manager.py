@@ -8,7 +8,8 @@ Layout of one checkpoint::
       trainer_state.pt      step, scheduler, sampler, counters
       rng_rank{R}.pt        every rank's RNG states (torch, CUDA, numpy, python)
       config.json           the resolved config of the run
-      COMPLETE              written last inside the folder
+      COMPLETE              written last inside the folder: step, world size, and the
+                            size and CRC-32 of every other file (the manifest)
 
 A checkpoint is written to ``.step_N.partial`` by all ranks (a shared file system is
 assumed, as for any multi-node checkpoint), then rank 0 renames it to ``step_N`` and
@@ -17,7 +18,11 @@ leaves either the previous checkpoint as latest or the new one complete. Loading
 safetensors and ``torch.load(weights_only=True)``: nothing is unpickled as code.
 
 `--resume auto` takes `latest` if it names a complete checkpoint, else the newest complete
-``step_*`` folder, else starts fresh. `--resume PATH` takes a step folder, or a work dir.
+``step_*`` folder, else starts fresh; a checkpoint whose files no longer match its
+manifest (truncated, corrupted) is skipped with a warning naming the file, and the next
+older intact one is used. `--resume PATH` takes a step folder (refused, naming the file,
+if damaged), or a work dir. A failed write (no space left, ...) removes the partial
+folder and raises a one-line `CheckpointError`; `latest` still names the previous one.
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ import os
 import random
 import re
 import shutil
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tokentrain.errors import ConfigError
+from tokentrain.errors import ConfigError, TokentrainError
+from tokentrain.utils import faults
 from tokentrain.utils.atomic import atomic_file
 
 log = logging.getLogger(__name__)
@@ -42,6 +50,10 @@ LATEST = "latest"
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.pt"
 STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(TokentrainError):
+    """A checkpoint could not be written, or one to resume from is damaged (exit 1)."""
 
 
 # ------------------------------------------------------------------ RNG
@@ -95,31 +107,91 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def find_latest(root: Path) -> Path | None:
+def _crc32(path: Path, chunk: int = 8 << 20) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def manifest(folder: Path) -> dict[str, list[int]]:
+    """{relative path: [size, crc32]} of every file in a checkpoint folder (COMPLETE aside)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != COMPLETE:
+            out[p.relative_to(folder).as_posix()] = [p.stat().st_size, _crc32(p)]
+    return out
+
+
+def damage(folder: Path) -> str | None:
+    """Why a complete checkpoint cannot be trusted (naming the file), or None when every file
+    matches the size and CRC-32 recorded in its COMPLETE manifest. Checkpoints written
+    before manifests existed have none and are accepted as they are."""
+    try:
+        info = json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError) as e:
+        return f"{folder / COMPLETE}: unreadable ({e})"
+    files = info.get("files") if isinstance(info, dict) else None
+    if files is None:
+        return None
+    for rel, (size, crc) in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{p}: missing"
+        got = p.stat().st_size
+        if got != size:
+            return f"{p}: {got} bytes, {size} when written (truncated?)"
+        if _crc32(p) != crc:
+            return f"{p}: contents changed since it was written (CRC-32 mismatch: corrupted)"
+    return None
+
+
+def find_latest(root: Path, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint under `root` whose files are intact (`latest` first);
+    a damaged one is skipped with a warning naming it and the one used instead."""
+    candidates = list(reversed(list_checkpoints(root)))
     pointer = root / LATEST
     if pointer.is_file():
         target = root / pointer.read_text().strip()
         if is_complete(target):
-            return target
-        log.warning("%s names %s, which is not a complete checkpoint; looking for the newest complete one", pointer, target.name)
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+            candidates = [target] + [c for c in candidates if c != target]
+        else:
+            log.warning("%s names %s, which is not a complete checkpoint; looking for the newest complete one", pointer, target.name)
+    skipped = []
+    for c in candidates:
+        why = damage(c) if verify else None
+        if why is None:
+            if skipped:
+                log.warning("checkpoint %s is damaged (%s); falling back to %s", skipped[0][0], skipped[0][1], c.name)
+            return c
+        skipped.append((c.name, why))
+        log.warning("checkpoint %s is damaged and is not used: %s", c, why)
+    if skipped:
+        log.warning("no intact checkpoint under %s (%d damaged)", root, len(skipped))
+    return None
 
 
-def resolve_resume(resume: str | None, ckpt_root: Path) -> Path | None:
-    """The checkpoint folder to resume from, or None to start fresh."""
+def resolve_resume(resume: str | None, ckpt_root: Path, verify: bool = True) -> Path | None:
+    """The checkpoint folder to resume from, or None to start fresh.
+
+    An explicit step folder that is damaged is refused (CheckpointError naming the file);
+    `auto` and a work dir fall back to the newest intact checkpoint."""
     if not resume:
         return None
     if resume == "auto":
-        found = find_latest(ckpt_root)
+        found = find_latest(ckpt_root, verify)
         if found is None:
-            log.info("--resume auto: no checkpoint under %s; starting from scratch", ckpt_root)
+            log.info("--resume auto: no usable checkpoint under %s; starting from scratch", ckpt_root)
         return found
     p = Path(resume)
     if is_complete(p):
+        why = damage(p) if verify else None
+        if why:
+            raise CheckpointError(f"--resume {resume}: checkpoint is damaged: {why}; use another one or --resume auto")
         return p
     for root in (p / "checkpoints", p):
-        found = find_latest(root) if root.is_dir() else None
+        found = find_latest(root, verify) if root.is_dir() else None
         if found is not None:
             return found
     if p.is_dir() and step_of(p) is not None:
@@ -140,21 +212,32 @@ class CheckpointManager:
     def save(self, step: int, trainer_state: dict, config: dict) -> Path:
         final = self.root / f"step_{step}"
         tmp = self.root / f".step_{step}.partial"
+        try:
+            if self.env.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            self.strategy.barrier()
+            self.strategy.save(tmp)
+            if faults.at_step("save_enospc_at_step", step, self.env.rank):
+                raise OSError(28, os.strerror(28), str(tmp / "optimizer.pt"))
+            torch.save(rng_state(), tmp / f"rng_rank{self.env.rank}.pt")
+            if self.env.is_main:
+                torch.save(trainer_state, tmp / TRAINER_STATE)
+                (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            if faults.value("save_sleep"):
+                time.sleep(float(faults.value("save_sleep")))
+            self.strategy.barrier()
+            if self.env.is_main:
+                # The manifest (size + CRC-32 of every file) lets a resume refuse a file that
+                # was truncated or corrupted after this point.
+                info = {"step": step, "world_size": self.env.world_size, "files": manifest(tmp)}
+                (tmp / COMPLETE).write_text(json.dumps(info))
+                _fsync_tree(tmp)
+        except Exception as e:
+            raise self._write_failed(tmp, e) from e
         if self.env.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        self.strategy.barrier()
-        self.strategy.save(tmp)
-        torch.save(rng_state(), tmp / f"rng_rank{self.env.rank}.pt")
-        if self.env.is_main:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        self.strategy.barrier()
-        if self.env.is_main:
-            (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": self.env.world_size}))
-            _fsync_tree(tmp)
             if final.exists():  # the same step saved again (a resumed run that re-reached it)
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -163,6 +246,22 @@ class CheckpointManager:
             self.prune()
         self.strategy.barrier()
         return final
+
+    def _write_failed(self, tmp: Path, e: Exception) -> CheckpointError:
+        """Remove the partial folder; a one-line error naming it, the cause and what is still usable."""
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        nospace = getattr(e, "errno", None) in (28, 122) or "No space left" in str(e) or "file write failed" in str(e)
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = None
+        cause = "no space left on device" if nospace or free == 0 else f"{type(e).__name__}: {e}"
+        prev = find_latest(self.root, verify=False)
+        keep = f"the previous checkpoint {prev} is intact; free space, then resume with --resume auto" if prev else \
+            "no earlier checkpoint exists"
+        room = f" ({free / 2**20:.1f} MiB free there)" if free is not None else ""
+        return CheckpointError(f"cannot write checkpoint {tmp}: {cause}{room}; {keep}")
 
     def prune(self) -> None:
         if self.keep < 0:

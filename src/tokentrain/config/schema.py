@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
 DOC_MASKING = ("auto", "positions", "mask4d", "varlen")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.01
     max_norm: float = 1.0  # gradient clipping; 0 disables it
+    nan_policy: str = "stop"  # a NaN/inf loss or gradient: 'stop' (exit 1, naming step and samples) or 'skip' the update
     warm_up_ratio: float = 0.025
     min_lr_ratio: float = 0.15  # cosine floor = lr * min_lr_ratio
     # ---------------------------------------------------------------- checkpoints
@@ -115,6 +117,7 @@ def check_values(cfg: TrainConfig) -> list[tuple[str, str]]:
     need(cfg.export_dtype in DTYPES, "export_dtype", f"must be one of {', '.join(DTYPES)}")
     need(cfg.attn_implementation in ATTN_IMPLEMENTATIONS, "attn_implementation", f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}")
     need(cfg.doc_masking in DOC_MASKING, "doc_masking", f"must be one of {', '.join(DOC_MASKING)}")
+    need(cfg.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {', '.join(NAN_POLICIES)}")
     need(cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops", "must be > 0 (or None)")
     need(bool(cfg.file_type), "file_type", "must not be empty")
     return bad

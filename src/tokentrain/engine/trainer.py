@@ -29,15 +29,16 @@ import numpy as np
 import torch
 
 from tokentrain.checkpoint.hf_export import export_hf
-from tokentrain.checkpoint.manager import CheckpointManager, resolve_resume, set_rng_state
+from tokentrain.checkpoint.manager import CheckpointManager, CheckpointError, resolve_resume, set_rng_state, step_of
 from tokentrain.config.schema import TrainConfig
 from tokentrain.engine.data_stream import StepStream
 from tokentrain.engine.evaluation import generate_samples, validation_loss
 from tokentrain.engine.schedule import WarmupCosine
 from tokentrain.engine.strategy import make_strategy
-from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, TokentrainError
+from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, DataError, TokentrainError
 from tokentrain.metrics.flops import FlopCounter, peak_tflops
 from tokentrain.metrics.logger import MetricsLogger
+from tokentrain.utils import faults
 
 log = logging.getLogger("tokentrain.train")
 
@@ -45,7 +46,7 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingDiverged(TokentrainError):
-    """The loss became NaN/inf."""
+    """The loss or the gradients became NaN/inf (with nan_policy = 'stop')."""
 
 
 class Preemption:
@@ -115,13 +116,36 @@ class Trainer:
         self.ckpt = CheckpointManager(self.work_dir / "checkpoints", env, self.strategy, cfg.save_total_limit)
         self.flops = FlopCounter.for_model(self.hf_model)
         self.peak, self.peak_source = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
-        resume_from = resolve_resume(self.resume, self.work_dir / "checkpoints")
+        resume_from = self._resolve_resume()
         rng = self._load(resume_from) if resume_from is not None else None
         if env.is_main and resume_from is not None:
             _truncate_metrics(self.work_dir / "metrics.jsonl", self.step)
         self.metrics = MetricsLogger(self.work_dir, env.is_main, self.total_steps, self.step, cfg.tensorboard)
         if rng is not None:
             set_rng_state(rng)  # last: nothing may draw from the RNG between here and the loop
+
+    def _resolve_resume(self) -> Path | None:
+        """The checkpoint to resume from, chosen (and its files verified) by the main rank; every
+        rank takes the same one."""
+        root = self.work_dir / "checkpoints"
+        if self.env.world_size == 1:
+            return resolve_resume(self.resume, root)
+        error, found = None, None
+        if self.env.is_main:
+            try:
+                found = resolve_resume(self.resume, root)
+            except TokentrainError as e:
+                error = e
+        code = -2.0 if error else (-1.0 if found is None else float(step_of(found)))
+        (code,) = self.strategy.all_reduce_sum([code if self.env.is_main else 0.0])
+        if error:
+            raise error
+        if code == -2:
+            raise CheckpointError(f"--resume {self.resume}: refused by rank 0 (see its message)")
+        if self.env.is_main or code == -1:
+            return found
+        mine = resolve_resume(self.resume, root, verify=False)  # the same folder, without reading it again
+        return mine.parent / f"step_{int(code)}"
 
     def _setup_data(self) -> None:
         from tokentrain.data.dataset import DataSettings, build_dataset
@@ -155,6 +179,8 @@ class Trainer:
         impl = choose_attn_implementation(cfg.attn_implementation, env.device, cfg.use_varlen_attn)
         self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
         self.hf_model = load_model(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, impl, env.device, cfg.seed)
+        emb = self.hf_model.get_input_embeddings()
+        self.vocab_size = int(getattr(emb, "num_embeddings", 0) or self.hf_model.config.vocab_size)
         with self.strategy.full_parameters(self.hf_model):  # the probes run the model (ZeRO-3: gathered for them)
             masking = select_masking(self.hf_model, impl, cfg.doc_masking, env.device, self.compute_dtype)
             self.module = CausalLMWithLoss(self.hf_model, masking, self.compute_dtype, cfg.loss_chunk_tokens)
@@ -275,9 +301,8 @@ class Trainer:
                 total_loss, stop, real, sq = strategy.all_reduce_sum(
                     [float(loss_sum), float(self.preemption.requested), float(real), float(sq)])
                 loss = total_loss / global_targets if global_targets else 0.0
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(f"loss is {loss} at step {self.step}; lower lr or check the data "
-                                           f"(last checkpoint: {self.work_dir / 'checkpoints'})")
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    self._non_finite(loss, grad_norm, micro)
                 self.tokens_seen += int(real)
                 window.add(time.perf_counter() - t0, t_data, int(real), int(global_targets), self.flops.step_flops(int(real), int(sq)))
                 self.metrics.advance(1, loss)
@@ -313,6 +338,8 @@ class Trainer:
     def train_step(self, micro: list) -> tuple[torch.Tensor, float, float, float]:
         """One optimizer step on this rank's micro-batches: (loss sum, global target count, lr, grad norm)."""
         strategy, device = self.strategy, self.env.device
+        for batch, _, _ in micro:
+            self._check_token_ids(batch)
         # Count the step's target tokens on all ranks before any backward.
         local_targets = sum(b.num_targets for b, _, _ in micro)
         (global_targets,) = strategy.all_reduce_sum([float(local_targets)])
@@ -327,13 +354,60 @@ class Trainer:
             batch = batch.to(device)
             with strategy.accumulate(is_last=i == len(micro) - 1):
                 part = strategy.forward(batch.input_ids, batch.labels, batch.position_ids)
+                if faults.FAULTS and faults.at_step("nan_loss_at_step", self.step + 1, self.env.rank):
+                    part = part * math.nan
                 strategy.backward(part * scale)
             loss_sum += part.detach()
-        grad_norm = strategy.step(self.cfg.max_norm)
-        if not math.isfinite(grad_norm):
-            self.skipped_steps += 1
-            self.metrics.message(f"step {self.step + 1}: non-finite gradient norm; update skipped")
+        if faults.FAULTS and faults.at_step("inf_grad_at_step", self.step + 1, self.env.rank):
+            next(p for p in strategy.unwrapped.parameters() if p.grad is not None).grad.fill_(math.inf)
+        grad_norm = strategy.step(self.cfg.max_norm)  # a non-finite gradient norm applies no update
         return loss_sum, global_targets, lr, grad_norm
+
+    def _non_finite(self, loss: float, grad_norm: float, micro: list) -> None:
+        """A NaN/inf loss or gradient norm (the same on every rank): stop, naming the step and
+        this rank's samples, or (nan_policy = 'skip') count the step as skipped. No update was
+        applied either way (the engine skips the optimizer step on a non-finite norm)."""
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        if self.cfg.nan_policy == "skip":
+            self.skipped_steps += 1
+            self.metrics.message(f"step {self.step}: non-finite {what}; update skipped (nan_policy='skip', "
+                                 f"{self.skipped_steps} skipped so far)")
+            return
+        raise TrainingDiverged(
+            f"non-finite {what} at step {self.step}; batch of rank {self.env.rank}: {self._describe_samples(micro)}; "
+            f"no checkpoint was written for it (last: {self.work_dir / 'checkpoints'}); lower lr, check those lines, "
+            f"or set nan_policy = 'skip'")
+
+    def _describe_samples(self, micro: list, limit: int = 8) -> str:
+        """'sample K (file:line, ...)' for the samples of a step, on one line."""
+        parts = []
+        ks = [k for b, _, _ in micro for k in b.indices]
+        for k in ks[:limit]:
+            try:
+                src = self.train_set.sources(k)
+            except Exception:  # a message must not fail
+                src = []
+            where = ", ".join(f"{f}:{line}" for f, line in src[:4]) + (f", +{len(src) - 4} more" if len(src) > 4 else "")
+            parts.append(f"sample {k} ({where})")
+        return "; ".join(parts) + (f"; +{len(ks) - limit} more samples" if len(ks) > limit else "")
+
+    def _check_token_ids(self, batch) -> None:
+        """Token ids must be < the model's vocabulary size (else the embedding fails, or worse)."""
+        if int(batch.input_ids.max()) < self.vocab_size and int(batch.labels.max()) < self.vocab_size:
+            return
+        for row, k in enumerate(batch.indices):
+            ids, labels = batch.input_ids[row], batch.labels[row]
+            bad = torch.nonzero((ids >= self.vocab_size) | (labels >= self.vocab_size))
+            if not len(bad):
+                continue
+            pos = int(bad[0])
+            token = int(max(ids[pos], labels[pos]))
+            src = self.train_set.sources(k)
+            cu = [int(c) for c in batch.cu_seqlens[row]]
+            frag = sum(1 for c in cu[1:] if c <= pos)  # the document (fragment) holding the position; a label is its own document's next token
+            where = f"{src[frag][0]}:{src[frag][1]}" if frag < len(src) else ", ".join(f"{f}:{line}" for f, line in src)
+            raise DataError(f"{where}: token id {token} >= the model's vocabulary size {self.vocab_size} "
+                            f"(sample {k}); fix the data or use the tokenizer it was made with")
 
     def _record(self, loss, lr, grad_norm, targets, window: "_Window", extra: dict) -> dict:
         ws = self.env.world_size
