@@ -251,16 +251,22 @@ class CheckpointManager:
         """Remove the partial folder; a one-line error naming it, the cause and what is still usable."""
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        nospace = getattr(e, "errno", None) in (28, 122) or "No space left" in str(e) or "file write failed" in str(e)
         try:
             free = shutil.disk_usage(self.root).free
         except OSError:
             free = None
-        cause = "no space left on device" if nospace or free == 0 else f"{type(e).__name__}: {e}"
         prev = find_latest(self.root, verify=False)
+        need = sum(p.stat().st_size for p in prev.rglob("*") if p.is_file()) if prev else 0
+        # torch.save reports a full disk as "file write failed" or "unexpected pos": also trust
+        # the free space left when it is less than one checkpoint.
+        nospace = getattr(e, "errno", None) in (28, 122) or any(
+            m in str(e) for m in ("No space left", "file write failed", "unexpected pos")) or free == 0 or (
+            free is not None and free < need)
+        cause = "no space left on device" if nospace else f"{type(e).__name__}: {e}"
         keep = f"the previous checkpoint {prev} is intact; free space, then resume with --resume auto" if prev else \
             "no earlier checkpoint exists"
-        room = f" ({free / 2**20:.1f} MiB free there)" if free is not None else ""
+        room = f" ({free / 2**20:.1f} MiB free there" + (f", a checkpoint takes {need / 2**20:.1f} MiB)" if need else ")") \
+            if free is not None else ""
         return CheckpointError(f"cannot write checkpoint {tmp}: {cause}{room}; {keep}")
 
     def prune(self) -> None:
