@@ -10,10 +10,11 @@ sampler) starts at each epoch and at resume, exactly at the next unconsumed samp
 
 from __future__ import annotations
 
+import re
 import signal
 
 from tokentrain.data.batch import collate
-from tokentrain.errors import DataError
+from tokentrain.errors import DataError, TokentrainError
 from tokentrain.metrics.flops import sum_sq_doc_lengths
 
 
@@ -67,7 +68,30 @@ class StepStream:
                 generator=torch.Generator().manual_seed(self.sampler.seed + self.sampler.epoch),
             )
             it = iter(loader)
-            for _ in range(remaining):
-                yield [next(it) for _ in range(self.acc)]
+            try:
+                for _ in range(remaining):
+                    yield [_next(it) for _ in range(self.acc)]
+            finally:
+                # Workers ignore SIGTERM (above), so the interpreter's exit could not end them:
+                # stop them here, also when training stops on an error or the stream is closed.
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
             del it, loader
             self.sampler.set_epoch(self.sampler.epoch + 1)
+
+
+_WORKER_ERROR = re.compile(r"^tokentrain\.errors\.\w+: (.*)$", re.M)
+
+
+def _next(it):
+    """next(it), with an error a DataLoader worker raised turned back into its own one line
+    (torch re-raises it with "Caught ... in DataLoader worker" and the worker's traceback)."""
+    try:
+        return next(it)
+    except TokentrainError as e:
+        text = str(e)
+        found = _WORKER_ERROR.findall(text) if text.startswith("Caught ") else None
+        if found:
+            raise type(e)(found[-1]) from None
+        raise

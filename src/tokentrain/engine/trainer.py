@@ -332,6 +332,8 @@ class Trainer:
             strategy.barrier()
             return EXIT_OK
         finally:
+            if "steps" in locals():
+                steps.close()  # stops DataLoader workers now, also when training stops on an error
             self.preemption.restore()
             self.metrics.close()
 
