@@ -64,11 +64,33 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def check_local_model(path: str) -> None:
+    """A model given as a local path must be a folder with a config.json, checked before any
+    heavy work (a hub id like 'org/name' is left to the Auto classes)."""
+    from tokentrain.errors import ConfigError
+
+    p = Path(path).expanduser()
+    local = path.startswith(("/", "./", "../", "~")) or p.exists()
+    if not local:
+        return
+    if not p.is_dir():
+        raise ConfigError(f"pretrained_model_name_or_path = {path!r}: model folder does not exist; cannot load the tokenizer or the model"
+                          if not p.exists()
+                          else f"pretrained_model_name_or_path = {path!r}: not a folder; give a Hugging Face model folder")
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"pretrained_model_name_or_path = {path!r}: no config.json in the folder; give a Hugging Face model folder")
+
+
 def cmd_train(args) -> int:
     from tokentrain.config.loader import load_config
     from tokentrain.distributed.spawn import spawn_torchrun, wants_spawn
 
     cfg = load_config(args.config, args.cfg_options, seed=args.seed)  # all config errors before anything heavy
+    check_local_model(cfg.pretrained_model_name_or_path)
+    if args.resume and args.resume != "auto":  # a wrong --resume PATH is a usage error: before anything is written
+        from tokentrain.checkpoint.manager import resolve_resume
+
+        resolve_resume(args.resume, Path(args.resume), verify=False)
     deepspeed = None
     if args.deepspeed:
         from tokentrain.distributed.deepspeed_config import load_deepspeed_config
