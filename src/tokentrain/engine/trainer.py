@@ -57,6 +57,10 @@ class Preemption:
         self._old = {}
 
     def install(self) -> None:
+        """Idempotent; installed from the start of setup, so a signal during model loading
+        also ends in a checkpoint (after the first step) rather than a kill."""
+        if self._old:
+            return
         for s in PREEMPT_SIGNALS:
             self._old[s] = signal.signal(s, self._handle)
 
@@ -66,6 +70,7 @@ class Preemption:
     def restore(self) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+        self._old = {}
 
     @property
     def requested(self) -> bool:
@@ -107,6 +112,14 @@ class Trainer:
 
     # ================================================================== setup
     def setup(self) -> None:
+        self.preemption.install()
+        try:
+            self._setup()
+        except BaseException:
+            self.preemption.restore()
+            raise
+
+    def _setup(self) -> None:
         cfg, env = self.cfg, self.env
         seed_everything(cfg.seed, env.rank)
         self._setup_data()
