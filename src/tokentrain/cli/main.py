@@ -71,9 +71,12 @@ def _run(argv: list[str]) -> int:
     setup_logging(args.debug)
     from tokentrain.distributed import spawn
 
-    if args.command == "train" and spawn.wants_spawn():
-        return spawn.spawn_torchrun(argv[argv.index("train") + 1 :])
     try:
+        if args.command == "train" and spawn.wants_spawn():
+            from tokentrain.cli.train_cmd import preflight
+
+            preflight(args)  # a config error: one line here, not one per rank plus torchrun's report
+            return spawn.spawn_torchrun(argv[argv.index("train") + 1 :])
         return int(args.func(args) or 0)
     except TokentrainError as e:
         if args.debug:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import sys
 from pathlib import Path
+
+from tokentrain.errors import TokentrainError
 
 
 def add_train_arguments(p) -> None:
@@ -81,13 +84,14 @@ def check_local_model(path: str) -> None:
         raise ConfigError(f"pretrained_model_name_or_path = {path!r}: no config.json in the folder; give a Hugging Face model folder")
 
 
-def cmd_train(args) -> int:
+def preflight(args):
+    """Every usage error of `train` (config, DeepSpeed config, model folder, --resume PATH), before
+    anything heavy or anything is written: (config, DeepSpeed config or None)."""
     from tokentrain.config.loader import load_config
-    from tokentrain.distributed.spawn import spawn_torchrun, wants_spawn
 
-    cfg = load_config(args.config, args.cfg_options, seed=args.seed)  # all config errors before anything heavy
+    cfg = load_config(args.config, args.cfg_options, seed=args.seed)
     check_local_model(cfg.pretrained_model_name_or_path)
-    if args.resume and args.resume != "auto":  # a wrong --resume PATH is a usage error: before anything is written
+    if args.resume and args.resume != "auto":
         from tokentrain.checkpoint.manager import resolve_resume
 
         resolve_resume(args.resume, Path(args.resume), verify=False)
@@ -96,6 +100,13 @@ def cmd_train(args) -> int:
         from tokentrain.distributed.deepspeed_config import load_deepspeed_config
 
         deepspeed = load_deepspeed_config(args.deepspeed)
+    return cfg, deepspeed
+
+
+def cmd_train(args) -> int:
+    from tokentrain.distributed.spawn import spawn_torchrun, wants_spawn
+
+    cfg, deepspeed = preflight(args)
     if args.launcher == "none" and wants_spawn():
         return spawn_torchrun(_train_argv())
     work_dir = Path(args.work_dir or cfg.work_dir or default_work_dir(args.config))
@@ -115,6 +126,13 @@ def cmd_train(args) -> int:
         from tokentrain.engine.trainer import run
 
         return run(cfg, env, work_dir, args.resume, deepspeed)
+    except TokentrainError:
+        # This rank ends on its own error (the others usually on the same one): a launcher's
+        # SIGTERM to the job (srun --kill-on-bad-exit, torchrun) must not replace its exit code.
+        if env.world_size > 1:
+            for s in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(s, signal.SIG_IGN)
+        raise
     finally:
         destroy_distributed()
 

@@ -60,23 +60,59 @@ def torchrun_command(train_args: list[str], environ=os.environ) -> list[str]:
 
 
 def spawn_torchrun(train_args: list[str]) -> int:
+    import logging
+
+    quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG and "--debug" not in train_args
     with tempfile.TemporaryDirectory(prefix="tokentrain-exit-") as codes:
         env = dict(os.environ, TOKENTRAIN_EXIT_DIR=codes)
-        proc = subprocess.Popen(torchrun_command(train_args), env=env)
+        proc = subprocess.Popen(torchrun_command(train_args), env=env, stderr=subprocess.PIPE if quiet else None)
         # Forward preemption signals; torchrun passes them on to the ranks.
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, lambda s, _f: proc.send_signal(s))
+        report = _pass_stderr(proc.stderr) if quiet else []
         rc = proc.wait()
-        return job_exit_code(rc, Path(codes))
+        code = job_exit_code(rc, Path(codes))
+        if report and rc != 0:
+            failed = sorted(_read_codes(Path(codes)).items())
+            print(f"tokentrain: torchrun: job failed (rank exit codes: {', '.join(f'{r}: {c}' for r, c in failed) or 'none recorded'})"
+                  f"; exit code {code}; run with --debug for torchrun's own report", file=sys.stderr)
+        return code
 
 
-def job_exit_code(torchrun_rc: int, codes_dir: Path) -> int:
+def _pass_stderr(stream) -> list[bytes]:
+    """Copy the job's stderr (the ranks' lines and torchrun's) through, holding back torchrun's
+    closing traceback (ChildFailedError: the ranks already said what failed, in one line each).
+    Returns the held-back lines."""
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    held: list[bytes] = []
+    for line in stream:
+        if held or line.startswith(b"Traceback (most recent call last):"):
+            held.append(line)
+            continue
+        if out is not None:
+            out.write(line)
+            out.flush()
+        else:
+            sys.stderr.write(line.decode(errors="replace"))
+    if held and not any(b"ChildFailedError" in x for x in held):  # not torchrun's report: show it
+        for line in held:
+            sys.stderr.write(line.decode(errors="replace"))
+        return []
+    return held
+
+
+def _read_codes(codes_dir: Path) -> dict[int, int]:
     codes = {}
     for f in codes_dir.glob("rank*.code"):
         try:
             codes[int(f.stem[4:])] = int(f.read_text())
         except ValueError:
             continue
+    return codes
+
+
+def job_exit_code(torchrun_rc: int, codes_dir: Path) -> int:
+    codes = _read_codes(codes_dir)
     if torchrun_rc == 0:
         return 0
     if codes.get(0):
