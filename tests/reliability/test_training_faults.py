@@ -136,9 +136,11 @@ def test_a_killed_rank_ends_a_deepspeed_job(tiny_model, tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "tokentrain.train", str(cfg), "--work-dir", str(work), "--launcher", "pytorch", "--deepspeed", "deepspeed_zero2"]
     proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ranks: list[int] = []
     try:
         wait_for(lambda: len(metrics(work)) >= 2, proc, timeout=180, poll=0.2)
-        ranks = [p for p in _rank_pids(proc.pid) if str(cfg) in Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")]
+        # Only this test's ranks (other jobs on the machine may run tokentrain too).
+        ranks = [p for p in _rank_pids(proc.pid) if str(cfg) in _cmdline(p)]
         assert len(ranks) == 2, ranks
         os.kill(ranks[1], signal.SIGKILL)
         t0 = time.time()
@@ -151,3 +153,13 @@ def test_a_killed_rank_ends_a_deepspeed_job(tiny_model, tiny_data, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        for p in ranks:  # torchrun starts its workers in their own sessions: never leave one behind
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
