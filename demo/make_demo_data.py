@@ -12,15 +12,9 @@ from pathlib import Path
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
     "Austria": "Vienna", "Poland": "Warsaw", "Greece": "Athens", "Sweden": "Stockholm", "Norway": "Oslo",
-    "Finland": "Helsinki", "Denmark": "Copenhagen", "Ireland": "Dublin", "Belgium": "Brussels",
-    "Netherlands": "Amsterdam", "Hungary": "Budapest", "Czechia": "Prague", "Romania": "Bucharest",
-    "Bulgaria": "Sofia", "Serbia": "Belgrade", "Croatia": "Zagreb", "Ukraine": "Kyiv", "Turkey": "Ankara",
-    "Egypt": "Cairo", "Kenya": "Nairobi", "Nigeria": "Abuja", "Ghana": "Accra", "Morocco": "Rabat",
-    "Ethiopia": "Addis Ababa", "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi",
-    "Thailand": "Bangkok", "Vietnam": "Hanoi", "Indonesia": "Jakarta", "Peru": "Lima", "Chile": "Santiago",
-    "Argentina": "Buenos Aires", "Colombia": "Bogota", "Mexico": "Mexico City", "Canada": "Ottawa",
-    "Cuba": "Havana", "Australia": "Canberra", "Iran": "Tehran", "Iraq": "Baghdad", "Nepal": "Kathmandu",
-    "Mongolia": "Ulaanbaatar", "Iceland": "Reykjavik",
+    "Ireland": "Dublin", "Hungary": "Budapest", "Egypt": "Cairo", "Kenya": "Nairobi", "Japan": "Tokyo",
+    "China": "Beijing", "India": "New Delhi", "Peru": "Lima", "Chile": "Santiago", "Canada": "Ottawa",
+    "Cuba": "Havana", "Australia": "Canberra", "Nepal": "Kathmandu", "Iceland": "Reykjavik",
 }
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SYSTEM = "You are a concise assistant."

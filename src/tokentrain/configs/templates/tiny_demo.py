@@ -22,8 +22,8 @@ batch_size = 4  # per device
 accumulative_counts = 1  # global batch = batch_size * accumulative_counts * ranks
 dataloader_num_workers = 1
 max_epochs = 1
-max_iters = 160  # optimizer steps; wins over max_epochs
-lr = 0.004
+max_iters = 300  # optimizer steps; wins over max_epochs
+lr = 0.003
 betas = (0.9, 0.95)
 weight_decay = 0.01
 max_norm = 1  # grad clip
@@ -31,11 +31,11 @@ warm_up_ratio = 0.05
 min_lr_ratio = 0.15  # cosine decays to lr * min_lr_ratio
 
 # Save
-save_steps = 80
+save_steps = 100
 save_total_limit = 2  # Maximum checkpoints to keep (-1 means unlimited)
 
 # Evaluate the generation performance during the training
-evaluation_freq = 80
+evaluation_freq = 100
 SYSTEM = 'You are a concise assistant.'
 evaluation_inputs = ['What is the capital of France?', 'What is 3 plus 4?']
 
