@@ -169,6 +169,7 @@ def test_a_killed_rank_ends_the_whole_job(job, tmp_path, launcher, request):
         cmd = ["srun", "-N1", "-n2", "--kill-on-bad-exit=1", tt, "train", *args, "--launcher", "slurm"]
         env = clean_env(TOKENTRAIN_CACHE=job["cache"], MASTER_PORT=str(_free_port()))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ranks: list[int] = []
     try:
         metrics = work / "metrics.jsonl"
         deadline = time.time() + 180
@@ -176,7 +177,7 @@ def test_a_killed_rank_ends_the_whole_job(job, tmp_path, launcher, request):
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.time() < deadline, "training never started"
             time.sleep(0.5)
-        ranks = _rank_pids(proc.pid)
+        ranks = _rank_pids(str(work))
         assert len(ranks) == 2, ranks
         os.kill(ranks[1], signal.SIGKILL)
         t0 = time.time()
@@ -188,21 +189,21 @@ def test_a_killed_rank_ends_the_whole_job(job, tmp_path, launcher, request):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        for p in ranks:  # torchrun starts its workers in their own sessions: never leave one behind
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
-
-
-def _rank_pids(root: int) -> list[int]:
-    """Training processes: those whose command line runs tokentrain's train module or CLI."""
+def _rank_pids(marker: str) -> list[int]:
+    """This job's training ranks: processes running tokentrain's trainer whose command line
+    holds `marker` (the job's work dir), not the launchers around them. Other tokentrain
+    jobs on the machine are never picked."""
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     pids = []
     for line in out.splitlines():
         pid, _, args = line.strip().partition(" ")
-        if ("tokentrain.train" in args or " train " in args) and "torch.distributed.run" not in args and "srun" not in args \
-                and int(pid) != root and "slurmstepd" not in args:
+        if marker in args and ("tokentrain.train" in args or " train " in args) and not any(
+                launcher in args for launcher in ("torch.distributed.run", "srun ", "slurmstepd")):
             pids.append(int(pid))
     return sorted(pids)
 

@@ -55,7 +55,7 @@ def pth_to_hf(model_path: str, ckpt_dir: Path, out: Path, trust_remote_code: boo
               max_shard_size: str = "5GB", dtype: str = "float32") -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from tokentrain.checkpoint.hf_export import DTYPES, export_hf
+    from tokentrain.checkpoint.hf_export import export_hf
 
     ckpt = find_checkpoint(Path(ckpt_dir))
     state = load_state_dict(ckpt)

@@ -13,10 +13,14 @@ attention mask is needed.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tokentrain.data.format import IGNORE_INDEX
+
+if TYPE_CHECKING:  # torch is imported lazily: the CLI starts without it
+    import torch
 
 PAD_ID = 0
 

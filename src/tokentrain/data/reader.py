@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from tokentrain.data import format as fmt
-from tokentrain.data.index import FILE, LINE, NBYTES, OFFSET, DocIndex
+from tokentrain.data.index import FILE, LINE, OFFSET, DocIndex
 from tokentrain.errors import DataError
 
 _STALE = "the file changed after it was indexed; rebuild its meta with `tokentrain data index --rebuild` and restart"
