@@ -198,7 +198,8 @@ def _rank_pids(marker: str) -> list[int]:
     """This job's training ranks: processes running tokentrain's trainer whose command line
     holds `marker` (the job's work dir), not the launchers around them. Other tokentrain
     jobs on the machine are never picked."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    # -ww: full command lines (ps cuts them to $COLUMNS, which pytest sets, and the marker is at the end)
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     pids = []
     for line in out.splitlines():
         pid, _, args = line.strip().partition(" ")
