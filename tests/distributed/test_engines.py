@@ -166,7 +166,7 @@ def test_a_killed_rank_ends_the_whole_job(job, tmp_path, launcher, request):
                "-m", "tokentrain.train", *args, "--launcher", "pytorch"]
         env = clean_env(TOKENTRAIN_CACHE=job["cache"])
     else:
-        cmd = ["srun", "-N1", "-n2", "--kill-on-bad-exit=1", tt, "train", *args, "--launcher", "slurm"]
+        cmd = ["srun", "-N1", "-n2", "--kill-on-bad-exit=1", f"--job-name={work.parent.name}", tt, "train", *args, "--launcher", "slurm"]
         env = clean_env(TOKENTRAIN_CACHE=job["cache"], MASTER_PORT=str(_free_port()))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     ranks: list[int] = []
@@ -192,6 +192,8 @@ def test_a_killed_rank_ends_the_whole_job(job, tmp_path, launcher, request):
         for p in ranks:  # torchrun starts its workers in their own sessions: never leave one behind
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+        if launcher == "srun":  # a killed srun leaves its job's steps running: cancel the job itself
+            subprocess.run(["scancel", f"--name={work.parent.name}"], capture_output=True)
 
 
 def _rank_pids(marker: str) -> list[int]:
