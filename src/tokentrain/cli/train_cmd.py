@@ -125,16 +125,24 @@ def cmd_train(args) -> int:
             logging.getLogger("tokentrain.train").info("work dir %s, %d rank(s) on %s", work_dir, env.world_size, env.device)
         from tokentrain.engine.trainer import run
 
-        return run(cfg, env, work_dir, args.resume, deepspeed)
+        code = run(cfg, env, work_dir, args.resume, deepspeed)
+        if code:  # preempted: the checkpoint is written, every rank is on its way out with 75
+            _keep_exit_code(env)
+        return code
     except TokentrainError:
-        # This rank ends on its own error (the others usually on the same one): a launcher's
-        # SIGTERM to the job (srun --kill-on-bad-exit, torchrun) must not replace its exit code.
-        if env.world_size > 1:
-            for s in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(s, signal.SIG_IGN)
+        _keep_exit_code(env)
         raise
     finally:
         destroy_distributed()
+
+
+def _keep_exit_code(env) -> None:
+    """This rank is ending with its own code (the others usually with the same one): a
+    launcher's SIGTERM to the job when the first rank exits (srun --kill-on-bad-exit,
+    torchrun) must not replace it with 143."""
+    if env.world_size > 1:
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, signal.SIG_IGN)
 
 
 def cmd_make_tiny_model(args) -> int:
