@@ -36,17 +36,4 @@ def tiny_data(tmp_path_factory):
     synth_dataset(out, files=2, documents=300, seed=1, mean_length=40, vocab_size=VOCAB)
     return out
 
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """The one-node Slurm of tests/distributed (the same script; started once per session)."""
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    if os.geteuid() != 0:
-        pytest.fail("the Slurm tests start slurmctld/slurmd and need root (as on CI)")
-    root = Path(__file__).resolve().parents[2]
-    subprocess.run(["bash", str(root / "scripts" / "slurm_localhost.sh"), "start"], check=True, timeout=300)
-    assert shutil.which("srun")
-    yield
+# slurm_cluster: the session fixture of tests/conftest.py (one Slurm for every suite).
