@@ -132,8 +132,20 @@ def _open_child(folder: str, cache: str, max_length: int) -> None:
     hwm = 0
     if os.path.exists("/proc/self/status"):  # the same peak, from the kernel's view of this image
         hwm = next((int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")), 0)
-    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak / 1024, "rss_rise_mib": (peak - base) / 1024,
-                      "vmhwm_mib": hwm / 1024, "documents": len(ds.index), "tokens": ds.index.num_tokens, "packs": len(ds)}))
+    print(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "peak_rss_mib": peak / 1024,
+                "rss_rise_mib": (peak - base) / 1024,
+                "vmhwm_mib": hwm / 1024,
+                "documents": len(ds.index),
+                "tokens": ds.index.num_tokens,
+                "packs": len(ds),
+            }
+        )
+    )
 
 
 # Linux keeps a process's ru_maxrss across exec: a child started from this (large) process
@@ -149,7 +161,9 @@ for line in sys.stdin:
 
 class Launcher:
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
 
     def run(self, cmd: list[str]) -> str:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -192,15 +206,20 @@ def pack_reads(folder: Path, cache: Path, max_length: int, packs: int, rounds: i
     for r in range(rounds):
         s = int(rng.integers(0, len(ds) - n + 1))
         orders = {"sequential": range(s, s + n), "random": rng.permutation(len(ds))[:n].tolist()}
-        for name in (("sequential", "random") if r % 2 == 0 else ("random", "sequential")):
+        for name in ("sequential", "random") if r % 2 == 0 else ("random", "sequential"):
             cpu, wall, tokens = _time(type(ds)(ds.index, max_length), orders[name])  # fresh reader: no cached document
             res[name].append((cpu, wall, tokens))
     out = {"packs_timed": n, "rounds": rounds}
     for name, runs in res.items():
         cpu, wall, tokens = sorted(runs, key=lambda x: x[2] / x[0])[len(runs) // 2]  # the median round
         best = max(t / c for c, _, t in runs)
-        out[name] = {"packs_per_s": n / wall, "packs_per_cpu_s": n / cpu, "tokens_per_cpu_s": tokens / cpu,
-                     "best_tokens_per_cpu_s": best, "us_per_pack_cpu": cpu / n * 1e6}
+        out[name] = {
+            "packs_per_s": n / wall,
+            "packs_per_cpu_s": n / cpu,
+            "tokens_per_cpu_s": tokens / cpu,
+            "best_tokens_per_cpu_s": best,
+            "us_per_pack_cpu": cpu / n * 1e6,
+        }
     return out
 
 
@@ -211,21 +230,32 @@ def load_revision(rev: str, workdir: Path):
     import re
 
     repo = Path(__file__).resolve().parent.parent
-    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", rev], check=True, capture_output=True, text=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", rev], check=True, capture_output=True, text=True
+    ).stdout.strip()
     tag = f"rev_{sha}"
     folder = workdir / "revisions"
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("format", "reader", "packing"):
-        text = subprocess.run(["git", "-C", str(repo), "show", f"{sha}:src/tokentrain/data/{name}.py"], check=True, capture_output=True, text=True).stdout
+        text = subprocess.run(
+            ["git", "-C", str(repo), "show", f"{sha}:src/tokentrain/data/{name}.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         text = re.sub(r"^from tokentrain\.data import format as fmt$", f"import {tag}_format as fmt", text, flags=re.M)
-        text = re.sub(r"^from tokentrain\.data\.reader import DocReader$", f"from {tag}_reader import DocReader", text, flags=re.M)
+        text = re.sub(
+            r"^from tokentrain\.data\.reader import DocReader$", f"from {tag}_reader import DocReader", text, flags=re.M
+        )
         (folder / f"{tag}_{name}.py").write_text(text)
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     return sha, importlib.import_module(f"{tag}_packing")
 
 
-def compare_revisions(folder: Path, cache: Path, max_length: int, revs: list[str], workdir: Path, packs: int, rounds: int, seed: int) -> dict:
+def compare_revisions(
+    folder: Path, cache: Path, max_length: int, revs: list[str], workdir: Path, packs: int, rounds: int, seed: int
+) -> dict:
     """Pack reads of this tree and of `revs`, the same packs, interleaved rounds: ratios."""
     from tokentrain.data import packing
     from tokentrain.data.dataset import DataSettings, build_dataset
@@ -241,51 +271,92 @@ def compare_revisions(folder: Path, cache: Path, max_length: int, revs: list[str
     for r in range(rounds):
         s = int(rng.integers(0, index.num_tokens // max_length - n + 1))
         orders = {"sequential": range(s, s + n), "random": rng.permutation(index.num_tokens // max_length)[:n].tolist()}
-        for k in (list(impls) if r % 2 == 0 else list(impls)[::-1]):
+        for k in list(impls) if r % 2 == 0 else list(impls)[::-1]:
             for o, ks in orders.items():
                 cpu, _, tokens = _time(impls[k].PackedDataset(index, max_length), ks)
                 rates[(k, o)].append(tokens / cpu)
     med = {key: statistics.median(v) for key, v in rates.items()}
-    return {k: {o: {"tokens_per_cpu_s": med[(k, o)], "this_tree_speedup": med[("this tree", o)] / med[(k, o)]} for o in ("sequential", "random")}
-            for k in impls}
+    return {
+        k: {
+            o: {"tokens_per_cpu_s": med[(k, o)], "this_tree_speedup": med[("this tree", o)] / med[(k, o)]}
+            for o in ("sequential", "random")
+        }
+        for k in impls
+    }
 
 
 def flatness(folders: dict[str, Path], cache: Path, max_length: int, packs: int, rounds: int, seed: int) -> dict:
     from tokentrain.data.dataset import DataSettings, build_dataset
 
-    sets = {k: build_dataset(DataSettings(folder=str(f), max_length=max_length, cache_dir=str(cache))) for k, f in folders.items()}
+    sets = {
+        k: build_dataset(DataSettings(folder=str(f), max_length=max_length, cache_dir=str(cache)))
+        for k, f in folders.items()
+    }
     rng = np.random.default_rng(seed)
     times: dict[str, list[float]] = {k: [] for k in sets}
     for r in range(rounds):
-        for k in (list(sets) if r % 2 == 0 else list(sets)[::-1]):
+        for k in list(sets) if r % 2 == 0 else list(sets)[::-1]:
             ds = sets[k]
             ks = rng.permutation(len(ds))[: min(packs, len(ds))].tolist()
             cpu, _, _ = _time(type(ds)(ds.index, max_length), ks)
             times[k].append(cpu / len(ks) * 1e6)
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = next(iter(med.values()))
-    return {k: {"documents_per_file": int(k), "files": len(sets[k].index.files), "packs": len(sets[k]), "us_per_pack_cpu": med[k],
-                "ratio": med[k] / ref} for k in sets}
+    return {
+        k: {
+            "documents_per_file": int(k),
+            "files": len(sets[k].index.files),
+            "packs": len(sets[k]),
+            "us_per_pack_cpu": med[k],
+            "ratio": med[k] / ref,
+        }
+        for k in sets
+    }
 
 
 # --------------------------------------------------------------------------- main
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "tokentrain-bench"), help="generated data and caches (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--workdir",
+        default=str(Path(tempfile.gettempdir()) / "tokentrain-bench"),
+        help="generated data and caches (default: %(default)s)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes everywhere: a smoke run")
     p.add_argument("--files", type=int, help="synth files (default 16; quick 4)")
     p.add_argument("--documents", type=int, help="synth documents in all (default 400000; quick 20000)")
-    p.add_argument("--mean-length", type=float, default=562.0, help="synth mean document length (default 562: ~225M tokens for 400k)")
+    p.add_argument(
+        "--mean-length",
+        type=float,
+        default=562.0,
+        help="synth mean document length (default 562: ~225M tokens for 400k)",
+    )
     p.add_argument("--max-length", type=int, default=8192)
     p.add_argument("--packs", type=int, help="packs timed per order and round (default 3000; quick 400)")
     p.add_argument("--rounds", type=int, help="rounds of timing (default 5; quick 3)")
-    p.add_argument("--flat-sizes", help="documents per file for the per-pack cost test (default 5000,25000,1000000; quick 5000,25000,100000)")
-    p.add_argument("--flat-mean-length", type=float, default=64.0, help="document length there (default 64: 1M documents in ~0.4 GB)")
-    p.add_argument("--open-documents", type=int, help="documents of the big-index open (default 10000000; quick 300000)")
+    p.add_argument(
+        "--flat-sizes",
+        help="documents per file for the per-pack cost test (default 5000,25000,1000000; quick 5000,25000,100000)",
+    )
+    p.add_argument(
+        "--flat-mean-length",
+        type=float,
+        default=64.0,
+        help="document length there (default 64: 1M documents in ~0.4 GB)",
+    )
+    p.add_argument(
+        "--open-documents", type=int, help="documents of the big-index open (default 10000000; quick 300000)"
+    )
     p.add_argument("--skip", default="", help="comma list of parts to skip: open,packs,flat,bigopen")
-    p.add_argument("--baseline", metavar="REV[,REV]", help="also time pack reads with format/reader/packing of these git revisions: speed-up ratios")
+    p.add_argument(
+        "--baseline",
+        metavar="REV[,REV]",
+        help="also time pack reads with format/reader/packing of these git revisions: speed-up ratios",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     p.add_argument("--_open-child", nargs=3, help=argparse.SUPPRESS)
@@ -306,15 +377,26 @@ def main() -> None:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     caches = work / "cache"
-    command = " ".join(shlex.quote(x) for x in [os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable, *sys.argv])
+    command = " ".join(
+        shlex.quote(x)
+        for x in [
+            os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable,
+            *sys.argv,
+        ]
+    )
     res: dict = {"command": command, "cpus": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0]}
     t_start = time.perf_counter()
 
     print(f"data pipeline benchmark ({'quick' if q else 'full'}); data under {work}", flush=True)
     main_set = synth(work, files, documents, a.mean_length, a.seed)
     warm_page_cache(main_set)
-    res["dataset"] = {"files": files, "documents": documents, "mean_length": a.mean_length, "max_length": a.max_length,
-                      "bytes": sum(f.stat().st_size for f in main_set.glob("*.bin"))}
+    res["dataset"] = {
+        "files": files,
+        "documents": documents,
+        "mean_length": a.mean_length,
+        "max_length": a.max_length,
+        "bytes": sum(f.stat().st_size for f in main_set.glob("*.bin")),
+    }
 
     if "open" not in skip:
         cache = caches / "main"
@@ -326,7 +408,9 @@ def main() -> None:
         res["packs"] = pack_reads(main_set, caches / "main", a.max_length, packs, rounds, a.seed)
         print("  pack reads done", flush=True)
     if a.baseline:
-        res["baseline"] = compare_revisions(main_set, caches / "main", a.max_length, a.baseline.split(","), work, packs, rounds, a.seed)
+        res["baseline"] = compare_revisions(
+            main_set, caches / "main", a.max_length, a.baseline.split(","), work, packs, rounds, a.seed
+        )
         print("  baseline comparison done", flush=True)
     if "flat" not in skip:
         folders, total = {}, max(flat_sizes)  # the same documents, split into files of n
@@ -352,16 +436,22 @@ def report(r: dict) -> None:
     d = r["dataset"]
     print()
     print(f"command: {r['command']}")
-    print(f"machine: {r['cpus']} CPUs, load average {r['load_avg_at_start']:.1f} at start; run took {r['elapsed_s']:.0f}s")
+    print(
+        f"machine: {r['cpus']} CPUs, load average {r['load_avg_at_start']:.1f} at start; run took {r['elapsed_s']:.0f}s"
+    )
     toks = f", {d['tokens'] / 1e6:.0f}M tokens, {d['packs']} packs" if "tokens" in d else ""
-    print(f"dataset: {d['files']} files, {d['documents']} documents{toks}, {d['bytes'] / 2**30:.2f} GiB; max_length {d['max_length']}")
+    print(
+        f"dataset: {d['files']} files, {d['documents']} documents{toks}, {d['bytes'] / 2**30:.2f} GiB; max_length {d['max_length']}"
+    )
     print()
     print("| measure | figure | target |")
     print("|---|---|---|")
 
     def opened(name, o, target=""):
-        print(f"| {name} | {o['wall_s']:.2f} s wall, {o['cpu_s']:.2f} s CPU; peak RSS {o['peak_rss_mib']:.0f} MiB "
-              f"(+{o['rss_rise_mib']:.0f} MiB over imports); {o['documents']:,} documents | {target} |")
+        print(
+            f"| {name} | {o['wall_s']:.2f} s wall, {o['cpu_s']:.2f} s CPU; peak RSS {o['peak_rss_mib']:.0f} MiB "
+            f"(+{o['rss_rise_mib']:.0f} MiB over imports); {o['documents']:,} documents | {target} |"
+        )
 
     if "open_first" in r:
         opened("open, first (build table + cache)", r["open_first"])
@@ -371,14 +461,21 @@ def report(r: dict) -> None:
         for name in ("sequential", "random"):
             x = pk[name]
             ok = "met" if x["tokens_per_cpu_s"] >= 30e6 else "MISSED"
-            print(f"| {name} pack reads | {x['tokens_per_cpu_s'] / 1e6:.1f} M tokens/CPU-s (best round {x['best_tokens_per_cpu_s'] / 1e6:.1f}); "
-                  f"{x['packs_per_s']:.0f} packs/s wall, {x['us_per_pack_cpu']:.0f} us CPU/pack | >= 30 M tokens/CPU-s: {ok} |")
+            print(
+                f"| {name} pack reads | {x['tokens_per_cpu_s'] / 1e6:.1f} M tokens/CPU-s (best round {x['best_tokens_per_cpu_s'] / 1e6:.1f}); "
+                f"{x['packs_per_s']:.0f} packs/s wall, {x['us_per_pack_cpu']:.0f} us CPU/pack | >= 30 M tokens/CPU-s: {ok} |"
+            )
     if "flat" in r:
         for k, x in r["flat"].items():
-            print(f"| per-pack cost, {int(k):,} docs/file ({x['files']} files, {x['packs']} packs) | {x['us_per_pack_cpu']:.0f} us CPU/pack, "
-                  f"x{x['ratio']:.2f} of the first | flat |")
+            print(
+                f"| per-pack cost, {int(k):,} docs/file ({x['files']} files, {x['packs']} packs) | {x['us_per_pack_cpu']:.0f} us CPU/pack, "
+                f"x{x['ratio']:.2f} of the first | flat |"
+            )
     if "bigopen_first" in r:
-        for key, name in (("bigopen_first", "first (build table + cache)"), ("bigopen_cached", "cached (memory-mapped)")):
+        for key, name in (
+            ("bigopen_first", "first (build table + cache)"),
+            ("bigopen_cached", "cached (memory-mapped)"),
+        ):
             o = r[key]
             ok = "met" if o["wall_s"] <= 2 and o["peak_rss_mib"] <= 1024 else "MISSED"
             opened(f"{o['documents'] / 1e6:g}M-document open, {name}", o, f"<= 2 s, <= 1 GiB: {ok}")
@@ -387,8 +484,11 @@ def report(r: dict) -> None:
         print("| pack reads, same packs, interleaved rounds | sequential | random |")
         print("|---|---|---|")
         for k, x in r["baseline"].items():
-            cells = [f"{x[o]['tokens_per_cpu_s'] / 1e6:.1f} M tokens/CPU-s" + ("" if k == "this tree" else f" (this tree x{x[o]['this_tree_speedup']:.2f})")
-                     for o in ("sequential", "random")]
+            cells = [
+                f"{x[o]['tokens_per_cpu_s'] / 1e6:.1f} M tokens/CPU-s"
+                + ("" if k == "this tree" else f" (this tree x{x[o]['this_tree_speedup']:.2f})")
+                for o in ("sequential", "random")
+            ]
             print(f"| {k} | {cells[0]} | {cells[1]} |")
     print()
     print("pack reads: median of rounds alternating the orders, page cache warm, a fresh reader per round;")

@@ -58,9 +58,17 @@ def build_tokenizer(corpus: Path, out: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(sample(), trainers.BpeTrainer(vocab_size=32000, special_tokens=["<pad>", "<s>", "</s>"],
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(out)
+    tok.train_from_iterator(
+        sample(),
+        trainers.BpeTrainer(
+            vocab_size=32000,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        out
+    )
 
 
 def main() -> None:
@@ -84,7 +92,9 @@ def main() -> None:
     for workers in sorted({1, args.workers}):
         out = work / f"out-w{workers}"
         t0 = time.perf_counter()
-        s = tokenize_files([corpus], TokenizeOptions(str(tok_dir), str(out), fmt="jsonl", workers=workers, progress=False))
+        s = tokenize_files(
+            [corpus], TokenizeOptions(str(tok_dir), str(out), fmt="jsonl", workers=workers, progress=False)
+        )
         wall = time.perf_counter() - t0
         rows.append((workers, s.documents, s.tokens, wall, s.tokens / wall, mb / wall))
     print(f"command: {sys.executable} bench/tokenize_throughput.py --mb {args.mb} --workers {args.workers}")

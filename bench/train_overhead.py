@@ -63,11 +63,25 @@ def tokentrain_run(model_dir: Path, data: Path, work: Path, max_length: int, ste
     from tokentrain.distributed.env import DistEnv
     from tokentrain.engine.trainer import Trainer
 
-    cfg = build_config(dict(
-        pretrained_model_name_or_path=str(model_dir), dataset_folder=str(data), max_length=max_length,
-        batch_size=1, accumulative_counts=1, dataloader_num_workers=1, max_iters=steps, lr=1e-4,
-        save_steps=10**6, evaluation_inputs=[], log_interval=1, tensorboard=False, dtype=dtype, seed=0,
-    ), "<bench>")
+    cfg = build_config(
+        dict(
+            pretrained_model_name_or_path=str(model_dir),
+            dataset_folder=str(data),
+            max_length=max_length,
+            batch_size=1,
+            accumulative_counts=1,
+            dataloader_num_workers=1,
+            max_iters=steps,
+            lr=1e-4,
+            save_steps=10**6,
+            evaluation_inputs=[],
+            log_interval=1,
+            tensorboard=False,
+            dtype=dtype,
+            seed=0,
+        ),
+        "<bench>",
+    )
     t = Trainer(cfg.replace(work_dir=str(work)), DistEnv(0, 1, 0, 1, torch.device("cpu"), "gloo"), work)
     t.setup()
     t.fit()
@@ -88,7 +102,12 @@ def bare_run(model_dir: Path, batches: list, steps: int, dtype: str) -> list[flo
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
         n = (labels != -100).sum()
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100, reduction="sum") / n
+        loss = (
+            F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100, reduction="sum"
+            )
+            / n
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -122,16 +141,36 @@ def time_to_first_step(tmp: Path) -> float:
     data = tmp / "demo_data"
     synth_dataset(data, files=2, documents=400, seed=0, mean_length=200, vocab_size=768)
     cfg = tmp / "tiny_demo_copy.py"
-    subprocess.run([sys.executable, "-m", "tokentrain", "copy-cfg", "tiny_demo", str(tmp)], check=True, capture_output=True)
-    text = cfg.read_text().replace("'demo/tiny-llama'", repr(str(ROOT / "demo" / "tiny-llama"))).replace("'demo_out/data'", repr(str(data)))
+    subprocess.run(
+        [sys.executable, "-m", "tokentrain", "copy-cfg", "tiny_demo", str(tmp)], check=True, capture_output=True
+    )
+    text = (
+        cfg.read_text()
+        .replace("'demo/tiny-llama'", repr(str(ROOT / "demo" / "tiny-llama")))
+        .replace("'demo_out/data'", repr(str(data)))
+    )
     cfg.write_text(text)
     work = tmp / "demo_work"
     env = dict(os.environ, TOKENTRAIN_CACHE=str(tmp / "cache"))
     # build the index once, as a second run of the same data would find it
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "tokentrain", "train", str(cfg), "--work-dir", str(work),
-                             "--cfg-options", "log_interval=1", "max_iters=3"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tokentrain",
+            "train",
+            str(cfg),
+            "--work-dir",
+            str(work),
+            "--cfg-options",
+            "log_interval=1",
+            "max_iters=3",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = work / "metrics.jsonl"
     while proc.poll() is None and not (metrics.is_file() and metrics.read_text().strip()):
         time.sleep(0.01)
@@ -161,8 +200,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         os.environ["TOKENTRAIN_CACHE"] = str(tmp / "cache")
-        print(f"# torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-              f"{platform.processor() or platform.machine()}, load avg {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"# torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
+            f"{platform.processor() or platform.machine()}, load avg {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
         ttfs = time_to_first_step(tmp)
         print(f"time from `tokentrain train` (tiny_demo) to first finished step: {ttfs:.2f} s", flush=True)
         for size in args.sizes.split(","):
@@ -177,23 +219,45 @@ def main() -> None:
                 tt, bare = [], []
                 for r in range(args.rounds):  # A B B A ...: drift and noise hit both alike
                     runs = [
-                        lambda: tt.extend(tokentrain_run(model_dir, data, tmp / f"w-{size}-{dt}-{r}", args.max_length, args.steps + 1, dt_names[dt])),
+                        lambda: tt.extend(
+                            tokentrain_run(
+                                model_dir,
+                                data,
+                                tmp / f"w-{size}-{dt}-{r}",
+                                args.max_length,
+                                args.steps + 1,
+                                dt_names[dt],
+                            )
+                        ),
                         lambda: bare.extend(bare_run(model_dir, batches, args.steps + 1, dt_names[dt])),
                     ]
-                    for run in (runs if r % 2 == 0 else runs[::-1]):
+                    for run in runs if r % 2 == 0 else runs[::-1]:
                         run()
                 # Other processes on a shared machine only ever add time: the fastest steps are the
                 # best estimate of each loop's own cost; the medians are reported beside them.
                 best_tt, best_bare = args.max_length / min(tt), args.max_length / min(bare)
                 med_tt, med_bare = args.max_length / statistics.median(tt), args.max_length / statistics.median(bare)
-                row = dict(size=size, params=n_params, dtype=dt, max_length=args.max_length, steps_each=len(tt),
-                           tokentrain_tok_s=round(best_tt, 1), bare_tok_s=round(best_bare, 1), ratio=round(best_tt / best_bare, 3),
-                           median_tokentrain_tok_s=round(med_tt, 1), median_bare_tok_s=round(med_bare, 1),
-                           median_ratio=round(med_tt / med_bare, 3), load_avg=round(os.getloadavg()[0], 2))
+                row = dict(
+                    size=size,
+                    params=n_params,
+                    dtype=dt,
+                    max_length=args.max_length,
+                    steps_each=len(tt),
+                    tokentrain_tok_s=round(best_tt, 1),
+                    bare_tok_s=round(best_bare, 1),
+                    ratio=round(best_tt / best_bare, 3),
+                    median_tokentrain_tok_s=round(med_tt, 1),
+                    median_bare_tok_s=round(med_bare, 1),
+                    median_ratio=round(med_tt / med_bare, 3),
+                    load_avg=round(os.getloadavg()[0], 2),
+                )
                 results.append(row)
-                print(f"{size} ({n_params / 1e6:.1f}M params) {dt} L={args.max_length}: best step tokentrain {best_tt:.0f} tok/s, "
-                      f"bare {best_bare:.0f} tok/s, ratio {best_tt / best_bare:.3f} | median {med_tt:.0f} vs {med_bare:.0f}, "
-                      f"ratio {med_tt / med_bare:.3f} | load avg {os.getloadavg()[0]:.2f}", flush=True)
+                print(
+                    f"{size} ({n_params / 1e6:.1f}M params) {dt} L={args.max_length}: best step tokentrain {best_tt:.0f} tok/s, "
+                    f"bare {best_bare:.0f} tok/s, ratio {best_tt / best_bare:.3f} | median {med_tt:.0f} vs {med_bare:.0f}, "
+                    f"ratio {med_tt / med_bare:.3f} | load avg {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
     if args.json:
         Path(args.json).write_text(json.dumps({"time_to_first_step_s": ttfs, "results": results}, indent=2))
 

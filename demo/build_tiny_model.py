@@ -35,10 +35,15 @@ def main(out: Path = HERE / "tiny-llama") -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=768, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=768, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus(), trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
         additional_special_tokens=["</s>", "<|im_start|>"],
     )
     fast.chat_template = CHATML
@@ -50,9 +55,17 @@ def main(out: Path = HERE / "tiny-llama") -> None:
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-        bos_token_id=1, eos_token_id=4, pad_token_id=0, tie_word_embeddings=True,
+        vocab_size=len(fast),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=4,
+        pad_token_id=0,
+        tie_word_embeddings=True,
     )
     config.save_pretrained(out)
     print(f"wrote {out}: vocab {len(fast)}")

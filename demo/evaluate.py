@@ -34,9 +34,14 @@ def answer(tok, model, question: str, max_new_tokens: int = 16) -> str:
     prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def main() -> None:

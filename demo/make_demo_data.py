@@ -10,11 +10,30 @@ import random
 from pathlib import Path
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Austria": "Vienna", "Poland": "Warsaw", "Greece": "Athens", "Sweden": "Stockholm", "Norway": "Oslo",
-    "Ireland": "Dublin", "Hungary": "Budapest", "Egypt": "Cairo", "Kenya": "Nairobi", "Japan": "Tokyo",
-    "China": "Beijing", "India": "New Delhi", "Peru": "Lima", "Chile": "Santiago", "Canada": "Ottawa",
-    "Cuba": "Havana", "Australia": "Canberra", "Nepal": "Kathmandu", "Iceland": "Reykjavik",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Austria": "Vienna",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Sweden": "Stockholm",
+    "Norway": "Oslo",
+    "Ireland": "Dublin",
+    "Hungary": "Budapest",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Canada": "Ottawa",
+    "Cuba": "Havana",
+    "Australia": "Canberra",
+    "Nepal": "Kathmandu",
+    "Iceland": "Reykjavik",
 }
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SYSTEM = "You are a concise assistant."
@@ -38,11 +57,18 @@ def main(out: Path) -> None:
     random.Random(0).shuffle(rows)
     with open(out / "chat.jsonl", "w") as f:
         for q, a, _ in rows:
-            msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            msgs = [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ]
             f.write(json.dumps({"messages": msgs}) + "\n")
     # Evaluation: one question per fact, with the word that a right answer must contain.
     evals = [(CAPITAL_Q[0].format(c=c), cap) for c, cap in CAPITALS.items()]
-    evals += [(SUM_Q[0].format(a=a, b=b), str(a + b)) for a, b in random.Random(1).sample([(a, b) for a in range(10) for b in range(10)], 40)]
+    evals += [
+        (SUM_Q[0].format(a=a, b=b), str(a + b))
+        for a, b in random.Random(1).sample([(a, b) for a in range(10) for b in range(10)], 40)
+    ]
     with open(out / "eval.jsonl", "w") as f:
         for q, want in evals:
             f.write(json.dumps({"question": q, "answer": want}) + "\n")

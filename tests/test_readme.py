@@ -42,14 +42,27 @@ def test_every_readme_command_runs(tmp_path, slurm_cluster):
         script.append(c)
         if c.startswith("tokentrain copy-cfg internlm_7b_full_intern_repo_dataset_template"):
             # README Step 2: the user edits the two paths of PART 1.
-            script.append(f"sed -i \"s#^pretrained_model_name_or_path = .*#pretrained_model_name_or_path = '$MODEL'#; "
-                          f"s#^dataset_folder = .*#dataset_folder = '$DATA'#\" {COPY}")
+            script.append(
+                f"sed -i \"s#^pretrained_model_name_or_path = .*#pretrained_model_name_or_path = '$MODEL'#; "
+                f"s#^dataset_folder = .*#dataset_folder = '$DATA'#\" {COPY}"
+            )
     (tmp_path / "demo").symlink_to(ROOT / "demo")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "NPROC"))}
-    env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", SRUN_ARGS="-N1 -n2 --kill-on-bad-exit=1",
-               TOKENTRAIN_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               MASTER_PORT="29531")
-    r = subprocess.run(["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "NPROC"))
+    }
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+        SRUN_ARGS="-N1 -n2 --kill-on-bad-exit=1",
+        TOKENTRAIN_CACHE=str(tmp_path / "cache"),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        MASTER_PORT="29531",
+    )
+    r = subprocess.run(
+        ["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500
+    )
     assert r.returncode == 0, r.stderr[-6000:]
     for run in ("exp", "slurm", "torchrun", "launch", "nproc"):
         assert (tmp_path / "work_dirs" / run / "hf" / "config.json").is_file(), run

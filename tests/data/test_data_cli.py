@@ -80,7 +80,10 @@ def test_show_packed_no_shuffle_matches_reference(tmp_path, capsys):
         assert {key: got[key] for key in packs[k]} == packs[k]
         assert got["index"] == k and got["num_samples"] == 2
     got = _show(capsys, tmp_path, "--max-length", 4, "--index", 1, "--no-shuffle")
-    assert got["sources"] == [{"file": str(tmp_path / "a.bin"), "line": 2}, {"file": str(tmp_path / "a.bin"), "line": 3}]
+    assert got["sources"] == [
+        {"file": str(tmp_path / "a.bin"), "line": 2},
+        {"file": str(tmp_path / "a.bin"), "line": 3},
+    ]
 
 
 def test_show_seed_and_shuffle_match_the_dataset(tmp_path, capsys):
@@ -99,11 +102,24 @@ def test_show_unpacked_min_length_and_data_order(tmp_path, capsys):
     write_bin(tmp_path / "a.bin", [[1, 2, 3, 4, 5, 6], [7], [-8, 9, 10]])
     write_bin(tmp_path / "b.bin", [[11, 12]])
     got = _show(capsys, tmp_path, "--max-length", 4, "--index", 0, "--no-shuffle", "--unpacked")
-    assert {k: got[k] for k in ("input_ids", "labels", "position_ids", "cu_seqlens")} == ref_unpacked([1, 2, 3, 4, 5, 6], 4)
+    assert {k: got[k] for k in ("input_ids", "labels", "position_ids", "cu_seqlens")} == ref_unpacked(
+        [1, 2, 3, 4, 5, 6], 4
+    )
     got = _show(capsys, tmp_path, "--max-length", 4, "--index", 1, "--no-shuffle", "--unpacked", "--min-length", 2)
     assert got["input_ids"] == [8, 9, 10] and got["num_samples"] == 3
     (tmp_path / "order.txt").write_text("b.bin\na.bin\n")
-    got = _show(capsys, tmp_path, "--max-length", 4, "--index", 0, "--no-shuffle", "--unpacked", "--data-order", tmp_path / "order.txt")
+    got = _show(
+        capsys,
+        tmp_path,
+        "--max-length",
+        4,
+        "--index",
+        0,
+        "--no-shuffle",
+        "--unpacked",
+        "--data-order",
+        tmp_path / "order.txt",
+    )
     assert got["input_ids"] == [11, 12]
 
 
@@ -231,7 +247,17 @@ def test_order_then_show_with_it(tmp_path, capsys):
     assert (tmp_path / "out" / "data_order.txt").read_text() == "a.bin\nz.bin\nb/y.bin\n"
     run(capsys, "data", "order", "--data-folder", data, "--save-folder", tmp_path / "out2", "--file-type", ".txt")
     assert (tmp_path / "out2" / "data_order.txt").read_text() == "skip.txt\n"
-    got = _show(capsys, data, "--max-length", 2, "--index", 2, "--no-shuffle", "--data-order", tmp_path / "out" / "data_order.txt")
+    got = _show(
+        capsys,
+        data,
+        "--max-length",
+        2,
+        "--index",
+        2,
+        "--no-shuffle",
+        "--data-order",
+        tmp_path / "out" / "data_order.txt",
+    )
     assert got["input_ids"] == [3, 4]
 
 
@@ -241,11 +267,31 @@ def _tree_bytes(root: Path) -> dict:
 
 def test_synth_is_deterministic_and_valid(tmp_path, capsys):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        code, out, _ = run(capsys, "data", "synth", tmp_path / name, "--files", 3, "--documents", 50, "--seed", seed, "--mean-length", 40)
+        code, out, _ = run(
+            capsys,
+            "data",
+            "synth",
+            tmp_path / name,
+            "--files",
+            3,
+            "--documents",
+            50,
+            "--seed",
+            seed,
+            "--mean-length",
+            40,
+        )
         assert code == 0 and "wrote 3 file(s) with 50 documents" in out
     a, b, c = (_tree_bytes(tmp_path / n) for n in "abc")
     assert a == b and a != c
-    assert sorted(a) == ["part-000.bin", "part-000.bin.meta", "part-001.bin", "part-001.bin.meta", "part-002.bin", "part-002.bin.meta"]
+    assert sorted(a) == [
+        "part-000.bin",
+        "part-000.bin.meta",
+        "part-001.bin",
+        "part-001.bin.meta",
+        "part-002.bin",
+        "part-002.bin.meta",
+    ]
     assert run(capsys, "data", "check", tmp_path / "a")[0] == 0
     st = json.loads(run(capsys, "data", "stats", tmp_path / "a", "--json")[1])
     assert st["files"] == 3 and st["documents"] == 50 and st["length_percentiles"]["p0"] >= 2
@@ -268,8 +314,14 @@ def _bad(root: Path, case: str) -> tuple[Path, list[str], str]:
         (root / "order.txt").write_text("a.bin\ngone.bin\n")
         return root, ["--data-order", str(root / "order.txt")], r"order.txt:2: listed file 'gone.bin' does not exist"
     if case in ("malformed_json", "missing_tokens", "float", "string", "nested", "bool"):
-        bad = {"malformed_json": b'{"tokens": [4, 5}', "missing_tokens": b'{"ids": [4, 5]}', "float": b'{"tokens": [4, 5.0]}',
-               "string": b'{"tokens": ["4", 5]}', "nested": b'{"tokens": [[4], 5]}', "bool": b'{"tokens": [4, false]}'}[case]
+        bad = {
+            "malformed_json": b'{"tokens": [4, 5}',
+            "missing_tokens": b'{"ids": [4, 5]}',
+            "float": b'{"tokens": [4, 5.0]}',
+            "string": b'{"tokens": ["4", 5]}',
+            "nested": b'{"tokens": [[4], 5]}',
+            "bool": b'{"tokens": [4, false]}',
+        }[case]
         write_bin(a, None, raw_lines=[line_bytes(good[0], b""), bad, line_bytes(good[2], b"")], meta=False)
         return root, [], rf"a.bin: line 2 \(byte {len(line_bytes(good[0]))}\): "
     write_bin(a, good)
@@ -303,23 +355,48 @@ def _bad(root: Path, case: str) -> tuple[Path, list[str], str]:
         return root, [], r"a.bin.meta: .*does not match the meta"
     if case == "rewritten_same_size":  # the meta still fits the file's ends: caught line by line
         a.write_bytes(line_bytes([1, 2, 3, 4]) + line_bytes([5]) + line_bytes([6, 7, 8, 9]))
-        return root, ["--no-shuffle"], r"a.bin: line 1 \(byte 0\)(:)? (runs on past|the line runs on past) where the meta says it ends"
+        return (
+            root,
+            ["--no-shuffle"],
+            r"a.bin: line 1 \(byte 0\)(:)? (runs on past|the line runs on past) where the meta says it ends",
+        )
     if case == "rewritten":
         a.write_bytes(line_bytes([1, 2, 3, 4, 5]) + line_bytes([6]) + line_bytes([7, 8, 9]))
         return root, [], r"a.bin.meta: line 3 \(byte \d+\) of .*a.bin does not start a line"
     raise AssertionError(case)
 
 
-BAD = ["missing_folder", "no_files", "order_missing_entry", "malformed_json", "missing_tokens", "float", "string", "nested",
-       "bool", "meta_not_npy", "meta_1d", "meta_one_column", "meta_decreasing", "meta_negative", "meta_int32_wrapped",
-       "appended", "truncated", "rewritten", "rewritten_same_size"]
+BAD = [
+    "missing_folder",
+    "no_files",
+    "order_missing_entry",
+    "malformed_json",
+    "missing_tokens",
+    "float",
+    "string",
+    "nested",
+    "bool",
+    "meta_not_npy",
+    "meta_1d",
+    "meta_one_column",
+    "meta_decreasing",
+    "meta_negative",
+    "meta_int32_wrapped",
+    "appended",
+    "truncated",
+    "rewritten",
+    "rewritten_same_size",
+]
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_one_line_exit_3(tmp_path, capsys, case):
     folder, extra, pattern = _bad(tmp_path, case)
     stats_extra = [a for a in extra if a != "--no-shuffle"]
-    for argv in (["data", "show", folder, "--max-length", 3, "--json", *extra], ["data", "stats", folder, *stats_extra]):
+    for argv in (
+        ["data", "show", folder, "--max-length", 3, "--json", *extra],
+        ["data", "stats", folder, *stats_extra],
+    ):
         code, out, err = run(capsys, *argv)
         assert code == 3, (argv, err)
         lines = err.strip().splitlines()
@@ -358,21 +435,52 @@ def _env(cache):
 def test_real_subprocess_stats_and_error(tmp_path, cache_dir):
     assert EXE.exists()
     data = _hand(tmp_path / "d")
-    r = subprocess.run([str(EXE), "data", "stats", str(data), "--json"], capture_output=True, text=True, env=_env(cache_dir), timeout=120)
+    r = subprocess.run(
+        [str(EXE), "data", "stats", str(data), "--json"],
+        capture_output=True,
+        text=True,
+        env=_env(cache_dir),
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tokens"] == 19
     (data / "a.bin").write_bytes(b'{"tokens": [1, 2]}\n{"tokens": [1, "2"]}\n')
     (data / "a.bin.meta").unlink()
-    r = subprocess.run([str(EXE), "data", "show", str(data), "--max-length", "2", "--json"], capture_output=True, text=True,
-                       env=_env(cache_dir), timeout=120)
+    r = subprocess.run(
+        [str(EXE), "data", "show", str(data), "--max-length", "2", "--json"],
+        capture_output=True,
+        text=True,
+        env=_env(cache_dir),
+        timeout=120,
+    )
     assert r.returncode == 3 and r.stdout == ""
-    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith(f"tokentrain: error: {data / 'a.bin'}")
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith(
+        f"tokentrain: error: {data / 'a.bin'}"
+    )
     assert "line 2 (byte 19)" in r.stderr
 
 
 def test_real_subprocess_synth_deterministic(tmp_path, cache_dir):
     for name in ("x", "y"):
-        r = subprocess.run([sys.executable, "-m", "tokentrain", "data", "synth", str(tmp_path / name), "--files", "2", "--documents", "7", "--seed", "4"],
-                           capture_output=True, text=True, env=_env(cache_dir), timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tokentrain",
+                "data",
+                "synth",
+                str(tmp_path / name),
+                "--files",
+                "2",
+                "--documents",
+                "7",
+                "--seed",
+                "4",
+            ],
+            capture_output=True,
+            text=True,
+            env=_env(cache_dir),
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr
     assert _tree_bytes(tmp_path / "x") == _tree_bytes(tmp_path / "y")

@@ -32,7 +32,14 @@ def _rel(root, files):
 def test_walk_order_files_before_sorted_subfolders(tmp_path):
     _touch(tmp_path, "b.bin", "a.bin", "z/2.bin", "z/1.bin", "m/x.bin", "m/deep/q.bin", "m/a.bin", "c.bin")
     assert _rel(tmp_path, fmt.discover_files(tmp_path)) == [
-        "a.bin", "b.bin", "c.bin", "m/a.bin", "m/x.bin", "m/deep/q.bin", "z/1.bin", "z/2.bin",
+        "a.bin",
+        "b.bin",
+        "c.bin",
+        "m/a.bin",
+        "m/x.bin",
+        "m/deep/q.bin",
+        "z/1.bin",
+        "z/2.bin",
     ]
 
 
@@ -152,54 +159,60 @@ def test_inputs_and_targets_matches_reference(doc, zt):
 # --------------------------------------------------------------------------- lines
 
 
-@pytest.mark.parametrize("line,expected", [
-    (b'{"tokens": [1, -2, 0, 3]}\n', [1, -2, 0, 3]),
-    (b'{"tokens":[1,-2,0,3]}', [1, -2, 0, 3]),
-    (b'{"tokens": [5, 6]}\r\n', [5, 6]),
-    (b'{"tokens": []}\n', []),
-    (b'{"tokens": [ ]}\n', []),
-    (b'{"tokens": [1, 2], "meta": {"src": "x"}}\n', [1, 2]),
-    (b'{"id": 3, "tokens": [4]}\n', [4]),
-    (b'  {"tokens" : [ 1 , -2 ] }  \n', [1, -2]),
-    (b'{"tokens": [-0, 7]}', [0, 7]),
-    (b'{"tokens": [2147483647, -2147483647]}', [2147483647, -2147483647]),
-])
+@pytest.mark.parametrize(
+    "line,expected",
+    [
+        (b'{"tokens": [1, -2, 0, 3]}\n', [1, -2, 0, 3]),
+        (b'{"tokens":[1,-2,0,3]}', [1, -2, 0, 3]),
+        (b'{"tokens": [5, 6]}\r\n', [5, 6]),
+        (b'{"tokens": []}\n', []),
+        (b'{"tokens": [ ]}\n', []),
+        (b'{"tokens": [1, 2], "meta": {"src": "x"}}\n', [1, 2]),
+        (b'{"id": 3, "tokens": [4]}\n', [4]),
+        (b'  {"tokens" : [ 1 , -2 ] }  \n', [1, -2]),
+        (b'{"tokens": [-0, 7]}', [0, 7]),
+        (b'{"tokens": [2147483647, -2147483647]}', [2147483647, -2147483647]),
+    ],
+)
 def test_parse_valid_lines(line, expected):
     got = fmt.parse_line(line, "f.bin", 1, 0)
     assert got.dtype == np.int64 and got.tolist() == expected
 
 
-@pytest.mark.parametrize("line,match", [
-    (b'{"tokens": [1, 2\n', "malformed JSON"),
-    (b'not json\n', "malformed JSON"),
-    (b'{"tokens": [1, 2]} {"tokens": [3]}\n', "malformed JSON"),
-    (b'{"tokens": [1, 2,]}\n', "malformed JSON"),
-    (b'{"tokens": [1, 2]}\xff\n', "malformed JSON"),
-    (b'{"tokens": [1, 2], "text": "\xff\xfe"}\n', "malformed JSON"),
-    (b'{"tokens": [1, 2]\n', "malformed JSON"),
-    (b'{"tokens": [1 2]}\n', "malformed JSON"),
-    (b'{"tokens": [-]}\n', "malformed JSON"),
-    (b'{"tokens": [1, -, 2]}\n', "malformed JSON"),
-    (b'{"tokens": [+5]}\n', "malformed JSON"),
-    (b'{"tokenz": [1, 2]}\n', 'no "tokens" key'),
-    (b'[1, 2]\n', 'no "tokens" key'),
-    (b'"tokens"\n', 'no "tokens" key'),
-    (b'{"tokens": 5}\n', "must be a list of ints, got int"),
-    (b'{"tokens": "1,2"}\n', "must be a list of ints, got str"),
-    (b'{"tokens": null}\n', "must be a list of ints, got NoneType"),
-    (b'{"tokens": [1, 2.0]}\n', r'"tokens"\[1\] is 2.0 \(float\)'),
-    (b'{"tokens": [1, 2.5]}\n', r'"tokens"\[1\] is 2.5 \(float\)'),
-    (b'{"tokens": [1e3]}\n', r'"tokens"\[0\] is 1000.0 \(float\)'),
-    (b'{"tokens": [1, "2"]}\n', r"'2' \(str\)"),
-    (b'{"tokens": [[1, 2]]}\n', r"\[1, 2\] \(list\)"),
-    (b'{"tokens": [1, [2]]}\n', r"\[2\] \(list\)"),
-    (b'{"tokens": [true, 1]}\n', r"True \(bool\)"),
-    (b'{"tokens": [1, false]}\n', r"False \(bool\)"),
-    (b'{"tokens": [1, null]}\n', r"None \(NoneType\)"),
-    (b'{"tokens": [1, {"a": 1}]}\n', r"\(dict\)"),
-    (b'{"tokens": [2147483648]}\n', "out of range"),
-    (b'{"tokens": [-99999999999999999999]}\n', r"\(float\)|out of range"),
-])
+@pytest.mark.parametrize(
+    "line,match",
+    [
+        (b'{"tokens": [1, 2\n', "malformed JSON"),
+        (b'not json\n', "malformed JSON"),
+        (b'{"tokens": [1, 2]} {"tokens": [3]}\n', "malformed JSON"),
+        (b'{"tokens": [1, 2,]}\n', "malformed JSON"),
+        (b'{"tokens": [1, 2]}\xff\n', "malformed JSON"),
+        (b'{"tokens": [1, 2], "text": "\xff\xfe"}\n', "malformed JSON"),
+        (b'{"tokens": [1, 2]\n', "malformed JSON"),
+        (b'{"tokens": [1 2]}\n', "malformed JSON"),
+        (b'{"tokens": [-]}\n', "malformed JSON"),
+        (b'{"tokens": [1, -, 2]}\n', "malformed JSON"),
+        (b'{"tokens": [+5]}\n', "malformed JSON"),
+        (b'{"tokenz": [1, 2]}\n', 'no "tokens" key'),
+        (b'[1, 2]\n', 'no "tokens" key'),
+        (b'"tokens"\n', 'no "tokens" key'),
+        (b'{"tokens": 5}\n', "must be a list of ints, got int"),
+        (b'{"tokens": "1,2"}\n', "must be a list of ints, got str"),
+        (b'{"tokens": null}\n', "must be a list of ints, got NoneType"),
+        (b'{"tokens": [1, 2.0]}\n', r'"tokens"\[1\] is 2.0 \(float\)'),
+        (b'{"tokens": [1, 2.5]}\n', r'"tokens"\[1\] is 2.5 \(float\)'),
+        (b'{"tokens": [1e3]}\n', r'"tokens"\[0\] is 1000.0 \(float\)'),
+        (b'{"tokens": [1, "2"]}\n', r"'2' \(str\)"),
+        (b'{"tokens": [[1, 2]]}\n', r"\[1, 2\] \(list\)"),
+        (b'{"tokens": [1, [2]]}\n', r"\[2\] \(list\)"),
+        (b'{"tokens": [true, 1]}\n', r"True \(bool\)"),
+        (b'{"tokens": [1, false]}\n', r"False \(bool\)"),
+        (b'{"tokens": [1, null]}\n', r"None \(NoneType\)"),
+        (b'{"tokens": [1, {"a": 1}]}\n', r"\(dict\)"),
+        (b'{"tokens": [2147483648]}\n', "out of range"),
+        (b'{"tokens": [-99999999999999999999]}\n', r"\(float\)|out of range"),
+    ],
+)
 def test_parse_bad_lines_name_file_line_byte(line, match):
     with pytest.raises(DataError, match=match) as ei:
         fmt.parse_line(line, "dir/f.bin", 7, 1234)
@@ -213,14 +226,52 @@ def test_parse_count_mismatch_is_stale_meta():
 
 
 _int_text = st.integers(-3000, 3000).map(str)
-_junk = st.sampled_from(["-", "+1", "1.0", "1e2", "1E2", "", " ", "1 2", "--1", "1-", "true", "null", '"3"',
-                         "[1]", "0x1", "NaN", "Infinity", "-Infinity", "1,", "\t4", "5\t", "\u00a0", "01", "-01",
-                         "00", "-0", "- 5", "\x0c", "7\x0b", " , ", "-,", "2-3", "1/2", "1_000"])
+_junk = st.sampled_from(
+    [
+        "-",
+        "+1",
+        "1.0",
+        "1e2",
+        "1E2",
+        "",
+        " ",
+        "1 2",
+        "--1",
+        "1-",
+        "true",
+        "null",
+        '"3"',
+        "[1]",
+        "0x1",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "1,",
+        "\t4",
+        "5\t",
+        "\u00a0",
+        "01",
+        "-01",
+        "00",
+        "-0",
+        "- 5",
+        "\x0c",
+        "7\x0b",
+        " , ",
+        "-,",
+        "2-3",
+        "1/2",
+        "1_000",
+    ]
+)
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.one_of(_int_text, _int_text, _junk), max_size=8), st.sampled_from([",", ", ", " ,"]),
-       st.sampled_from(["", "\n", "\r\n", " \n"]))
+@given(
+    st.lists(st.one_of(_int_text, _int_text, _junk), max_size=8),
+    st.sampled_from([",", ", ", " ,"]),
+    st.sampled_from(["", "\n", "\r\n", " \n"]),
+)
 def test_fast_parser_agrees_with_json(items, sep, end):
     """Whatever the fast path accepts, JSON accepts with the same values; the rest errors."""
     line = ('{"tokens": [' + sep.join(items) + "]}" + end).encode()
@@ -324,12 +375,16 @@ def test_meta_pickled_object_array_is_refused(tmp_path):
         _read(p, mp)
 
 
-@pytest.mark.parametrize("arr", [
-    np.array([0, 10, 20]),
-    np.zeros((3, 1), np.int64),
-    np.zeros((3, 2, 2), np.int64),
-    np.int64(0),
-], ids=["1-D", "one-column", "3-D", "scalar"])
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.array([0, 10, 20]),
+        np.zeros((3, 1), np.int64),
+        np.zeros((3, 2, 2), np.int64),
+        np.int64(0),
+    ],
+    ids=["1-D", "one-column", "3-D", "scalar"],
+)
 def test_meta_wrong_shape(tmp_path, arr):
     p, mp, _ = _good(tmp_path)
     np.save(mp.open("wb"), arr)
@@ -394,7 +449,9 @@ def test_meta_int32_offsets_wrapped_past_2gib(tmp_path):
     wrapped = np.array([[0, 3], [2**31 - 8, 2], [2**31 + 100, 1]], dtype=np.int64).astype(np.int32)
     assert wrapped[2, 0] < 0
     np.save(mp.open("wb"), wrapped)
-    with pytest.raises(DataError, match=r"row 2: byte offset -\d+ is negative \(int32 offsets overflowed past 2 GiB\?\)"):
+    with pytest.raises(
+        DataError, match=r"row 2: byte offset -\d+ is negative \(int32 offsets overflowed past 2 GiB\?\)"
+    ):
         _read(p, mp)
 
 
@@ -454,7 +511,10 @@ def test_save_meta_is_atomic_int64(tmp_path):
 def test_meta_stale_last_line_truncated_mid_line(tmp_path):
     p, mp, _ = _good(tmp_path)
     p.write_bytes(p.read_bytes()[:-3])
-    with pytest.raises(DataError, match=r"a.bin.meta: the last line of .*a.bin does not match the meta \(line 3 \(byte \d+\): malformed JSON"):
+    with pytest.raises(
+        DataError,
+        match=r"a.bin.meta: the last line of .*a.bin does not match the meta \(line 3 \(byte \d+\): malformed JSON",
+    ):
         _read(p, mp)
 
 

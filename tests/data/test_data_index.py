@@ -201,7 +201,10 @@ def test_explicit_cache_dir(tmp_path):
     assert ix.path.parent == tmp_path / "mycache"
 
 
-@pytest.mark.parametrize("change", ["seed", "min_length", "shuffle", "appended_line", "rewritten_same_size", "meta_touched", "file_set", "file_order"])
+@pytest.mark.parametrize(
+    "change",
+    ["seed", "min_length", "shuffle", "appended_line", "rewritten_same_size", "meta_touched", "file_set", "file_order"],
+)
 def test_cache_key_changes_with_every_input(tmp_path, monkeypatch, change):
     files = _dataset(tmp_path)
     kw = dict(min_length=1, shuffle=True, seed=0)
@@ -274,7 +277,9 @@ def test_concurrent_opens_build_one_index(tmp_path, cache_dir):
     barrier, out = ctx.Barrier(2), ctx.Queue()
     markers = tmp_path / "markers"
     markers.mkdir()
-    procs = [ctx.Process(target=_open_in_child, args=(files, str(cache_dir), str(markers), barrier, out)) for _ in range(2)]
+    procs = [
+        ctx.Process(target=_open_in_child, args=(files, str(cache_dir), str(markers), barrier, out)) for _ in range(2)
+    ]
     for p in procs:
         p.start()
     results = [out.get(timeout=60) for _ in procs]

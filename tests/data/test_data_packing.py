@@ -27,10 +27,20 @@ def test_cut_mode_by_hand(tmp_path):
     write_bin(tmp_path / "b.bin", [[-8, 9], [10, 0, 11]])
     ds = _ds(tmp_path, 4, drop_last_pack=False)
     assert _all(ds) == [
-        {"input_ids": [1, 2, 3, 4], "labels": [2, 3, -100, -100], "position_ids": [0, 1, 2, 0], "cu_seqlens": [0, 3, 4]},
+        {
+            "input_ids": [1, 2, 3, 4],
+            "labels": [2, 3, -100, -100],
+            "position_ids": [0, 1, 2, 0],
+            "cu_seqlens": [0, 3, 4],
+        },
         # doc [4,-5,6,7] continues; its fragment start keeps position 0 (a restart per fragment)
         {"input_ids": [5, 6, 7, 8], "labels": [6, 7, -100, 9], "position_ids": [0, 1, 2, 0], "cu_seqlens": [0, 3, 4]},
-        {"input_ids": [9, 10, 0, 11], "labels": [-100, -100, 11, -100], "position_ids": [0, 0, 1, 2], "cu_seqlens": [0, 1, 4]},
+        {
+            "input_ids": [9, 10, 0, 11],
+            "labels": [-100, -100, 11, -100],
+            "position_ids": [0, 0, 1, 2],
+            "cu_seqlens": [0, 1, 4],
+        },
     ]
     s = ds[1]
     assert s["input_ids"].dtype == s["labels"].dtype == s["position_ids"].dtype == np.int64
@@ -86,7 +96,12 @@ def test_final_incomplete_pack_is_dropped_and_logged(tmp_path, info_logs):
     with pytest.raises(IndexError):
         ds[2]
     kept = _ds(tmp_path, 3, drop_last_pack=False)
-    assert len(kept) == 3 and as_lists(kept[2]) == {"input_ids": [7], "labels": [-100], "position_ids": [0], "cu_seqlens": [0, 1]}
+    assert len(kept) == 3 and as_lists(kept[2]) == {
+        "input_ids": [7],
+        "labels": [-100],
+        "position_ids": [0],
+        "cu_seqlens": [0, 1],
+    }
     assert len(_ds(tmp_path, 7)) == 1  # exact multiple: nothing dropped
 
 
@@ -176,7 +191,10 @@ def test_rewritten_same_size_shifted_lines(tmp_path):
     new = new[: len(old) - 1].ljust(len(old) - 1) + b"\n"
     assert len(new) == len(old)
     p.write_bytes(new)
-    with pytest.raises(DataError, match=r"a.bin: line \d \(byte \d+\) (is not where the meta says|ends before the meta says|runs on past where the meta says)"):
+    with pytest.raises(
+        DataError,
+        match=r"a.bin: line \d \(byte \d+\) (is not where the meta says|ends before the meta says|runs on past where the meta says)",
+    ):
         [ds[k] for k in range(len(ds))]
 
 
@@ -223,7 +241,9 @@ def test_line_start_moved_under_a_running_job(tmp_path):
         ds[0]
 
 
-@pytest.mark.parametrize("bad", [b"[1,  , 2]", b"[1, -, 2]", b"[1, +5, 2]", b"[1, 05, 2]", b"[1, 5, 2,]", b"[1, - 5, 2]", b"[1, 5.0,2]"])
+@pytest.mark.parametrize(
+    "bad", [b"[1,  , 2]", b"[1, -, 2]", b"[1, +5, 2]", b"[1, 05, 2]", b"[1, 5, 2,]", b"[1, - 5, 2]", b"[1, 5.0,2]"]
+)
 @pytest.mark.parametrize("packed", [True, False])
 def test_rewritten_line_numpy_would_misread(tmp_path, bad, packed):
     """Same size, same token count by numpy's lenient reading: still a DataError, never a silent 0."""
@@ -268,6 +288,8 @@ def test_dataloader_fork_workers(tmp_path):
     write_bin(tmp_path / "a.bin", docs)
     ds = _ds(tmp_path, 8)
     ds[0]  # the parent opened the file before forking
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate, multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=4, num_workers=2, collate_fn=collate, multiprocessing_context="fork"
+    )
     rows = [row for b in loader for row in b.input_ids.tolist()]
     assert rows == [as_lists(ds[k])["input_ids"] for k in range(len(ds))]

@@ -21,12 +21,14 @@ _doc = st.one_of(
     st.lists(st.sampled_from([0, -1, 1]), min_size=1, max_size=6),  # dense in zeros
 )
 _files = st.lists(st.lists(_doc, max_size=7), min_size=1, max_size=3)
-_layout = st.fixed_dictionaries({
-    "newline": st.sampled_from([b"\n", b"\r\n"]),
-    "meta": st.booleans(),
-    "spaced": st.booleans(),
-    "blank": st.booleans(),
-})
+_layout = st.fixed_dictionaries(
+    {
+        "newline": st.sampled_from([b"\n", b"\r\n"]),
+        "meta": st.booleans(),
+        "spaced": st.booleans(),
+        "blank": st.booleans(),
+    }
+)
 _settings = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -63,14 +65,31 @@ def _check_structure(s, L, cut):
 
 
 @_settings
-@given(files=_files, layout=_layout, L=st.integers(1, 16), shuffle=st.booleans(), seed=st.integers(0, 3),
-       min_length=st.integers(0, 4), zero_is_target=st.booleans(), drop_last=st.booleans(), data=st.data())
+@given(
+    files=_files,
+    layout=_layout,
+    L=st.integers(1, 16),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 3),
+    min_length=st.integers(0, 4),
+    zero_is_target=st.booleans(),
+    drop_last=st.booleans(),
+    data=st.data(),
+)
 def test_packs_match_reference(files, layout, L, shuffle, seed, min_length, zero_is_target, drop_last, data):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         _write(root, files, layout)
-        cfg = DataSettings(str(root), max_length=L, shuffle=shuffle, seed=seed, min_length=min_length,
-                           zero_is_target=zero_is_target, drop_last_pack=drop_last, cache_dir=str(Path(tmp) / "cache"))
+        cfg = DataSettings(
+            str(root),
+            max_length=L,
+            shuffle=shuffle,
+            seed=seed,
+            min_length=min_length,
+            zero_is_target=zero_is_target,
+            drop_last_pack=drop_last,
+            cache_dir=str(Path(tmp) / "cache"),
+        )
         kept = _kept(files, min_length)
         total = sum(map(len, kept))
         if not kept or (drop_last and total < L):
@@ -96,14 +115,28 @@ def test_packs_match_reference(files, layout, L, shuffle, seed, min_length, zero
 
 
 @_settings
-@given(files=_files, layout=_layout, L=st.integers(1, 10), shuffle=st.booleans(), min_length=st.integers(0, 3),
-       zero_is_target=st.booleans(), data=st.data())
+@given(
+    files=_files,
+    layout=_layout,
+    L=st.integers(1, 10),
+    shuffle=st.booleans(),
+    min_length=st.integers(0, 3),
+    zero_is_target=st.booleans(),
+    data=st.data(),
+)
 def test_unpacked_samples_match_reference(files, layout, L, shuffle, min_length, zero_is_target, data):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         _write(root, files, layout)
-        cfg = DataSettings(str(root), max_length=L, pack_to_max_length=False, shuffle=shuffle, min_length=min_length,
-                           zero_is_target=zero_is_target, cache_dir=str(Path(tmp) / "cache"))
+        cfg = DataSettings(
+            str(root),
+            max_length=L,
+            pack_to_max_length=False,
+            shuffle=shuffle,
+            min_length=min_length,
+            zero_is_target=zero_is_target,
+            cache_dir=str(Path(tmp) / "cache"),
+        )
         kept = _kept(files, min_length)
         if not kept:
             with pytest.raises(DataError, match="no documents left"):

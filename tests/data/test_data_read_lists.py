@@ -15,14 +15,47 @@ from hypothesis import strategies as st
 from tokentrain.data import format as fmt
 
 _LIMIT = 2**31 - 1
-_JUNK = st.sampled_from(["+", "0", "-", ",", " ", "\t", "\r", "\x0b", "\x0c", "00", "-0", "--", ", ", " ,", ".", "e",
-                         "]", "[", "0,", ",0", "-,", "2147483648", "-2147483648", "99999999999", "\x00"])
+_JUNK = st.sampled_from(
+    [
+        "+",
+        "0",
+        "-",
+        ",",
+        " ",
+        "\t",
+        "\r",
+        "\x0b",
+        "\x0c",
+        "00",
+        "-0",
+        "--",
+        ", ",
+        " ,",
+        ".",
+        "e",
+        "]",
+        "[",
+        "0,",
+        ",0",
+        "-,",
+        "2147483648",
+        "-2147483648",
+        "99999999999",
+        "\x00",
+    ]
+)
 
 
 @st.composite
 def _line(draw):
     """A line of token ids, perhaps spoiled by a junk edit, and a meta count, perhaps off by one."""
-    vals = draw(st.lists(st.integers(-3000, 3000) | st.integers(-_LIMIT, _LIMIT) | st.integers(-2**40, 2**40), min_size=1, max_size=8))
+    vals = draw(
+        st.lists(
+            st.integers(-3000, 3000) | st.integers(-_LIMIT, _LIMIT) | st.integers(-(2**40), 2**40),
+            min_size=1,
+            max_size=8,
+        )
+    )
     body = draw(st.sampled_from([",", ", "])).join(map(str, vals))
     for _ in range(draw(st.sampled_from([0, 0, 1, 1, 2]))):
         pos, junk = draw(st.integers(0, len(body))), draw(_JUNK)
@@ -52,8 +85,11 @@ def test_read_lists_accepts_only_exact_json_with_the_meta_counts(lines):
 
 def test_read_lists_takes_compact_and_json_dumps_lines_with_zeros():
     docs = [[1, -5, 0, 2147483647, -2147483647, 2], [0], [7, 0, -0, 3]]
-    lines = [orjson.dumps({"tokens": docs[0]}) + b"\n", json.dumps({"tokens": docs[1]}).encode() + b"\n",
-             json.dumps({"tokens": docs[2]}).encode() + b"\n"]
+    lines = [
+        orjson.dumps({"tokens": docs[0]}) + b"\n",
+        json.dumps({"tokens": docs[1]}).encode() + b"\n",
+        json.dumps({"tokens": docs[2]}).encode() + b"\n",
+    ]
     texts = [fmt._list_text(line) for line in lines]
     arr = fmt._read_lists(texts, [len(d) for d in docs])
     if fmt._REFUSES_JUNK:  # the fast path needs a numpy that refuses junk (>= 2.3)

@@ -21,7 +21,13 @@ def _epoch(n, world, epoch=0, seed=0, shuffle=True):
 
 
 @settings(max_examples=150, deadline=None)
-@given(n=st.integers(1, 300), world=st.integers(1, 9), epoch=st.integers(0, 5), seed=st.integers(0, 9), shuffle=st.booleans())
+@given(
+    n=st.integers(1, 300),
+    world=st.integers(1, 9),
+    epoch=st.integers(0, 5),
+    seed=st.integers(0, 9),
+    shuffle=st.booleans(),
+)
 def test_ranks_partition_each_epoch(n, world, epoch, seed, shuffle):
     if n < world:
         with pytest.raises(DataError, match=f"only {n} samples for {world} data-parallel ranks"):

@@ -16,8 +16,9 @@ def line_bytes(tokens, newline: bytes = b"\n", spaced: bool = True) -> bytes:
     return ('{"tokens": [' + sep.join(str(int(t)) for t in tokens) + "]}").encode() + newline
 
 
-def write_bin(path, docs, *, meta=True, newline=b"\n", final_newline=True, meta_dtype=np.int64,
-              extra_cols=0, raw_lines=None) -> np.ndarray:
+def write_bin(
+    path, docs, *, meta=True, newline=b"\n", final_newline=True, meta_dtype=np.int64, extra_cols=0, raw_lines=None
+) -> np.ndarray:
     """Write `docs` (lists of ints) as a data file; with `meta`, also X.bin.meta computed
     here by hand. `raw_lines` (bytes, each without newline) overrides the docs' lines.
     Returns the (N, 2) meta (offset, count) of the non-blank lines."""
@@ -87,14 +88,18 @@ def ref_packs(docs, max_length, zero_is_target=False, drop_last=True):
             pos.append(i - cu[-1])
         cu.append(len(chunk))
         packs.append({"input_ids": ids[s:e], "labels": labels[s:e], "position_ids": pos, "cu_seqlens": cu})
-    tail = ids[len(packs) * max_length:]
+    tail = ids[len(packs) * max_length :]
     return packs, tail
 
 
 def ref_unpacked(doc, max_length, zero_is_target=False):
     n = min(len(doc), max_length)
-    return {"input_ids": [abs(t) for t in doc[:n]], "labels": ref_labels(doc, zero_is_target)[:n],
-            "position_ids": list(range(n)), "cu_seqlens": [0, n]}
+    return {
+        "input_ids": [abs(t) for t in doc[:n]],
+        "labels": ref_labels(doc, zero_is_target)[:n],
+        "position_ids": list(range(n)),
+        "cu_seqlens": [0, n],
+    }
 
 
 def as_lists(sample: dict) -> dict:

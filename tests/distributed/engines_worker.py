@@ -19,9 +19,20 @@ from tokentrain.distributed.env import destroy_distributed, init_distributed
 from tokentrain.engine.trainer import Trainer
 
 SETTINGS = dict(
-    max_length=128, batch_size=1, accumulative_counts=2, max_iters=4, lr=1e-3, warm_up_ratio=0.25,
-    save_steps=2, save_total_limit=-1, evaluation_freq=1000, evaluation_inputs=[], log_interval=1,
-    tensorboard=False, dtype="float32", seed=7,
+    max_length=128,
+    batch_size=1,
+    accumulative_counts=2,
+    max_iters=4,
+    lr=1e-3,
+    warm_up_ratio=0.25,
+    save_steps=2,
+    save_total_limit=-1,
+    evaluation_freq=1000,
+    evaluation_inputs=[],
+    log_interval=1,
+    tensorboard=False,
+    dtype="float32",
+    seed=7,
 )
 
 

@@ -24,8 +24,11 @@ pytestmark = pytest.mark.slow
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "TORCHELASTIC", "NPROC_PER_NODE"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "TORCHELASTIC", "NPROC_PER_NODE"))
+    }
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", **extra)
     return env
 
@@ -54,23 +57,67 @@ def job(tmp_path_factory):
     data = root / "data"
     synth_dataset(data, files=2, documents=300, seed=3, mean_length=40, vocab_size=512)
     cfg = root / "cfg.py"
-    cfg.write_text("\n".join(f"{k} = {v!r}" for k, v in dict(
-        pretrained_model_name_or_path=str(model), dataset_folder=str(data), max_length=128, batch_size=1,
-        accumulative_counts=2, max_iters=4, lr=1e-3, warm_up_ratio=0.25, save_steps=2, save_total_limit=-1,
-        evaluation_freq=1000, evaluation_inputs=[], log_interval=1, tensorboard=False, dtype="float32", seed=7).items()) + "\n")
+    cfg.write_text(
+        "\n".join(
+            f"{k} = {v!r}"
+            for k, v in dict(
+                pretrained_model_name_or_path=str(model),
+                dataset_folder=str(data),
+                max_length=128,
+                batch_size=1,
+                accumulative_counts=2,
+                max_iters=4,
+                lr=1e-3,
+                warm_up_ratio=0.25,
+                save_steps=2,
+                save_total_limit=-1,
+                evaluation_freq=1000,
+                evaluation_inputs=[],
+                log_interval=1,
+                tensorboard=False,
+                dtype="float32",
+                seed=7,
+            ).items()
+        )
+        + "\n"
+    )
     ref = root / "reference"
     # One process, micro-batch 1 x 4 accumulation = the 2 ranks x 2 accumulation global batch.
-    r = subprocess.run([sys.executable, "-m", "tokentrain", "train", str(cfg), "--work-dir", str(ref),
-                        "--cfg-options", "accumulative_counts=4"], env=clean_env(TOKENTRAIN_CACHE=str(root / "cache")),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokentrain",
+            "train",
+            str(cfg),
+            "--work-dir",
+            str(ref),
+            "--cfg-options",
+            "accumulative_counts=4",
+        ],
+        env=clean_env(TOKENTRAIN_CACHE=str(root / "cache")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return dict(root=root, model=model, data=data, cfg=cfg, ref=ref, cache=str(root / "cache"))
 
 
 def test_every_engine_matches_one_process_and_resumes_exactly(job):
     out = job["root"] / "engines"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(HERE / "engines_worker.py"), str(out), str(job["model"]), str(job["data"]), ",".join(ENGINES)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(HERE / "engines_worker.py"),
+        str(out),
+        str(job["model"]),
+        str(job["data"]),
+        ",".join(ENGINES),
+    ]
     r = subprocess.run(cmd, env=clean_env(TOKENTRAIN_CACHE=job["cache"]), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-5000:]
     ref_w, ref_loss = weights(job["ref"]), losses(job["ref"])
@@ -96,13 +143,37 @@ def test_convert_deepspeed_and_plain_checkpoints_to_hf(job, tmp_path):
     if not (engines_out / "deepspeed_zero3" / "DONE").exists():
         pytest.fail("needs the engines run (test_every_engine_matches_one_process_and_resumes_exactly) first")
     ids = torch.arange(5, 40)[None]
-    for ckpt, hf in ((engines_out / "deepspeed_zero3" / "full" / "checkpoints" / "step_4", engines_out / "deepspeed_zero3" / "full" / "hf"),
-                     (job["ref"], job["ref"] / "hf")):
+    for ckpt, hf in (
+        (
+            engines_out / "deepspeed_zero3" / "full" / "checkpoints" / "step_4",
+            engines_out / "deepspeed_zero3" / "full" / "hf",
+        ),
+        (job["ref"], job["ref"] / "hf"),
+    ):
         out = tmp_path / ckpt.parent.parent.name
-        r = subprocess.run([sys.executable, "-m", "tokentrain", "convert", "pth_to_hf", str(job["cfg"]), str(ckpt), str(out),
-                            "--safe-serialization"], env=clean_env(), capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tokentrain",
+                "convert",
+                "pth_to_hf",
+                str(job["cfg"]),
+                str(ckpt),
+                str(out),
+                "--safe-serialization",
+            ],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
-        assert any(out.glob("*.safetensors")) and (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
+        assert (
+            any(out.glob("*.safetensors"))
+            and (out / "config.json").is_file()
+            and (out / "tokenizer_config.json").is_file()
+        )
         a = AutoModelForCausalLM.from_pretrained(out).eval()
         b = AutoModelForCausalLM.from_pretrained(hf).eval()
         with torch.no_grad():
@@ -120,19 +191,56 @@ def test_torch_distributed_launch_form_of_the_seed(job, tmp_path):
     """`python -m torch.distributed.launch ... <train module> cfg --deepspeed deepspeed_zero1
     --launcher pytorch --work-dir DIR`, as in the seed (it passes --local-rank)."""
     work = tmp_path / "w"
-    cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "--nnodes=1", "--node_rank=0", "-m", "tokentrain.train", str(job["cfg"]),
-           "--deepspeed", "deepspeed_zero1", "--launcher", "pytorch", "--work-dir", str(work)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.launch",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "--nnodes=1",
+        "--node_rank=0",
+        "-m",
+        "tokentrain.train",
+        str(job["cfg"]),
+        "--deepspeed",
+        "deepspeed_zero1",
+        "--launcher",
+        "pytorch",
+        "--work-dir",
+        str(work),
+    ]
     _launch_and_compare(job, work, cmd, clean_env(TOKENTRAIN_CACHE=job["cache"]))
 
 
 def test_simulated_two_node_torchrun_equals_one_node(job, tmp_path):
     work, port = tmp_path / "w", _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={n}",
-                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                               "-m", "tokentrain.train", str(job["cfg"]), "--launcher", "pytorch", "--work-dir", str(work)],
-                              env=clean_env(TOKENTRAIN_CACHE=job["cache"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for n in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={n}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "-m",
+                "tokentrain.train",
+                str(job["cfg"]),
+                "--launcher",
+                "pytorch",
+                "--work-dir",
+                str(work),
+            ],
+            env=clean_env(TOKENTRAIN_CACHE=job["cache"]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (0, 1)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert rel_diff(weights(work), weights(job["ref"])) <= 1e-5
@@ -140,16 +248,41 @@ def test_simulated_two_node_torchrun_equals_one_node(job, tmp_path):
 
 def test_nproc_per_node_spawns_torchrun(job, tmp_path):
     work = tmp_path / "w"
-    cmd = [sys.executable, "-m", "tokentrain", "train", str(job["cfg"]), "--work-dir", str(work), "--deepspeed", "deepspeed_zero2"]
-    _launch_and_compare(job, work, cmd, clean_env(TOKENTRAIN_CACHE=job["cache"], NPROC_PER_NODE="2", PORT=str(_free_port())))
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokentrain",
+        "train",
+        str(job["cfg"]),
+        "--work-dir",
+        str(work),
+        "--deepspeed",
+        "deepspeed_zero2",
+    ]
+    _launch_and_compare(
+        job, work, cmd, clean_env(TOKENTRAIN_CACHE=job["cache"], NPROC_PER_NODE="2", PORT=str(_free_port()))
+    )
 
 
 def test_real_srun_with_slurm_launcher_and_zero1(job, tmp_path, slurm_cluster):
     """The seed's command: srun tokentrain train cfg.py --launcher slurm --deepspeed deepspeed_zero1."""
     work = tmp_path / "w"
     tt = str(Path(sys.executable).with_name("tokentrain"))
-    cmd = ["srun", "-N1", "-n2", "--kill-on-bad-exit=1", tt, "train", str(job["cfg"]), "--launcher", "slurm",
-           "--deepspeed", "deepspeed_zero1", "--work-dir", str(work)]
+    cmd = [
+        "srun",
+        "-N1",
+        "-n2",
+        "--kill-on-bad-exit=1",
+        tt,
+        "train",
+        str(job["cfg"]),
+        "--launcher",
+        "slurm",
+        "--deepspeed",
+        "deepspeed_zero1",
+        "--work-dir",
+        str(work),
+    ]
     _launch_and_compare(job, work, cmd, clean_env(TOKENTRAIN_CACHE=job["cache"], MASTER_PORT=str(_free_port())))
 
 
@@ -162,13 +295,36 @@ def test_a_killed_rank_ends_the_whole_job(job, tmp_path, launcher, request):
     tt = str(Path(sys.executable).with_name("tokentrain"))
     args = [str(job["cfg"]), "--work-dir", str(work), "--cfg-options", "max_iters=100000", "save_steps=100000"]
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-               "-m", "tokentrain.train", *args, "--launcher", "pytorch"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            "-m",
+            "tokentrain.train",
+            *args,
+            "--launcher",
+            "pytorch",
+        ]
         env = clean_env(TOKENTRAIN_CACHE=job["cache"])
     else:
-        cmd = ["srun", "-N1", "-n2", "--kill-on-bad-exit=1", f"--job-name={work.parent.name}", tt, "train", *args, "--launcher", "slurm"]
+        cmd = [
+            "srun",
+            "-N1",
+            "-n2",
+            "--kill-on-bad-exit=1",
+            f"--job-name={work.parent.name}",
+            tt,
+            "train",
+            *args,
+            "--launcher",
+            "slurm",
+        ]
         env = clean_env(TOKENTRAIN_CACHE=job["cache"], MASTER_PORT=str(_free_port()))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     ranks: list[int] = []
     try:
         metrics = work / "metrics.jsonl"
@@ -205,8 +361,11 @@ def _rank_pids(marker: str) -> list[int]:
     pids = []
     for line in out.splitlines():
         pid, _, args = line.strip().partition(" ")
-        if marker in args and ("tokentrain.train" in args or " train " in args) and not any(
-                launcher in args for launcher in ("torch.distributed.run", "srun ", "slurmstepd")):
+        if (
+            marker in args
+            and ("tokentrain.train" in args or " train " in args)
+            and not any(launcher in args for launcher in ("torch.distributed.run", "srun ", "slurmstepd"))
+        ):
             pids.append(int(pid))
     return sorted(pids)
 

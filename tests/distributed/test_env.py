@@ -27,7 +27,11 @@ PROBE = textwrap.dedent(
 
 
 def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "OMP_NUM"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "OMP_NUM"))
+    }
     env.update(extra)
     return env
 
@@ -72,7 +76,10 @@ def test_tasks_per_node_forms():
 def test_real_srun_forms_a_gloo_group(slurm_cluster):
     out = subprocess.run(
         ["srun", "-N1", "-n2", sys.executable, "-c", PROBE, "slurm"],
-        capture_output=True, text=True, timeout=120, env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_clean_env(),
     )
     assert out.returncode == 0, out.stderr
     lines = sorted(re.findall(r"rank=.*?dev=\w+", out.stdout))
@@ -86,18 +93,33 @@ def test_real_torchrun_forms_a_gloo_group(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(spawn._free_port()), str(script), "pytorch"],
-        capture_output=True, text=True, timeout=120, env=_clean_env(),
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port",
+            str(spawn._free_port()),
+            str(script),
+            "pytorch",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_clean_env(),
     )
     assert out.returncode == 0, out.stderr
     # Ranks share one pipe; their lines may interleave without a newline between.
     assert sorted(re.findall(r"rank=\d world=\d local=\d/\d sum=\d", out.stdout)) == [
-        "rank=0 world=2 local=0/2 sum=3", "rank=1 world=2 local=1/2 sum=3"
+        "rank=0 world=2 local=0/2 sum=3",
+        "rank=1 world=2 local=1/2 sum=3",
     ], out.stdout + out.stderr
 
 
 def test_spawn_command_and_exit_code_choice(tmp_path):
-    cmd = spawn.torchrun_command(["cfg.py", "--launcher", "none", "--work-dir", "w"], {"NPROC_PER_NODE": "2", "PORT": "1234"})
+    cmd = spawn.torchrun_command(
+        ["cfg.py", "--launcher", "none", "--work-dir", "w"], {"NPROC_PER_NODE": "2", "PORT": "1234"}
+    )
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert "--nproc_per_node=2" in cmd and "--master_port=1234" in cmd
     assert cmd[-6:] == ["tokentrain.train", "cfg.py", "--work-dir", "w", "--launcher", "pytorch"]

@@ -24,7 +24,9 @@ def _quiet():
 def tiny_model(tmp_path_factory):
     from tokentrain.model.tiny import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", vocab_size=VOCAB, hidden_size=32, layers=2, heads=4)
+    return make_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-llama", vocab_size=VOCAB, hidden_size=32, layers=2, heads=4
+    )
 
 
 @pytest.fixture(scope="session")
@@ -35,5 +37,6 @@ def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "train"
     synth_dataset(out, files=2, documents=300, seed=1, mean_length=40, vocab_size=VOCAB)
     return out
+
 
 # slurm_cluster: the session fixture of tests/conftest.py (one Slurm for every suite).

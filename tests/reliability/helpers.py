@@ -14,9 +14,24 @@ import torch
 TT = [sys.executable, "-m", "tokentrain"]
 BIN = str(Path(sys.executable).with_name("tokentrain"))
 
-BASE = dict(max_length=128, pack_to_max_length=True, batch_size=2, accumulative_counts=1, dataloader_num_workers=0,
-            max_iters=12, lr=1e-3, warm_up_ratio=0.1, save_steps=2, save_total_limit=-1, evaluation_freq=1000,
-            evaluation_inputs=[], log_interval=1, tensorboard=False, dtype="float32", seed=3)
+BASE = dict(
+    max_length=128,
+    pack_to_max_length=True,
+    batch_size=2,
+    accumulative_counts=1,
+    dataloader_num_workers=0,
+    max_iters=12,
+    lr=1e-3,
+    warm_up_ratio=0.1,
+    save_steps=2,
+    save_total_limit=-1,
+    evaluation_freq=1000,
+    evaluation_inputs=[],
+    log_interval=1,
+    tensorboard=False,
+    dtype="float32",
+    seed=3,
+)
 
 
 def write_cfg(path: Path, model, data, **over) -> Path:
@@ -28,9 +43,23 @@ def write_cfg(path: Path, model, data, **over) -> Path:
 
 def clean_env(faults: str | None = None, **extra) -> dict:
     """The environment of a child run: no launcher variables from the outside, one thread."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "TORCHELASTIC", "NPROC_PER_NODE",
-                                "TOKENTRAIN_FAULT_INJECT", "TOKENTRAIN_EXIT_DIR"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            (
+                "SLURM_",
+                "MASTER_",
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_",
+                "TORCHELASTIC",
+                "NPROC_PER_NODE",
+                "TOKENTRAIN_FAULT_INJECT",
+                "TOKENTRAIN_EXIT_DIR",
+            )
+        )
+    }
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", **extra)
     if faults:
         env["TOKENTRAIN_FAULT_INJECT"] = faults
@@ -38,7 +67,9 @@ def clean_env(faults: str | None = None, **extra) -> dict:
 
 
 def train(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*TT, "train", *map(str, args)], env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*TT, "train", *map(str, args)], env=env or clean_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -81,7 +112,9 @@ def checkpoints(work: Path) -> dict:
         return {"latest": None, "complete": [], "partial": [], "incomplete": []}
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
     steps = sorted((p for p in root.glob("step_*")), key=lambda p: int(p.name[5:]))
-    return {"latest": latest,
-            "complete": [p.name for p in steps if (p / "COMPLETE").is_file()],
-            "incomplete": [p.name for p in steps if not (p / "COMPLETE").is_file()],
-            "partial": sorted(p.name for p in root.glob(".step_*.partial"))}
+    return {
+        "latest": latest,
+        "complete": [p.name for p in steps if (p / "COMPLETE").is_file()],
+        "incomplete": [p.name for p in steps if not (p / "COMPLETE").is_file()],
+        "partial": sorted(p.name for p in root.glob(".step_*.partial")),
+    }

@@ -27,23 +27,61 @@ from test_data_cli import _bad as make_bad_data  # noqa: E402
 # case -> (config settings to change, extra CLI args, exit code, regex of the one error line)
 CONFIG_CASES = {
     "unknown key": (dict(lerning_rate=1e-3), [], 2, r"run\.py: unknown setting 'lerning_rate'"),
-    "misspelled key": (dict(max_lenght=64), [], 2, r"run\.py: unknown setting 'max_lenght' \(did you mean 'max_length'\?\)"),
+    "misspelled key": (
+        dict(max_lenght=64),
+        [],
+        2,
+        r"run\.py: unknown setting 'max_lenght' \(did you mean 'max_length'\?\)",
+    ),
     "wrong type": (dict(lr="fast"), [], 2, r"run\.py: lr = 'fast': expected a number"),
-    "wrong type (--cfg-options)": ({}, ["--cfg-options", "batch_size=x"], 2, r"--cfg-options batch_size='x': expected an integer"),
+    "wrong type (--cfg-options)": (
+        {},
+        ["--cfg-options", "batch_size=x"],
+        2,
+        r"--cfg-options batch_size='x': expected an integer",
+    ),
     "unknown key (--cfg-options)": ({}, ["--cfg-options", "nokey=1"], 2, r"--cfg-options: unknown key 'nokey'"),
-    "missing model folder": (dict(pretrained_model_name_or_path="/nonexistent/model"), [], 2,
-                             r"pretrained_model_name_or_path = '/nonexistent/model': model folder does not exist"),
-    "model folder without config.json": (dict(pretrained_model_name_or_path="{tmp}"), [], 2, r"no config\.json in the folder"),
-    "missing dataset folder": (dict(dataset_folder="/nonexistent/data"), [], 3, r"/nonexistent/data: dataset folder does not exist"),
+    "missing model folder": (
+        dict(pretrained_model_name_or_path="/nonexistent/model"),
+        [],
+        2,
+        r"pretrained_model_name_or_path = '/nonexistent/model': model folder does not exist",
+    ),
+    "model folder without config.json": (
+        dict(pretrained_model_name_or_path="{tmp}"),
+        [],
+        2,
+        r"no config\.json in the folder",
+    ),
+    "missing dataset folder": (
+        dict(dataset_folder="/nonexistent/data"),
+        [],
+        3,
+        r"/nonexistent/data: dataset folder does not exist",
+    ),
     "max_length = 0": (dict(max_length=0), [], 2, r"run\.py: max_length = 0: must be > 0"),
     "max_length < 0": (dict(max_length=-5), [], 2, r"run\.py: max_length = -5: must be > 0"),
     "batch_size = 0": (dict(batch_size=0), [], 2, r"run\.py: batch_size = 0: must be >= 1"),
-    "unknown nan_policy": (dict(nan_policy="ignore"), [], 2, r"run\.py: nan_policy = 'ignore': must be one of stop, skip"),
-    "unknown DeepSpeed preset": ({}, ["--deepspeed", "deepspeed_zero9"], 2,
-                                 r"--deepspeed 'deepspeed_zero9': unknown preset; did you mean 'deepspeed_zero3'\?"),
+    "unknown nan_policy": (
+        dict(nan_policy="ignore"),
+        [],
+        2,
+        r"run\.py: nan_policy = 'ignore': must be one of stop, skip",
+    ),
+    "unknown DeepSpeed preset": (
+        {},
+        ["--deepspeed", "deepspeed_zero9"],
+        2,
+        r"--deepspeed 'deepspeed_zero9': unknown preset; did you mean 'deepspeed_zero3'\?",
+    ),
     "config syntax error": (None, [], 2, r"run\.py:2: syntax error in config"),
     "missing config file": ("missing", [], 2, r"nowhere\.py: config file not found"),
-    "no checkpoint at --resume PATH": ({}, ["--resume", "{tmp}/nowhere"], 2, r"--resume .*nowhere: no checkpoint found there"),
+    "no checkpoint at --resume PATH": (
+        {},
+        ["--resume", "{tmp}/nowhere"],
+        2,
+        r"--resume .*nowhere: no checkpoint found there",
+    ),
     "more samples per step than data": (dict(max_length=100000), [], 3, r"fewer than one pack of max_length=100000"),
 }
 
@@ -108,6 +146,6 @@ def test_a_data_error_with_debug_shows_the_traceback(tiny_model, tmp_path):
 
 def test_every_case_is_in_the_docs_table():
     text = DOCS.read_text()
-    table = text[text.index("## Bad input"):]
+    table = text[text.index("## Bad input") :]
     for case in [*CONFIG_CASES, *DATA_CASES, "token id >= vocabulary size", "data rewritten during training"]:
         assert f"| {case} |" in table, case

@@ -14,8 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import (TT, checkpoints, clean_env, error_lines, losses, metrics, same_weights, train, wait_for, weights,
-                      write_cfg)
+from .helpers import (
+    TT,
+    checkpoints,
+    clean_env,
+    error_lines,
+    losses,
+    metrics,
+    same_weights,
+    train,
+    wait_for,
+    weights,
+    write_cfg,
+)
 
 STEPS = 12
 
@@ -97,8 +108,13 @@ def test_kill_9_at_seeded_random_points_then_resume_auto_is_bit_identical(ref, t
         start_step = int(c["latest"][5:]) if c["latest"] else 0
         assert done == start_step or not c["latest"] or done >= start_step
         launched = time.time()
-        proc = subprocess.Popen([*TT, "train", str(ref["cfg"]), "--work-dir", str(work), "--resume", "auto"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [*TT, "train", str(ref["cfg"]), "--work-dir", str(work), "--resume", "auto"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         out = StderrTail(proc)
         if kind == "startup":
             delay = rng.uniform(0.5, 4.0)
@@ -127,11 +143,18 @@ def test_kill_9_at_seeded_random_points_then_resume_auto_is_bit_identical(ref, t
             assert f".step_{save}.partial" in after["partial"]  # left behind, never used
         log.append((kind, where, after["latest"]))
     assert {k for k, _, _ in log} == {"in_save", "after_step", "startup"}
-    final = subprocess.run([*TT, "train", str(ref["cfg"]), "--work-dir", str(work), "--resume", "auto"], env=env,
-                           capture_output=True, text=True, timeout=300)
+    final = subprocess.run(
+        [*TT, "train", str(ref["cfg"]), "--work-dir", str(work), "--resume", "auto"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert final.returncode == 0, final.stderr[-3000:]
     assert_matches_reference(work, ref)
-    assert not checkpoints(work)["partial"] or all(int(p.split("_")[1].split(".")[0]) <= STEPS for p in checkpoints(work)["partial"])
+    assert not checkpoints(work)["partial"] or all(
+        int(p.split("_")[1].split(".")[0]) <= STEPS for p in checkpoints(work)["partial"]
+    )
     print("kills:", log)
 
 
@@ -141,8 +164,13 @@ def test_kill_9_at_seeded_random_points_then_resume_auto_is_bit_identical(ref, t
 def test_sigusr1_checkpoints_at_the_step_boundary_exits_75_and_resumes_exactly(ref, tmp_path):
     work = tmp_path / "w"
     env = clean_env(faults="save_sleep=0.2", TOKENTRAIN_CACHE=ref["cache"])  # slow enough to signal mid-run
-    proc = subprocess.Popen([*TT, "train", str(ref["cfg"]), "--work-dir", str(work)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*TT, "train", str(ref["cfg"]), "--work-dir", str(work)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: len(metrics(work)) >= 3, proc, poll=0.002)
     proc.send_signal(signal.SIGUSR1)
     err = proc.communicate(timeout=120)[1]
@@ -162,7 +190,12 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.mark.parametrize("how", ["small_filesystem", "injected"])

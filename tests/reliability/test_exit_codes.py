@@ -42,7 +42,9 @@ def _args(case: str, tiny_model, tiny_data, tmp_path: Path) -> tuple[list[str], 
 
 
 def _run(cmd: list[str], env: dict, case: str, work: Path, timeout: int = 240, sig=signal.SIGTERM) -> tuple[int, str]:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         if case == "preempted":
             wait_for(lambda: len(metrics(work)) >= 2, proc, timeout=180, poll=0.05)
@@ -54,7 +56,9 @@ def _run(cmd: list[str], env: dict, case: str, work: Path, timeout: int = 240, s
     return proc.returncode, err
 
 
-def _check(case: str, rc: int, err: str, work: Path, expected: int, traceback_ok: bool = False, sig: str = "SIGTERM") -> None:
+def _check(
+    case: str, rc: int, err: str, work: Path, expected: int, traceback_ok: bool = False, sig: str = "SIGTERM"
+) -> None:
     assert rc == expected, (case, rc, err[-3000:])
     if case == "preempted":
         assert checkpoints(work)["latest"] is not None and f"stopped by {sig}" in err, err[-3000:]
@@ -69,7 +73,9 @@ def _check(case: str, rc: int, err: str, work: Path, expected: int, traceback_ok
 @pytest.mark.parametrize("case", list(CODES))
 def test_exit_code_of_the_plain_cli(case, tiny_model, tiny_data, tmp_path):
     args, faults = _args(case, tiny_model, tiny_data, tmp_path)
-    rc, err = _run([*TT, "train", *args], clean_env(faults, TOKENTRAIN_CACHE=str(tmp_path / "cache")), case, tmp_path / "w")
+    rc, err = _run(
+        [*TT, "train", *args], clean_env(faults, TOKENTRAIN_CACHE=str(tmp_path / "cache")), case, tmp_path / "w"
+    )
     _check(case, rc, err, tmp_path / "w", CODES[case])
 
 
@@ -88,8 +94,18 @@ def test_exit_code_through_nproc_per_node(case, tiny_model, tiny_data, tmp_path)
 def test_exit_code_through_torchrun(case, tiny_model, tiny_data, tmp_path):
     """A bare torchrun says 1 for any failed worker, whatever its code; 0 stays 0."""
     args, faults = _args(case, tiny_model, tiny_data, tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "tokentrain.train", *args, "--launcher", "pytorch"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "tokentrain.train",
+        *args,
+        "--launcher",
+        "pytorch",
+    ]
     rc, err = _run(cmd, clean_env(faults, TOKENTRAIN_CACHE=str(tmp_path / "cache")), case, tmp_path / "w")
     print(f"torchrun, {case}: exit {rc}")
     _check(case, rc, err, tmp_path / "w", TORCHRUN_CODES[case], traceback_ok=True)
@@ -106,8 +122,13 @@ def test_exit_code_through_srun(case, tiny_model, tiny_data, tmp_path, request):
     cmd = ["srun", "-N1", "-n2", "--kill-on-bad-exit=1", BIN, "train", *args, "--launcher", "slurm"]
     # srun passes SIGUSR1 on to the tasks (as `srun --signal=USR1@T` or `scancel --signal=USR1` do);
     # a SIGTERM to srun itself makes it kill the step (exit 137), so preemption goes by SIGUSR1.
-    rc, err = _run(cmd, clean_env(faults, TOKENTRAIN_CACHE=str(tmp_path / "cache"), MASTER_PORT=str(_free_port())), case,
-                   tmp_path / "w", sig=signal.SIGUSR1)
+    rc, err = _run(
+        cmd,
+        clean_env(faults, TOKENTRAIN_CACHE=str(tmp_path / "cache"), MASTER_PORT=str(_free_port())),
+        case,
+        tmp_path / "w",
+        sig=signal.SIGUSR1,
+    )
     print(f"srun, {case}: exit {rc}")
     _check(case, rc, err, tmp_path / "w", SRUN_CODES[case], sig="SIGUSR1")
 

@@ -48,17 +48,23 @@ def _json_ints(line: bytes):
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     toks = obj.get("tokens") if isinstance(obj, dict) else None
-    if not isinstance(toks, list) or not all(type(t) is int and -2**63 <= t < 2**63 for t in toks):
+    if not isinstance(toks, list) or not all(type(t) is int and -(2**63) <= t < 2**63 for t in toks):
         return None
     return toks
 
 
 _line_bytes = st.one_of(
     st.binary(max_size=80),
-    st.builds(lambda toks, junk: ('{"tokens": [' + ", ".join(map(str, toks)) + "]}").encode() + junk,
-              st.lists(st.integers(-2**70, 2**70), max_size=8), st.binary(max_size=4)),
-    st.builds(lambda a, b: a + b, st.sampled_from([b'{"tokens": [', b'{"tokens":', b"{", b"[1, 2]", b'{"tokens": [1, 2]}']),
-              st.binary(max_size=20)),
+    st.builds(
+        lambda toks, junk: ('{"tokens": [' + ", ".join(map(str, toks)) + "]}").encode() + junk,
+        st.lists(st.integers(-(2**70), 2**70), max_size=8),
+        st.binary(max_size=4),
+    ),
+    st.builds(
+        lambda a, b: a + b,
+        st.sampled_from([b'{"tokens": [', b'{"tokens":', b"{", b"[1, 2]", b'{"tokens": [1, 2]}']),
+        st.binary(max_size=20),
+    ),
 )
 
 
@@ -82,11 +88,16 @@ _npy_header = np.lib.format.magic(1, 0)
 
 
 @_fast
-@given(blob=st.one_of(
-    st.binary(max_size=200),
-    st.builds(lambda b: _npy_header + b, st.binary(max_size=200)),  # a real magic, junk after it
-    st.builds(lambda arr, cut: arr[:cut], st.just(None).map(lambda _: _valid_meta()), st.integers(0, 200)),  # truncated
-), data_file=st.sampled_from([b'{"tokens": [1, 2]}\n{"tokens": [3]}\n', b"", b"\n\n"]))
+@given(
+    blob=st.one_of(
+        st.binary(max_size=200),
+        st.builds(lambda b: _npy_header + b, st.binary(max_size=200)),  # a real magic, junk after it
+        st.builds(
+            lambda arr, cut: arr[:cut], st.just(None).map(lambda _: _valid_meta()), st.integers(0, 200)
+        ),  # truncated
+    ),
+    data_file=st.sampled_from([b'{"tokens": [1, 2]}\n{"tokens": [3]}\n', b"", b"\n\n"]),
+)
 def test_read_meta_on_random_bytes_gives_a_table_or_a_clean_error(blob, data_file):
     with tempfile.TemporaryDirectory() as d:
         data, meta = Path(d) / "a.bin", Path(d) / "a.bin.meta"
@@ -114,12 +125,22 @@ def _valid_meta() -> bytes:
 _doc = st.lists(st.integers(-40, 40), min_size=1, max_size=12)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(files=st.lists(st.lists(_doc, min_size=1, max_size=12), min_size=1, max_size=3),
-       L=st.integers(1, 16), packed=st.booleans(), world=st.integers(1, 4), batch=st.integers(1, 3),
-       seed=st.integers(0, 5), epoch=st.integers(0, 2), zero_is_target=st.booleans())
-def test_every_document_goes_to_exactly_one_rank_and_batches_keep_tokens(files, L, packed, world, batch, seed, epoch,
-                                                                         zero_is_target, tmp_path_factory):
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    files=st.lists(st.lists(_doc, min_size=1, max_size=12), min_size=1, max_size=3),
+    L=st.integers(1, 16),
+    packed=st.booleans(),
+    world=st.integers(1, 4),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 5),
+    epoch=st.integers(0, 2),
+    zero_is_target=st.booleans(),
+)
+def test_every_document_goes_to_exactly_one_rank_and_batches_keep_tokens(
+    files, L, packed, world, batch, seed, epoch, zero_is_target, tmp_path_factory
+):
     from tokentrain.data.batch import collate
     from tokentrain.data.dataset import DataSettings, build_dataset
     from tokentrain.data.sampler import ResumableSampler
@@ -128,8 +149,16 @@ def test_every_document_goes_to_exactly_one_rank_and_batches_keep_tokens(files, 
     for i, docs in enumerate(files):
         (root / f"f{i}.bin").write_text("".join(json.dumps({"tokens": d}) + "\n" for d in docs))
     try:
-        ds = build_dataset(DataSettings(folder=str(root), max_length=L, pack_to_max_length=packed, seed=seed,
-                                        zero_is_target=zero_is_target, cache_dir=str(root / "cache")))
+        ds = build_dataset(
+            DataSettings(
+                folder=str(root),
+                max_length=L,
+                pack_to_max_length=packed,
+                seed=seed,
+                zero_is_target=zero_is_target,
+                cache_dir=str(root / "cache"),
+            )
+        )
     except DataError as e:
         assert "fewer than one pack" in str(e)
         return
@@ -180,12 +209,14 @@ def test_every_document_goes_to_exactly_one_rank_and_batches_keep_tokens(files, 
     else:
         for k in samples_seen:
             smp = ds[k]
-            (f, line), = ds.sources(k)
+            ((f, line),) = ds.sources(k)
             doc = files[int(Path(f).stem[1:])][line - 1]
             assert list(smp["input_ids"]) == [abs(t) for t in doc[:L]]  # the document itself, truncated
             assert (smp["position_ids"] == np.arange(len(smp["input_ids"]))).all()
             nxt = doc[1 : L + 1] + ([] if len(doc) > L else [None])
-            want = [(t if (t is not None and (t >= 0 if zero_is_target else t > 0)) else -100) for t in nxt][: len(smp["labels"])]
+            want = [(t if (t is not None and (t >= 0 if zero_is_target else t > 0)) else -100) for t in nxt][
+                : len(smp["labels"])
+            ]
             if len(doc) <= L:
                 want[-1] = -100  # the document's last token has no target
             assert list(smp["labels"]) == want

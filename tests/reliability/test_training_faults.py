@@ -33,7 +33,9 @@ def test_non_finite_stops_by_default_naming_step_and_samples(tiny_model, tiny_da
     """(With DataLoader workers too: they ignore SIGTERM, and once made the exit hang.)"""
     cfg = write_cfg(tmp_path / "run.py", tiny_model, tiny_data, dataloader_num_workers=workers)
     work = tmp_path / "w"
-    r = train(cfg, "--work-dir", work, env=clean_env(faults=f"{fault}=5", TOKENTRAIN_CACHE=os.environ["TOKENTRAIN_CACHE"]))
+    r = train(
+        cfg, "--work-dir", work, env=clean_env(faults=f"{fault}=5", TOKENTRAIN_CACHE=os.environ["TOKENTRAIN_CACHE"])
+    )
     lines = error_lines(r.stderr)
     assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     what = "loss nan" if fault == "nan_loss_at_step" else "gradient norm inf"
@@ -78,11 +80,23 @@ def test_data_rewritten_under_a_running_job_is_detected(tiny_model, tmp_path, wo
     synth_dataset(data, files=2, documents=300, seed=1, mean_length=40, vocab_size=512)
     other = tmp_path / "other"
     synth_dataset(other, files=2, documents=300, seed=9, mean_length=40, vocab_size=512)
-    cfg = write_cfg(tmp_path / "run.py", tiny_model, data, max_iters=100000, save_steps=100000,
-                    dataloader_num_workers=workers, log_interval=1)
+    cfg = write_cfg(
+        tmp_path / "run.py",
+        tiny_model,
+        data,
+        max_iters=100000,
+        save_steps=100000,
+        dataloader_num_workers=workers,
+        log_interval=1,
+    )
     work = tmp_path / "w"
-    proc = subprocess.Popen([*TT, "train", str(cfg), "--work-dir", str(work)], env=clean_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*TT, "train", str(cfg), "--work-dir", str(work)],
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: len(metrics(work)) >= 3, proc)
         victim = sorted(data.glob("*.bin"))[0]
@@ -110,7 +124,9 @@ def test_token_id_beyond_the_vocabulary_names_file_and_line(tiny_model, tmp_path
     f.write_bytes(b"".join(lines))
     for meta in data.glob("*.meta"):
         meta.unlink()
-    cfg = write_cfg(tmp_path / "run.py", tiny_model, data, shuffle_before_pack=False, max_iters=None, max_epochs=1, save_steps=1000)
+    cfg = write_cfg(
+        tmp_path / "run.py", tiny_model, data, shuffle_before_pack=False, max_iters=None, max_epochs=1, save_steps=1000
+    )
     r = train(cfg, "--work-dir", tmp_path / "w")
     errs = error_lines(r.stderr)
     assert r.returncode == 3 and len(errs) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -132,9 +148,25 @@ def test_a_killed_rank_ends_a_deepspeed_job(tiny_model, tiny_data, tmp_path):
 
     cfg = write_cfg(tmp_path / "run.py", tiny_model, tiny_data, batch_size=1, max_iters=100000, save_steps=100000)
     work = tmp_path / "w"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "tokentrain.train", str(cfg), "--work-dir", str(work), "--launcher", "pytorch", "--deepspeed", "deepspeed_zero2"]
-    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "tokentrain.train",
+        str(cfg),
+        "--work-dir",
+        str(work),
+        "--launcher",
+        "pytorch",
+        "--deepspeed",
+        "deepspeed_zero2",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     ranks: list[int] = []
     try:
         wait_for(lambda: len(metrics(work)) >= 2, proc, timeout=180, poll=0.2)

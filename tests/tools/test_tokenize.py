@@ -80,16 +80,32 @@ def test_text_formats_add_bos_and_eos_all_positive(tmp_path, tok):
     js = write_jsonl(tmp_path / "b.jsonl", [{"text": "hello world"}])
     tokenize_files([txt, js], TokenizeOptions(TOK, str(tmp_path / "o1"), progress=False))
     docs = read_docs(tmp_path / "o1")
-    assert [tok.decode(d[1:-1]) for d in docs] == ["first line", "second line", "third para", "still third", "hello world"]
+    assert [tok.decode(d[1:-1]) for d in docs] == [
+        "first line",
+        "second line",
+        "third para",
+        "still third",
+        "hello world",
+    ]
     assert all(d[0] == tok.bos_token_id and d[-1] == tok.eos_token_id and (d > 0).all() for d in docs)
-    tokenize_files([txt], TokenizeOptions(TOK, str(tmp_path / "o2"), txt_mode="paragraph", add_bos=False, progress=False))
+    tokenize_files(
+        [txt], TokenizeOptions(TOK, str(tmp_path / "o2"), txt_mode="paragraph", add_bos=False, progress=False)
+    )
     docs = read_docs(tmp_path / "o2")
     assert [tok.decode(d[:-1]) for d in docs] == ["first line\nsecond line", "third para\nstill third"]
 
 
 def test_deterministic_across_runs_and_worker_counts(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}."}]}
-            for a in range(10) for b in range(10)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"{a + b}."},
+            ]
+        }
+        for a in range(10)
+        for b in range(10)
+    ]
     src = write_jsonl(tmp_path / "c.jsonl", rows)
     outs = []
     for i, workers in enumerate((1, 2, 2)):
@@ -132,12 +148,44 @@ def test_empty_text_document(tmp_path):
 def test_cli_exit_codes_and_summary(tmp_path):
     src = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONV}] * 3)
     out = tmp_path / "o"
-    r = subprocess.run([sys.executable, "-m", "tokentrain", "tokenize", str(src), "--tokenizer", TOK, "--out", str(out), "--workers", "1", "--no-progress"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokentrain",
+            "tokenize",
+            str(src),
+            "--tokenizer",
+            TOK,
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "tokenized 3 documents" in r.stdout and "tokens/s" in r.stdout
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n")
-    r = subprocess.run([sys.executable, "-m", "tokentrain", "tokenize", str(bad), "--format", "chat", "--tokenizer", TOK, "--out", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokentrain",
+            "tokenize",
+            str(bad),
+            "--format",
+            "chat",
+            "--tokenizer",
+            TOK,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 3 and "bad.jsonl: line 1: malformed JSON" in r.stderr and "Traceback" not in r.stderr
     assert main(["tokenize", str(src), "--tokenizer", str(tmp_path / "nope"), "--out", str(out), "--workers", "1"]) == 2

@@ -28,7 +28,9 @@ def _quiet_and_small():
 def tiny_model(tmp_path_factory):
     from tokentrain.model.tiny import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", vocab_size=VOCAB, hidden_size=32, layers=2, heads=4)
+    return make_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-llama", vocab_size=VOCAB, hidden_size=32, layers=2, heads=4
+    )
 
 
 @pytest.fixture(scope="session")

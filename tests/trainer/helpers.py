@@ -8,9 +8,22 @@ from pathlib import Path
 import torch
 
 BASE = dict(
-    max_length=128, pack_to_max_length=True, batch_size=1, accumulative_counts=1, dataloader_num_workers=0,
-    max_epochs=1, lr=1e-3, warm_up_ratio=0.0, save_steps=1000, save_total_limit=-1, evaluation_freq=1000,
-    evaluation_inputs=[], log_interval=1, tensorboard=False, dtype="float32", seed=7,
+    max_length=128,
+    pack_to_max_length=True,
+    batch_size=1,
+    accumulative_counts=1,
+    dataloader_num_workers=0,
+    max_epochs=1,
+    lr=1e-3,
+    warm_up_ratio=0.0,
+    save_steps=1000,
+    save_total_limit=-1,
+    evaluation_freq=1000,
+    evaluation_inputs=[],
+    log_interval=1,
+    tensorboard=False,
+    dtype="float32",
+    seed=7,
 )
 
 

@@ -6,11 +6,23 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tokentrain.model.attention import DocMasking, block_causal_mask, probe_isolation, segment_ids, select_masking, varlen_kwargs
+from tokentrain.model.attention import (
+    DocMasking,
+    block_causal_mask,
+    probe_isolation,
+    segment_ids,
+    select_masking,
+    varlen_kwargs,
+)
 from tokentrain.model.lm import CausalLMWithLoss
 
-CASES = [("sdpa", "positions"), ("sdpa", "mask4d"), ("eager", "positions"), ("eager", "mask4d"),
-         ("sdpa", "varlen")]  # varlen on sdpa: the flash path's flattening of B rows into one, checked on CPU
+CASES = [
+    ("sdpa", "positions"),
+    ("sdpa", "mask4d"),
+    ("eager", "positions"),
+    ("eager", "mask4d"),
+    ("sdpa", "varlen"),
+]  # varlen on sdpa: the flash path's flattening of B rows into one, checked on CPU
 
 LENGTHS = [[7, 12, 5, 8], [20, 3, 9]]  # two packed rows of 32 tokens (rows are independent packs)
 
@@ -25,8 +37,10 @@ def _pack(vocab):
 
 @pytest.fixture(scope="module")
 def models(tiny_model):
-    return {impl: AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=impl).eval()
-            for impl in ("sdpa", "eager")}
+    return {
+        impl: AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=impl).eval()
+        for impl in ("sdpa", "eager")
+    }
 
 
 @pytest.mark.parametrize("impl, mode", CASES)
@@ -67,7 +81,9 @@ def test_loss_of_each_document_equals_alone_and_no_gradient_crosses(models, impl
             kw.pop("input_ids")
             flat = embeds.reshape(1, -1, embeds.shape[-1]) if mode == "varlen" else embeds
             logits = lm.masking.unflatten(model(inputs_embeds=flat, **kw).logits, ids.shape[0])
-            doc_loss = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="sum")
+            doc_loss = torch.nn.functional.cross_entropy(
+                logits[labels != -100], labels[labels != -100], reduction="sum"
+            )
             (g,) = torch.autograd.grad(doc_loss, embeds)
             others = torch.ones(ids.shape, dtype=torch.bool)
             others[r, start : start + len(d)] = False
@@ -78,6 +94,7 @@ def test_loss_of_each_document_equals_alone_and_no_gradient_crosses(models, impl
 
 def test_the_probe_catches_a_leak(models):
     """With use_cache unset transformers does not detect the packing: documents leak."""
+
     class Leaky(DocMasking):
         def model_inputs(self, input_ids, position_ids, additive_dtype=None):
             return {"input_ids": input_ids, "position_ids": position_ids}
@@ -86,8 +103,12 @@ def test_the_probe_catches_a_leak(models):
 
     class BoolMaskOnEager(DocMasking):  # eager adds the mask: a bool mask is silently wrong
         def model_inputs(self, input_ids, position_ids, additive_dtype=None):
-            return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
-                    "attention_mask": block_causal_mask(position_ids)}
+            return {
+                "input_ids": input_ids,
+                "position_ids": position_ids,
+                "use_cache": False,
+                "attention_mask": block_causal_mask(position_ids),
+            }
 
     assert probe_isolation(models["eager"], BoolMaskOnEager("mask4d", "eager"), torch.device("cpu")) > 1e-3
     for impl in ("sdpa", "eager"):

@@ -21,10 +21,25 @@ TT = [sys.executable, "-m", "tokentrain"]
 
 
 def _cfg(path: Path, model, data, **over) -> Path:
-    settings = dict(pretrained_model_name_or_path=str(model), dataset_folder=str(data), max_length=128,
-                    batch_size=2, accumulative_counts=1, dataloader_num_workers=2, max_iters=150, lr=1e-3,
-                    warm_up_ratio=0.1, save_steps=1000, save_total_limit=2, evaluation_freq=1000,
-                    evaluation_inputs=["Hello"], evaluation_max_new_tokens=4, log_interval=1, dtype="float32", seed=3)
+    settings = dict(
+        pretrained_model_name_or_path=str(model),
+        dataset_folder=str(data),
+        max_length=128,
+        batch_size=2,
+        accumulative_counts=1,
+        dataloader_num_workers=2,
+        max_iters=150,
+        lr=1e-3,
+        warm_up_ratio=0.1,
+        save_steps=1000,
+        save_total_limit=2,
+        evaluation_freq=1000,
+        evaluation_inputs=["Hello"],
+        evaluation_max_new_tokens=4,
+        log_interval=1,
+        dtype="float32",
+        seed=3,
+    )
     settings.update(over)
     return write_config(path, **settings)
 
@@ -36,11 +51,19 @@ def _env(tmp_path):
 def test_sigterm_checkpoints_exits_75_and_resume_is_bit_identical(tiny_model, tiny_data, tmp_path):
     cfg = _cfg(tmp_path / "run.py", tiny_model, tiny_data)
     env = _env(tmp_path)
-    full = subprocess.run([*TT, "train", str(cfg), "--work-dir", str(tmp_path / "a")], env=env, capture_output=True, text=True, timeout=300)
+    full = subprocess.run(
+        [*TT, "train", str(cfg), "--work-dir", str(tmp_path / "a")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert full.returncode == 0, full.stderr[-2000:]
 
     work = tmp_path / "b"
-    proc = subprocess.Popen([*TT, "train", str(cfg), "--work-dir", str(work)], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*TT, "train", str(cfg), "--work-dir", str(work)], env=env, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         if (work / "metrics.jsonl").is_file() and len((work / "metrics.jsonl").read_text().splitlines()) >= 3:
@@ -54,7 +77,13 @@ def test_sigterm_checkpoints_exits_75_and_resume_is_bit_identical(tiny_model, ti
     assert 3 <= stopped < 150
     assert not (work / "hf").exists()
 
-    resumed = subprocess.run([*TT, "train", str(cfg), "--work-dir", str(work), "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*TT, "train", str(cfg), "--work-dir", str(work), "--resume", "auto"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {work / 'checkpoints' / f'step_{stopped}'} at step {stopped}" in resumed.stderr
 
@@ -78,7 +107,9 @@ def test_sigterm_checkpoints_exits_75_and_resume_is_bit_identical(tiny_model, ti
     assert {p.name for p in (work / "checkpoints").glob("step_*")} == {f"step_{stopped}", "step_150"}
 
     # Every line of metrics.jsonl is one JSON object with step and loss; TensorBoard has events.
-    assert all({"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops", "target_tokens", "epoch"} <= r.keys() for r in b)
+    assert all(
+        {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops", "target_tokens", "epoch"} <= r.keys() for r in b
+    )
     assert list((work / "tensorboard").glob("events.*"))
     out = work / "metrics.png"
     assert main(["plot", str(work)]) == 0
@@ -120,12 +151,19 @@ def test_every_template_trains_with_only_the_paths_changed(tiny_model, tmp_path,
         assert main(["copy-cfg", name, str(tmp_path / "cfgs")]) == 0
         path = tmp_path / "cfgs" / f"{name}_copy.py"
         text = path.read_text()
-        text = re.sub(r"^pretrained_model_name_or_path = .*$", f"pretrained_model_name_or_path = {str(tiny_model)!r}", text, flags=re.M)
+        text = re.sub(
+            r"^pretrained_model_name_or_path = .*$",
+            f"pretrained_model_name_or_path = {str(tiny_model)!r}",
+            text,
+            flags=re.M,
+        )
         text = re.sub(r"^dataset_folder = .*$", f"dataset_folder = {str(data)!r}", text, flags=re.M)
         path.write_text(text)
         assert main(["train", str(path), "--work-dir", str(tmp_path / name)]) == 0, name
         recs = metrics(tmp_path / name)
-        assert recs and recs[-1]["step"] == recs[-1]["total_steps"] and (tmp_path / name / "hf" / "config.json").is_file()
+        assert (
+            recs and recs[-1]["step"] == recs[-1]["total_steps"] and (tmp_path / name / "hf" / "config.json").is_file()
+        )
         assert json.loads((tmp_path / name / "generations.jsonl").read_text().splitlines()[0])["step"] == 0
 
 

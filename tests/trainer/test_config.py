@@ -16,27 +16,32 @@ REQUIRED = dict(pretrained_model_name_or_path="/m", dataset_folder="/d")
 
 def test_loads_settings_and_ignores_imports_and_helpers(tmp_path):
     p = tmp_path / "c.py"
-    p.write_text("import os\nfrom pathlib import Path\ndef helper(x):\n    return x\n"
-                 "pretrained_model_name_or_path = '/m'\ndataset_folder = str(Path('/d'))\n"
-                 "_private = 3\nbetas = [0.8, 0.9]\nmax_norm = 1\nbatch_size = 4.0\nSYSTEM = 'be nice'\n")
+    p.write_text(
+        "import os\nfrom pathlib import Path\ndef helper(x):\n    return x\n"
+        "pretrained_model_name_or_path = '/m'\ndataset_folder = str(Path('/d'))\n"
+        "_private = 3\nbetas = [0.8, 0.9]\nmax_norm = 1\nbatch_size = 4.0\nSYSTEM = 'be nice'\n"
+    )
     cfg = load_config(p)
     assert cfg.dataset_folder == "/d" and cfg.betas == (0.8, 0.9) and cfg.max_norm == 1.0
     assert isinstance(cfg.batch_size, int) and cfg.batch_size == 4 and cfg.SYSTEM == "be nice"
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("lerning_rate = 0.1\n", "unknown setting 'lerning_rate'"),
-    ("accumulative_count = 2\n", "did you mean 'accumulative_counts'"),
-    ("system = 'x'\n", "did you mean 'SYSTEM'"),
-    ("batch_size = '4'\n", "batch_size = '4': expected an integer"),
-    ("pack_to_max_length = 1\n", "expected True or False"),
-    ("betas = (0.9,)\n", "expected a tuple of 2 numbers"),
-    ("batch_size = 0\n", "batch_size = 0: must be >= 1"),
-    ("save_total_limit = 0\n", "-1 to keep every checkpoint"),
-    ("warm_up_ratio = 1.5\n", "warm_up_ratio"),
-    ("dtype = 'fp8'\n", "dtype = 'fp8': must be one of"),
-    ("evaluation_inputs = 'hi'\n", "expected a list of strings"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("lerning_rate = 0.1\n", "unknown setting 'lerning_rate'"),
+        ("accumulative_count = 2\n", "did you mean 'accumulative_counts'"),
+        ("system = 'x'\n", "did you mean 'SYSTEM'"),
+        ("batch_size = '4'\n", "batch_size = '4': expected an integer"),
+        ("pack_to_max_length = 1\n", "expected True or False"),
+        ("betas = (0.9,)\n", "expected a tuple of 2 numbers"),
+        ("batch_size = 0\n", "batch_size = 0: must be >= 1"),
+        ("save_total_limit = 0\n", "-1 to keep every checkpoint"),
+        ("warm_up_ratio = 1.5\n", "warm_up_ratio"),
+        ("dtype = 'fp8'\n", "dtype = 'fp8': must be one of"),
+        ("evaluation_inputs = 'hi'\n", "expected a list of strings"),
+    ],
+)
 def test_bad_settings_are_one_line_errors_naming_file_and_key(tmp_path, text, needle):
     p = write_config(tmp_path / "c.py", **REQUIRED)
     p.write_text(p.read_text() + text)
@@ -58,9 +63,21 @@ def test_missing_required_and_broken_files(tmp_path):
 
 def test_cfg_options_are_coerced_to_the_key_type(tmp_path):
     p = write_config(tmp_path / "c.py", **REQUIRED)
-    cfg = load_config(p, ["lr=3e-4", "batch_size=8", "pack_to_max_length=false", "betas=0.8,0.99",
-                          "max_iters=1e2", "val_dataset_folder=/v", "evaluation_inputs=['a b', 'c']",
-                          "use_varlen_attn=None", "dtype=bf16", "SYSTEM=hello world"])
+    cfg = load_config(
+        p,
+        [
+            "lr=3e-4",
+            "batch_size=8",
+            "pack_to_max_length=false",
+            "betas=0.8,0.99",
+            "max_iters=1e2",
+            "val_dataset_folder=/v",
+            "evaluation_inputs=['a b', 'c']",
+            "use_varlen_attn=None",
+            "dtype=bf16",
+            "SYSTEM=hello world",
+        ],
+    )
     assert cfg.lr == 3e-4 and cfg.batch_size == 8 and cfg.pack_to_max_length is False
     assert cfg.betas == (0.8, 0.99) and cfg.max_iters == 100 and cfg.val_dataset_folder == "/v"
     assert cfg.evaluation_inputs == ["a b", "c"] and cfg.use_varlen_attn is None and cfg.dtype == "bfloat16"
@@ -85,7 +102,13 @@ def test_templates_list_copy_and_load(tmp_path):
         cfg = load_config(copy_template(name, tmp_path))
         assert cfg.pack_to_max_length
     seed = load_config(tmp_path / "internlm_7b_full_intern_repo_dataset_template_copy.py")
-    assert (seed.max_length, seed.lr, seed.betas, seed.warm_up_ratio, seed.save_total_limit) == (2048, 4e-5, (0.9, 0.95), 0.025, 2)
+    assert (seed.max_length, seed.lr, seed.betas, seed.warm_up_ratio, seed.save_total_limit) == (
+        2048,
+        4e-5,
+        (0.9, 0.95),
+        0.025,
+        2,
+    )
     assert seed.pretrained_model_name_or_path == "internlm/internlm-7b"
 
 

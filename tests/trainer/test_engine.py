@@ -52,18 +52,48 @@ def test_parameters_do_not_depend_on_micro_batch_split(split_runs):
 @pytest.mark.slow
 def test_two_ddp_ranks_give_the_same_parameters(split_runs, tiny_model, tiny_data, tmp_path):
     """2 gloo ranks x batch 1 x accumulation 2 == one process x batch 4 (real torchrun, via NPROC_PER_NODE)."""
-    cfg = write_config(tmp_path / "ddp.py", **{k: v for k, v in json.loads(json.dumps(dict(
-        pretrained_model_name_or_path=str(tiny_model), dataset_folder=str(tiny_data), max_length=128,
-        batch_size=1, accumulative_counts=2, max_iters=2, lr=SPLIT_LR, warm_up_ratio=0.0, save_steps=1000,
-        save_total_limit=-1, evaluation_inputs=[], log_interval=1, tensorboard=False, dtype="float32", seed=7))).items()})
+    cfg = write_config(
+        tmp_path / "ddp.py",
+        **{
+            k: v
+            for k, v in json.loads(
+                json.dumps(
+                    dict(
+                        pretrained_model_name_or_path=str(tiny_model),
+                        dataset_folder=str(tiny_data),
+                        max_length=128,
+                        batch_size=1,
+                        accumulative_counts=2,
+                        max_iters=2,
+                        lr=SPLIT_LR,
+                        warm_up_ratio=0.0,
+                        save_steps=1000,
+                        save_total_limit=-1,
+                        evaluation_inputs=[],
+                        log_interval=1,
+                        tensorboard=False,
+                        dtype="float32",
+                        seed=7,
+                    )
+                )
+            ).items()
+        },
+    )
     env = dict(os.environ, NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)
-    r = subprocess.run([sys.executable, "-m", "tokentrain", "train", str(cfg), "--work-dir", str(tmp_path / "w")],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "tokentrain", "train", str(cfg), "--work-dir", str(tmp_path / "w")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ref = checkpoint_weights(split_runs[(4, 1)], 2)
     assert max_rel_diff(checkpoint_weights(tmp_path / "w", 2), ref) <= 1e-6
-    assert [m["loss"] for m in metrics(tmp_path / "w")] == pytest.approx([m["loss"] for m in metrics(split_runs[(4, 1)])], rel=1e-6)
+    assert [m["loss"] for m in metrics(tmp_path / "w")] == pytest.approx(
+        [m["loss"] for m in metrics(split_runs[(4, 1)])], rel=1e-6
+    )
 
 
 def test_unpacked_padded_batches_equal_one_document_at_a_time(tiny_model, tiny_data, tmp_path):
@@ -124,8 +154,16 @@ def _preempt_during(trainer: Trainer, step: int) -> None:
 
 
 def test_resume_is_bit_identical(dropout_model, tiny_data, tmp_path):
-    cfg = make_config(dropout_model, tiny_data, batch_size=2, accumulative_counts=2, max_iters=6, save_steps=4,
-                      dataloader_num_workers=1, warm_up_ratio=0.3)
+    cfg = make_config(
+        dropout_model,
+        tiny_data,
+        batch_size=2,
+        accumulative_counts=2,
+        max_iters=6,
+        save_steps=4,
+        dataloader_num_workers=1,
+        warm_up_ratio=0.3,
+    )
     assert train(cfg, tmp_path / "a") == 0
 
     t = Trainer(cfg.replace(work_dir=str(tmp_path / "b")), local_env(), tmp_path / "b")
@@ -153,7 +191,9 @@ def test_checkpoints_latest_pointer_and_save_total_limit(tiny_model, tiny_data, 
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_4", "step_5"]
     assert (root / "latest").read_text().strip() == "step_5"
     ck = root / "step_5"
-    assert {"model.safetensors", "optimizer.pt", "trainer_state.pt", "rng_rank0.pt", "config.json", "COMPLETE"} <= {p.name for p in ck.iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.pt", "rng_rank0.pt", "config.json", "COMPLETE"} <= {
+        p.name for p in ck.iterdir()
+    }
     state = torch.load(ck / "trainer_state.pt", weights_only=True)
     assert state["step"] == 5 and state["sampler"]["consumed"] == 5 and state["scheduler"]["step"] == 5
     assert json.loads((ck / "config.json").read_text())["max_iters"] == 5
@@ -170,12 +210,26 @@ def test_checkpoints_latest_pointer_and_save_total_limit(tiny_model, tiny_data, 
     # save_total_limit = -1 keeps every checkpoint
     cfg = make_config(tiny_model, tiny_data, max_iters=4, save_steps=1, save_total_limit=-1)
     assert train(cfg, tmp_path / "all") == 0
-    assert sorted(p.name for p in (tmp_path / "all/checkpoints").glob("step_*")) == ["step_1", "step_2", "step_3", "step_4"]
+    assert sorted(p.name for p in (tmp_path / "all/checkpoints").glob("step_*")) == [
+        "step_1",
+        "step_2",
+        "step_3",
+        "step_4",
+    ]
 
 
 def test_validation_loss_and_generation_are_logged(tiny_model, tiny_data, val_data, tmp_path):
-    cfg = make_config(tiny_model, tiny_data, val_dataset_folder=str(val_data), max_iters=4, evaluation_freq=2,
-                      log_interval=3, evaluation_inputs=["Hello", "上海"], SYSTEM="You are a test.", evaluation_max_new_tokens=4)
+    cfg = make_config(
+        tiny_model,
+        tiny_data,
+        val_dataset_folder=str(val_data),
+        max_iters=4,
+        evaluation_freq=2,
+        log_interval=3,
+        evaluation_inputs=["Hello", "上海"],
+        SYSTEM="You are a test.",
+        evaluation_max_new_tokens=4,
+    )
     assert train(cfg, tmp_path / "w") == 0
     recs = metrics(tmp_path / "w")
     assert [r["step"] for r in recs] == [2, 3, 4]
@@ -190,4 +244,6 @@ def test_gradient_checkpointing_and_workers_change_nothing(tiny_model, tiny_data
     assert train(base, tmp_path / "plain") == 0
     assert train(base.replace(gradient_checkpointing=True, dataloader_num_workers=2), tmp_path / "ckpt") == 0
     assert max_rel_diff(checkpoint_weights(tmp_path / "ckpt", 2), checkpoint_weights(tmp_path / "plain", 2)) <= 1e-6
-    assert [r["loss"] for r in metrics(tmp_path / "ckpt")] == pytest.approx([r["loss"] for r in metrics(tmp_path / "plain")], rel=1e-6)
+    assert [r["loss"] for r in metrics(tmp_path / "ckpt")] == pytest.approx(
+        [r["loss"] for r in metrics(tmp_path / "plain")], rel=1e-6
+    )

@@ -64,7 +64,9 @@ def test_schedule_warmup_from_lr_over_40_then_cosine_to_floor():
     assert lr_factor(25, total, warm, floor) == pytest.approx(1.0)
     assert lr_factor(12, total, warm, floor) == pytest.approx(1 / 40 + (1 - 1 / 40) * 12 / 25)
     mid = 25 + (1000 - 25) / 2
-    assert lr_factor(int(mid), total, warm, floor) == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (int(mid) - 25) / 975)))
+    assert lr_factor(int(mid), total, warm, floor) == pytest.approx(
+        floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (int(mid) - 25) / 975))
+    )
     assert lr_factor(1000, total, warm, floor) == pytest.approx(floor)
     factors = [lr_factor(s, total, warm, floor) for s in range(25, 1001)]
     assert all(a >= b for a, b in zip(factors, factors[1:]))
@@ -81,6 +83,6 @@ def test_attention_flops_use_document_lengths_not_max_length(tiny_model):
     emb = cfg.vocab_size * cfg.hidden_size
     assert fc.matmul_params == sum(p.numel() for p in model.parameters()) - emb
     assert fc.layers == cfg.num_hidden_layers and fc.attn_dim == cfg.hidden_size
-    one_doc = fc.step_flops(128, 128 ** 2)
-    four_docs = fc.step_flops(128, 4 * 32 ** 2)
-    assert one_doc - four_docs == pytest.approx(6 * fc.layers * fc.attn_dim * (128 ** 2 - 4 * 32 ** 2))
+    one_doc = fc.step_flops(128, 128**2)
+    four_docs = fc.step_flops(128, 4 * 32**2)
+    assert one_doc - four_docs == pytest.approx(6 * fc.layers * fc.attn_dim * (128**2 - 4 * 32**2))

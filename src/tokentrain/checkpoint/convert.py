@@ -47,12 +47,20 @@ def load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
-        return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
-    raise ConfigError(f"{ckpt}: neither {MODEL_FILE} nor a DeepSpeed {DS_TAG}/ folder; is this a tokentrain checkpoint?")
+        return {k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in state.items()}
+    raise ConfigError(
+        f"{ckpt}: neither {MODEL_FILE} nor a DeepSpeed {DS_TAG}/ folder; is this a tokentrain checkpoint?"
+    )
 
 
-def pth_to_hf(model_path: str, ckpt_dir: Path, out: Path, trust_remote_code: bool = False,
-              max_shard_size: str = "5GB", dtype: str = "float32") -> Path:
+def pth_to_hf(
+    model_path: str,
+    ckpt_dir: Path,
+    out: Path,
+    trust_remote_code: bool = False,
+    max_shard_size: str = "5GB",
+    dtype: str = "float32",
+) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from tokentrain.checkpoint.hf_export import export_hf
@@ -63,13 +71,14 @@ def pth_to_hf(model_path: str, ckpt_dir: Path, out: Path, trust_remote_code: boo
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     expected = set(model.state_dict())
-    tied = {k for k in expected - set(state)
-            if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
+    tied = {k for k in expected - set(state) if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
     missing = expected - set(state) - tied
     unexpected = set(state) - expected
     if missing or unexpected:
-        raise ConfigError(f"{ckpt}: weights do not fit the model of {model_path} "
-                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); is it the same model?")
+        raise ConfigError(
+            f"{ckpt}: weights do not fit the model of {model_path} "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); is it the same model?"
+        )
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()

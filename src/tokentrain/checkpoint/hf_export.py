@@ -27,7 +27,10 @@ def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_sh
             dtype = getattr(model.config, "dtype", None) or torch.float32
             if isinstance(dtype, str):
                 dtype = DTYPES.get(dtype, torch.float32)
-        state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu() for k, v in model.state_dict().items()}
+        state = {
+            k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()
+            for k, v in model.state_dict().items()
+        }
         use_cache, saved_dtype = model.config.use_cache, getattr(model.config, "dtype", None)
         model.config.use_cache = True  # generation-ready
         model.config.dtype = dtype  # what the weights are stored in, so dtype="auto" loads them as they are

@@ -63,8 +63,13 @@ def rng_state() -> dict:
     mt = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": mt[0], "keys": torch.from_numpy(mt[1].astype(np.int64)), "pos": int(mt[2]),
-                  "has_gauss": int(mt[3]), "cached_gaussian": float(mt[4])},
+        "numpy": {
+            "name": mt[0],
+            "keys": torch.from_numpy(mt[1].astype(np.int64)),
+            "pos": int(mt[2]),
+            "has_gauss": int(mt[3]),
+            "cached_gaussian": float(mt[4]),
+        },
         "python": _py_state_to_lists(random.getstate()),
     }
     if torch.cuda.is_available():
@@ -75,7 +80,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
@@ -157,7 +164,11 @@ def find_latest(root: Path, verify: bool = True) -> Path | None:
         if is_complete(target):
             candidates = [target] + [c for c in candidates if c != target]
         else:
-            log.warning("%s names %s, which is not a complete checkpoint; looking for the newest complete one", pointer, target.name)
+            log.warning(
+                "%s names %s, which is not a complete checkpoint; looking for the newest complete one",
+                pointer,
+                target.name,
+            )
     skipped = []
     for c in candidates:
         why = damage(c) if verify else None
@@ -195,7 +206,9 @@ def resolve_resume(resume: str | None, ckpt_root: Path, verify: bool = True) -> 
         if found is not None:
             return found
     if p.is_dir() and step_of(p) is not None:
-        raise ConfigError(f"--resume {resume}: checkpoint is incomplete (no {COMPLETE} marker); use another one or --resume auto")
+        raise ConfigError(
+            f"--resume {resume}: checkpoint is incomplete (no {COMPLETE} marker); use another one or --resume auto"
+        )
     raise ConfigError(f"--resume {resume}: no checkpoint found there; give a step_N folder, a work dir, or 'auto'")
 
 
@@ -259,14 +272,23 @@ class CheckpointManager:
         need = sum(p.stat().st_size for p in prev.rglob("*") if p.is_file()) if prev else 0
         # torch.save reports a full disk as "file write failed" or "unexpected pos": also trust
         # the free space left when it is less than one checkpoint.
-        nospace = getattr(e, "errno", None) in (28, 122) or any(
-            m in str(e) for m in ("No space left", "file write failed", "unexpected pos")) or free == 0 or (
-            free is not None and free < need)
+        nospace = (
+            getattr(e, "errno", None) in (28, 122)
+            or any(m in str(e) for m in ("No space left", "file write failed", "unexpected pos"))
+            or free == 0
+            or (free is not None and free < need)
+        )
         cause = "no space left on device" if nospace else f"{type(e).__name__}: {e}"
-        keep = f"the previous checkpoint {prev} is intact; free space, then resume with --resume auto" if prev else \
-            "no earlier checkpoint exists"
-        room = f" ({free / 2**20:.1f} MiB free there" + (f", a checkpoint takes {need / 2**20:.1f} MiB)" if need else ")") \
-            if free is not None else ""
+        keep = (
+            f"the previous checkpoint {prev} is intact; free space, then resume with --resume auto"
+            if prev
+            else "no earlier checkpoint exists"
+        )
+        room = (
+            f" ({free / 2**20:.1f} MiB free there" + (f", a checkpoint takes {need / 2**20:.1f} MiB)" if need else ")")
+            if free is not None
+            else ""
+        )
         return CheckpointError(f"cannot write checkpoint {tmp}: {cause}{room}; {keep}")
 
     def prune(self) -> None:
@@ -288,7 +310,9 @@ class CheckpointManager:
         rng = folder / f"rng_rank{self.env.rank}.pt"
         if rng.is_file():
             return state, torch.load(rng, map_location="cpu", weights_only=True)
-        log.warning("%s has no RNG state for rank %d (different world size); RNG streams restart", folder, self.env.rank)
+        log.warning(
+            "%s has no RNG state for rank %d (different world size); RNG streams restart", folder, self.env.rank
+        )
         return state, None
 
 

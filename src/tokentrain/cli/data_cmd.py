@@ -87,9 +87,15 @@ def cmd_show(args) -> int:
         raise ConfigError(f"--max-length must be positive, got {args.max_length}")
     ds = build_dataset(
         DataSettings(
-            folder=args.folder, max_length=args.max_length, pack_to_max_length=not args.unpacked,
-            shuffle=not args.no_shuffle, seed=args.seed, min_length=args.min_length,
-            file_type=args.file_type, data_order_path=args.data_order, zero_is_target=args.zero_is_target,
+            folder=args.folder,
+            max_length=args.max_length,
+            pack_to_max_length=not args.unpacked,
+            shuffle=not args.no_shuffle,
+            seed=args.seed,
+            min_length=args.min_length,
+            file_type=args.file_type,
+            data_order_path=args.data_order,
+            zero_is_target=args.zero_is_target,
         )
     )
     if not 0 <= args.index < len(ds):

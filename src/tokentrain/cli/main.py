@@ -91,7 +91,9 @@ def _run(argv: list[str]) -> int:
     except Exception as e:
         if args.debug:
             raise
-        print(f"tokentrain: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"tokentrain: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr
+        )
         return EXIT_FAILURE
 
 

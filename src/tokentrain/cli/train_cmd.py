@@ -19,15 +19,26 @@ from tokentrain.errors import TokentrainError
 
 def add_train_arguments(p) -> None:
     p.add_argument("config", metavar="CFG", help="config file (see `tokentrain list-cfg` / `copy-cfg`)")
-    p.add_argument("--work-dir", metavar="DIR", help="checkpoints, logs, metrics and the final model (default: work_dirs/CFG_NAME)")
-    p.add_argument("--launcher", choices=("none", "pytorch", "slurm"), default="none",
-                   help="none: one process; pytorch: under torchrun; slurm: one task per rank under srun")
-    p.add_argument("--resume", metavar="auto|PATH", help="auto: newest complete checkpoint in the work dir; or a step_N folder")
+    p.add_argument(
+        "--work-dir", metavar="DIR", help="checkpoints, logs, metrics and the final model (default: work_dirs/CFG_NAME)"
+    )
+    p.add_argument(
+        "--launcher",
+        choices=("none", "pytorch", "slurm"),
+        default="none",
+        help="none: one process; pytorch: under torchrun; slurm: one task per rank under srun",
+    )
+    p.add_argument(
+        "--resume", metavar="auto|PATH", help="auto: newest complete checkpoint in the work dir; or a step_N folder"
+    )
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings")
-    p.add_argument("--deepspeed", metavar="NAME|JSON",
-                   help="DeepSpeed ZeRO: a preset (deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload, "
-                        "deepspeed_zero3, deepspeed_zero3_offload) or a path to a DeepSpeed JSON; default: DDP")
+    p.add_argument(
+        "--deepspeed",
+        metavar="NAME|JSON",
+        help="DeepSpeed ZeRO: a preset (deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload, "
+        "deepspeed_zero3, deepspeed_zero3_offload) or a path to a DeepSpeed JSON; default: DDP",
+    )
 
 
 def register(sub, common) -> None:
@@ -35,7 +46,9 @@ def register(sub, common) -> None:
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("make-tiny-model", help="write a tiny random Llama + tokenizer folder (demo, tests)", parents=[common])
+    p = sub.add_parser(
+        "make-tiny-model", help="write a tiny random Llama + tokenizer folder (demo, tests)", parents=[common]
+    )
     p.add_argument("out", metavar="DIR")
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--hidden-size", type=int, default=64)
@@ -77,11 +90,15 @@ def check_local_model(path: str) -> None:
     if not local:
         return
     if not p.is_dir():
-        raise ConfigError(f"pretrained_model_name_or_path = {path!r}: model folder does not exist; cannot load the tokenizer or the model"
-                          if not p.exists()
-                          else f"pretrained_model_name_or_path = {path!r}: not a folder; give a Hugging Face model folder")
+        raise ConfigError(
+            f"pretrained_model_name_or_path = {path!r}: model folder does not exist; cannot load the tokenizer or the model"
+            if not p.exists()
+            else f"pretrained_model_name_or_path = {path!r}: not a folder; give a Hugging Face model folder"
+        )
     if not (p / "config.json").is_file():
-        raise ConfigError(f"pretrained_model_name_or_path = {path!r}: no config.json in the folder; give a Hugging Face model folder")
+        raise ConfigError(
+            f"pretrained_model_name_or_path = {path!r}: no config.json in the folder; give a Hugging Face model folder"
+        )
 
 
 def preflight(args):
@@ -121,8 +138,12 @@ def cmd_train(args) -> int:
         quiet_libraries()
         if env.is_main:
             work_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(args.config, work_dir / Path(args.config).name) if Path(args.config).resolve() != (work_dir / Path(args.config).name).resolve() else None
-            logging.getLogger("tokentrain.train").info("work dir %s, %d rank(s) on %s", work_dir, env.world_size, env.device)
+            shutil.copyfile(args.config, work_dir / Path(args.config).name) if Path(args.config).resolve() != (
+                work_dir / Path(args.config).name
+            ).resolve() else None
+            logging.getLogger("tokentrain.train").info(
+                "work dir %s, %d rank(s) on %s", work_dir, env.world_size, env.device
+            )
         from tokentrain.engine.trainer import run
 
         code = run(cfg, env, work_dir, args.resume, deepspeed)

@@ -92,8 +92,10 @@ def check_type(name: str, value, tp=None):
 
 def _settings_of(namespace: dict) -> dict:
     return {
-        k: v for k, v in namespace.items()
-        if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType))
+        k: v
+        for k, v in namespace.items()
+        if not k.startswith("_")
+        and not isinstance(v, (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType))
     }
 
 
@@ -112,7 +114,11 @@ def coerce_text(key: str, raw: str):
     args = typing.get_args(tp)
     if raw.lower() in ("none", "null") and type(None) in args:
         return None
-    base = next((a for a in args if a is not type(None)), tp) if args and typing.get_origin(tp) in (types.UnionType, typing.Union) else tp
+    base = (
+        next((a for a in args if a is not type(None)), tp)
+        if args and typing.get_origin(tp) in (types.UnionType, typing.Union)
+        else tp
+    )
     try:
         if base is bool:
             low = raw.lower()

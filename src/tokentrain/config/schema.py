@@ -44,7 +44,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.01
     max_norm: float = 1.0  # gradient clipping; 0 disables it
-    nan_policy: str = "stop"  # a NaN/inf loss or gradient: 'stop' (exit 1, naming step and samples) or 'skip' the update
+    nan_policy: str = (
+        "stop"  # a NaN/inf loss or gradient: 'stop' (exit 1, naming step and samples) or 'skip' the update
+    )
     warm_up_ratio: float = 0.025
     min_lr_ratio: float = 0.15  # cosine floor = lr * min_lr_ratio
     # ---------------------------------------------------------------- checkpoints
@@ -108,14 +110,22 @@ def check_values(cfg: TrainConfig) -> list[tuple[str, str]]:
     need(0 <= cfg.warm_up_ratio < 1, "warm_up_ratio", "must be in [0, 1)")
     need(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
     need(cfg.save_steps >= 1, "save_steps", "must be >= 1")
-    need(cfg.save_total_limit == -1 or cfg.save_total_limit >= 1, "save_total_limit", "must be >= 1, or -1 to keep every checkpoint")
+    need(
+        cfg.save_total_limit == -1 or cfg.save_total_limit >= 1,
+        "save_total_limit",
+        "must be >= 1, or -1 to keep every checkpoint",
+    )
     need(cfg.evaluation_freq >= 1, "evaluation_freq", "must be >= 1")
     need(cfg.evaluation_max_new_tokens >= 1, "evaluation_max_new_tokens", "must be >= 1")
     need(cfg.log_interval >= 1, "log_interval", "must be >= 1")
     need(cfg.loss_chunk_tokens >= 0, "loss_chunk_tokens", "must be >= 0 (0 = automatic)")
     need(cfg.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)} (or fp32/bf16/fp16)")
     need(cfg.export_dtype in DTYPES, "export_dtype", f"must be one of {', '.join(DTYPES)}")
-    need(cfg.attn_implementation in ATTN_IMPLEMENTATIONS, "attn_implementation", f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    need(
+        cfg.attn_implementation in ATTN_IMPLEMENTATIONS,
+        "attn_implementation",
+        f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}",
+    )
     need(cfg.doc_masking in DOC_MASKING, "doc_masking", f"must be one of {', '.join(DOC_MASKING)}")
     need(cfg.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {', '.join(NAN_POLICIES)}")
     need(cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops", "must be > 0 (or None)")

@@ -26,7 +26,9 @@ def template_path(name: str) -> Path:
     if not p.is_file():
         from tokentrain.config.loader import did_you_mean
 
-        raise ConfigError(f"no config template named {name!r}{did_you_mean(name, list_templates())}; see `tokentrain list-cfg`")
+        raise ConfigError(
+            f"no config template named {name!r}{did_you_mean(name, list_templates())}; see `tokentrain list-cfg`"
+        )
     return p
 
 

@@ -59,4 +59,10 @@ def collate(samples: list[dict]) -> Batch:
     # Drop the padding column when no row needed it.
     if (cu[:, -2] == width).all():
         cu = cu[:, :-1]
-    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos), torch.from_numpy(cu), [int(s["index"]) for s in samples])
+    return Batch(
+        torch.from_numpy(ids),
+        torch.from_numpy(labels),
+        torch.from_numpy(pos),
+        torch.from_numpy(cu),
+        [int(s["index"]) for s in samples],
+    )

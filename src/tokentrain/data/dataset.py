@@ -33,8 +33,15 @@ def build_dataset(s: DataSettings) -> PackedDataset | UnpackedDataset:
     st = index.stats
     log.info(
         "dataset %s: %d files (%d empty), %d documents kept of %d (%d empty, %d shorter than %d), %d tokens",
-        s.folder, st.files, st.empty_files, len(index), st.documents, st.empty_documents, st.short_documents,
-        s.min_length, st.tokens,
+        s.folder,
+        st.files,
+        st.empty_files,
+        len(index),
+        st.documents,
+        st.empty_documents,
+        st.short_documents,
+        s.min_length,
+        st.tokens,
     )
     if s.pack_to_max_length:
         return PackedDataset(index, s.max_length, s.zero_is_target, s.drop_last_pack)

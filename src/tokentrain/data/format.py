@@ -110,7 +110,9 @@ def _files_from_order(root: Path, order: Path) -> list[Path]:
             continue
         p = root / rel
         if not p.is_file():
-            raise DataError(f"{order}:{lineno}: listed file {rel!r} does not exist under {root}; fix the list or regenerate it with `tokentrain data order`")
+            raise DataError(
+                f"{order}:{lineno}: listed file {rel!r} does not exist under {root}; fix the list or regenerate it with `tokentrain data order`"
+            )
         files.append(p)
     if not files:
         raise DataError(f"{order}: data order file lists no files")
@@ -139,11 +141,17 @@ def read_meta(path: Path, data_path: Path, data_size: int) -> np.ndarray:
     try:
         raw = np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises ValueError/OSError/EOFError/UnpicklingError...
-        raise DataError(f"{path}: not a readable numpy .npy meta file ({e}); rebuild it with `tokentrain data index --rebuild`") from None
+        raise DataError(
+            f"{path}: not a readable numpy .npy meta file ({e}); rebuild it with `tokentrain data index --rebuild`"
+        ) from None
     if raw.ndim != 2 or raw.shape[1] < 2:
-        raise DataError(f"{path}: meta must have shape (N, >=2) (offset, token count), got {raw.shape}; rebuild it with `tokentrain data index --rebuild`")
+        raise DataError(
+            f"{path}: meta must have shape (N, >=2) (offset, token count), got {raw.shape}; rebuild it with `tokentrain data index --rebuild`"
+        )
     if raw.dtype.kind not in "iu":
-        raise DataError(f"{path}: meta must hold integers, got dtype {raw.dtype}; rebuild it with `tokentrain data index --rebuild`")
+        raise DataError(
+            f"{path}: meta must hold integers, got dtype {raw.dtype}; rebuild it with `tokentrain data index --rebuild`"
+        )
     meta = np.ascontiguousarray(raw[:, :2], dtype=np.int64)
     n = len(meta)
     fix = "the meta is stale or corrupt; rebuild it with `tokentrain data index --rebuild`"
@@ -180,7 +188,9 @@ def read_meta(path: Path, data_path: Path, data_size: int) -> np.ndarray:
     try:  # a truncated or rewritten last line
         parse_line(body, data_path, n, last, int(counts[-1]))
     except DataError as e:
-        raise DataError(f"{path}: the last line of {data_path} does not match the meta ({str(e).removeprefix(f'{data_path}: ')}); {fix}") from None
+        raise DataError(
+            f"{path}: the last line of {data_path} does not match the meta ({str(e).removeprefix(f'{data_path}: ')}); {fix}"
+        ) from None
     return meta
 
 

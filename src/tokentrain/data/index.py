@@ -165,7 +165,9 @@ def _layout(files: list[Path], min_length: int, shuffle: bool, seed: int) -> _La
     stats.empty_documents = int((lens == 0).sum())
     stats.short_documents = total - int(keep.sum()) - stats.empty_documents
     index_dtype = np.int32 if total < 2**31 else np.int64  # half the memory traffic to shuffle
-    order = np.flatnonzero(keep).astype(index_dtype, copy=False) if not keep.all() else np.arange(total, dtype=index_dtype)
+    order = (
+        np.flatnonzero(keep).astype(index_dtype, copy=False) if not keep.all() else np.arange(total, dtype=index_dtype)
+    )
     if shuffle:
         # In place; the same order as applying rng.permutation(len(order)).
         np.random.default_rng(seed).shuffle(order)
@@ -195,7 +197,9 @@ def _write_table(lay: _Layout, path: Path) -> None:
     """docs.npy written chunk by chunk: a standard .npy, never whole in memory."""
     n = len(lay.order)
     with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.int64).str, "fortran_order": False, "shape": (n, 4)})
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.dtype(np.int64).str, "fortran_order": False, "shape": (n, 4)}
+        )
         for start in range(0, n, _CHUNK_ROWS):
             f.write(lay.rows(start, min(n, start + _CHUNK_ROWS)).tobytes())
 
@@ -250,7 +254,13 @@ def open_index(
                 np.save(tmp / "ends.npy", lay.ends)
                 info = {"files": [str(p) for p in files], "file_sizes": lay.sizes, "stats": vars(lay.stats)}
                 (tmp / "info.json").write_text(json.dumps(info))
-            log.info("indexed %d documents in %d files in %.2fs -> %s", len(lay.order), len(files), time.perf_counter() - t0, target)
+            log.info(
+                "indexed %d documents in %d files in %.2fs -> %s",
+                len(lay.order),
+                len(files),
+                time.perf_counter() - t0,
+                target,
+            )
             del lay
     info = json.loads((target / "info.json").read_text())
     docs = np.load(target / "docs.npy", mmap_mode="r")

@@ -58,7 +58,9 @@ def check_file(path: Path, zero_meta_ok: bool = True) -> list[Problem]:
     mp = fmt.meta_path(path)
     meta = None
     if not mp.exists():
-        problems.append(Problem(str(path), None, None, f"no meta file {mp.name}; build it with `tokentrain data index`"))
+        problems.append(
+            Problem(str(path), None, None, f"no meta file {mp.name}; build it with `tokentrain data index`")
+        )
     else:
         try:
             meta = fmt.read_meta(mp, path, size)
@@ -162,7 +164,9 @@ def dataset_stats(files: list[Path]) -> Stats:
             line = data[off : off + nbytes]
             why = _misplaced(data, line, off, size)
             if why:
-                raise DataError(f"{p}: line {lineno} (byte {off}): {why}; the meta is stale; rebuild it with `tokentrain data index --rebuild`")
+                raise DataError(
+                    f"{p}: line {lineno} (byte {off}): {why}; the meta is stale; rebuild it with `tokentrain data index --rebuild`"
+                )
             toks = fmt.parse_line(line, p, lineno, off, count)
             st.tokens += len(toks)
             st.target_tokens += int((toks > 0).sum())

@@ -54,8 +54,12 @@ class _DocDataset:
         the last to its end (as packs and unpacked samples are)."""
         lo, n = frags[0][0], len(frags)
         cut = frags[-1][2] - (int(self.index.ends[lo + n - 1]) - self.index.doc_start(lo + n - 1))
-        assert frags[-1][0] == lo + n - 1 and all(a == 0 for _, a, _ in frags[1:]) and cut <= 0, "fragments must be contiguous"
-        return self._sample(k, lo, lo + n, frags[0][1], int(self.index.ends[lo + n - 1]) - self.index.doc_start(lo) + cut)
+        assert frags[-1][0] == lo + n - 1 and all(a == 0 for _, a, _ in frags[1:]) and cut <= 0, (
+            "fragments must be contiguous"
+        )
+        return self._sample(
+            k, lo, lo + n, frags[0][1], int(self.index.ends[lo + n - 1]) - self.index.doc_start(lo) + cut
+        )
 
     def _sample(self, k: int, lo: int, hi: int, start: int, stop: int) -> dict:
         """The sample of tokens [start, stop) of documents lo..hi-1 read back to back."""
@@ -138,7 +142,12 @@ class UnpackedDataset(_DocDataset):
         super().__init__(index, max_length, zero_is_target)
         truncated = int((index.lengths() > self.max_length).sum())
         if truncated:
-            log.info("%d of %d documents are longer than max_length=%d and will be truncated", truncated, len(index), max_length)
+            log.info(
+                "%d of %d documents are longer than max_length=%d and will be truncated",
+                truncated,
+                len(index),
+                max_length,
+            )
 
     def __len__(self) -> int:
         return len(self.index)

@@ -45,7 +45,9 @@ class DocReader:
             size = os.fstat(fd).st_size
             if size != self.index.file_sizes[fid]:
                 os.close(fd)
-                raise DataError(f"{path}: size is {size} bytes, was {self.index.file_sizes[fid]} when indexed; {_STALE}")
+                raise DataError(
+                    f"{path}: size is {size} bytes, was {self.index.file_sizes[fid]} when indexed; {_STALE}"
+                )
             self._fds[fid] = fd
         return fd
 
@@ -136,13 +138,19 @@ class DocReader:
                 if buf.find(b"\n", lead) == nbytes + lead - 1 and (not lead or buf[0] == 0x0A):
                     pass  # the usual line: in place, one newline at its end (all the checks below pass)
                 elif len(buf) != nbytes + lead or (lead and buf[0] != 0x0A):
-                    raise DataError(f"{index.files[fid]}: line {line + 1} (byte {off}) is not where the meta says; {_STALE}")
+                    raise DataError(
+                        f"{index.files[fid]}: line {line + 1} (byte {off}) is not where the meta says; {_STALE}"
+                    )
                 else:
                     nl = buf.find(b"\n", lead)
                     if nl != -1 and buf[nl:].strip():  # trailing blank lines before the next row are fine
-                        raise DataError(f"{index.files[fid]}: line {line + 1} (byte {off}) ends before the meta says; {_STALE}")
+                        raise DataError(
+                            f"{index.files[fid]}: line {line + 1} (byte {off}) ends before the meta says; {_STALE}"
+                        )
                     if off + nbytes < index.file_sizes[fid] and not buf.endswith(b"\n", lead):
-                        raise DataError(f"{index.files[fid]}: line {line + 1} (byte {off}) runs on past where the meta says it ends; {_STALE}")
+                        raise DataError(
+                            f"{index.files[fid]}: line {line + 1} (byte {off}) runs on past where the meta says it ends; {_STALE}"
+                        )
             except DataError:
                 self._confirm(out, todo)
                 raise
@@ -163,7 +171,9 @@ class DocReader:
         if not todo:
             return
         arrs = [out[t[0]] for t in todo]
-        if not batch or not fmt._is_canonical(arrs[0] if len(arrs) == 1 else np.concatenate(arrs), sum(t[1] for t in todo), len(todo)):
+        if not batch or not fmt._is_canonical(
+            arrs[0] if len(arrs) == 1 else np.concatenate(arrs), sum(t[1] for t in todo), len(todo)
+        ):
             for i, nb, buf, lead, fid, line, off, expected in todo:
                 if not fmt._is_canonical(out[i], nb):
                     out[i] = fmt.parse_line(buf[lead:], self.index.files[fid], line + 1, off, expected)

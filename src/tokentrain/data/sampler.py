@@ -23,7 +23,9 @@ class ResumableSampler:
         if num_samples < world_size:
             from tokentrain.errors import DataError
 
-            raise DataError(f"only {num_samples} samples for {world_size} data-parallel ranks; use more data or fewer ranks")
+            raise DataError(
+                f"only {num_samples} samples for {world_size} data-parallel ranks; use more data or fewer ranks"
+            )
         self.num_samples = num_samples
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
@@ -37,7 +39,11 @@ class ResumableSampler:
     def order(self, epoch: int) -> np.ndarray:
         """This rank's sample ids for an epoch."""
         n = len(self) * self.world_size
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples) if self.shuffle else np.arange(self.num_samples)
+        perm = (
+            np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            if self.shuffle
+            else np.arange(self.num_samples)
+        )
         return perm[:n][self.rank :: self.world_size]
 
     def set_epoch(self, epoch: int) -> None:
@@ -52,8 +58,13 @@ class ResumableSampler:
         return iter(ids[self.consumed :].tolist())
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
-                "num_samples": self.num_samples, "world_size": self.world_size}
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
@@ -70,7 +81,9 @@ class ResumableSampler:
             if global_pos % self.world_size:
                 from tokentrain.errors import DataError
 
-                raise DataError(f"cannot resume position {global_pos} on {self.world_size} ranks; resume on {state['world_size']} ranks")
+                raise DataError(
+                    f"cannot resume position {global_pos} on {self.world_size} ranks; resume on {state['world_size']} ranks"
+                )
             self.epoch, self.consumed = state["epoch"], global_pos // self.world_size
             return
         self.epoch, self.consumed = state["epoch"], state["consumed"]

@@ -43,11 +43,15 @@ def write_file(path: Path, docs) -> np.ndarray:
     return meta
 
 
-def synth_dataset(out: str | Path, files: int, documents: int, seed: int = 0, mean_length: float = 562.0, vocab_size: int = 32000) -> list[Path]:
+def synth_dataset(
+    out: str | Path, files: int, documents: int, seed: int = 0, mean_length: float = 562.0, vocab_size: int = 32000
+) -> list[Path]:
     if files < 1 or documents < files:
         from tokentrain.errors import ConfigError
 
-        raise ConfigError(f"data synth: need files >= 1 and documents >= files (got files={files}, documents={documents})")
+        raise ConfigError(
+            f"data synth: need files >= 1 and documents >= files (got files={files}, documents={documents})"
+        )
     if mean_length < 2 or vocab_size < 4:
         from tokentrain.errors import ConfigError
 

@@ -67,8 +67,9 @@ class DeepSpeedStrategy(LocalStrategy):
         import deepspeed
 
         self.inner, self.optimizer = module, optimizer
-        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config,
-                                                    dist_init_required=False)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+        )
         self.module = self.engine
         return self.engine
 
@@ -131,9 +132,12 @@ class DeepSpeedStrategy(LocalStrategy):
         self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
 
     def load(self, folder: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False, load_module_strict=True)
+        path, _ = self.engine.load_checkpoint(
+            str(folder), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+        )
         if path is None:
             from tokentrain.errors import ConfigError
 
-            raise ConfigError(f"{folder}: no DeepSpeed checkpoint in it ({DS_TAG}/); was it written without --deepspeed?")
+            raise ConfigError(
+                f"{folder}: no DeepSpeed checkpoint in it ({DS_TAG}/); was it written without --deepspeed?"
+            )

@@ -51,8 +51,10 @@ class DistEnv:
 def _int_env(name: str, launcher: str) -> int:
     value = os.environ.get(name)
     if value is None:
-        raise ConfigError(f"--launcher {launcher}: environment variable {name} is not set; start the job with "
-                          + ("torchrun / python -m torch.distributed.launch" if launcher == "pytorch" else "srun"))
+        raise ConfigError(
+            f"--launcher {launcher}: environment variable {name} is not set; start the job with "
+            + ("torchrun / python -m torch.distributed.launch" if launcher == "pytorch" else "srun")
+        )
     try:
         return int(value)
     except ValueError:
@@ -72,7 +74,9 @@ def _slurm_tasks_on_node(spec: str, node_index: int) -> int:
 
 def _first_slurm_host(nodelist: str) -> str:
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        )
         hosts = out.stdout.split()
         if hosts:
             return hosts[0]
@@ -152,13 +156,30 @@ def init_distributed(launcher: str, timeout_s: int = 1800) -> DistEnv:
     env = DistEnv(info["rank"], info["world"], info["local_rank"], info["local_world"], device, backend)
     if env.world_size > 1:
         os.environ.update(
-            RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-            LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=info["addr"], MASTER_PORT=str(info["port"]),
+            RANK=str(env.rank),
+            WORLD_SIZE=str(env.world_size),
+            LOCAL_RANK=str(env.local_rank),
+            LOCAL_WORLD_SIZE=str(env.local_world_size),
+            MASTER_ADDR=info["addr"],
+            MASTER_PORT=str(info["port"]),
         )
         if not dist.is_initialized():
-            dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
-        log.debug("rank %d/%d (local %d/%d) on %s via %s", env.rank, env.world_size, env.local_rank, env.local_world_size, device, backend)
+            dist.init_process_group(
+                backend,
+                init_method="env://",
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        log.debug(
+            "rank %d/%d (local %d/%d) on %s via %s",
+            env.rank,
+            env.world_size,
+            env.local_rank,
+            env.local_world_size,
+            device,
+            backend,
+        )
     return env
 
 

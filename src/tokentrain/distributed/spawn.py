@@ -49,13 +49,19 @@ def torchrun_command(train_args: list[str], environ=os.environ) -> list[str]:
     nnodes = environ.get("NNODES", "1")
     port = environ.get("PORT") or (str(_free_port()) if nnodes == "1" else "29500")
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
         f"--nproc_per_node={environ['NPROC_PER_NODE']}",
         f"--nnodes={nnodes}",
         f"--node_rank={environ.get('NODE_RANK', '0')}",
         f"--master_addr={environ.get('ADDR', '127.0.0.1')}",
         f"--master_port={port}",
-        "-m", "tokentrain.train", *_strip_launcher(train_args), "--launcher", "pytorch",
+        "-m",
+        "tokentrain.train",
+        *_strip_launcher(train_args),
+        "--launcher",
+        "pytorch",
     ]
 
 
@@ -74,8 +80,11 @@ def spawn_torchrun(train_args: list[str]) -> int:
         code = job_exit_code(rc, Path(codes))
         if report and rc != 0:
             failed = sorted(_read_codes(Path(codes)).items())
-            print(f"tokentrain: torchrun: job failed (rank exit codes: {', '.join(f'{r}: {c}' for r, c in failed) or 'none recorded'})"
-                  f"; exit code {code}; run with --debug for torchrun's own report", file=sys.stderr)
+            print(
+                f"tokentrain: torchrun: job failed (rank exit codes: {', '.join(f'{r}: {c}' for r, c in failed) or 'none recorded'})"
+                f"; exit code {code}; run with --debug for torchrun's own report",
+                file=sys.stderr,
+            )
         return code
 
 

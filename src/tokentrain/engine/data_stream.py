@@ -32,7 +32,9 @@ def _worker_init(_worker_id: int) -> None:
 
 
 class StepStream:
-    def __init__(self, dataset, sampler, batch_size: int, accumulative_counts: int, num_workers: int, pin_memory: bool = False):
+    def __init__(
+        self, dataset, sampler, batch_size: int, accumulative_counts: int, num_workers: int, pin_memory: bool = False
+    ):
         self.dataset, self.sampler = dataset, sampler
         self.batch_size, self.acc = batch_size, accumulative_counts
         self.num_workers, self.pin_memory = num_workers, pin_memory
@@ -60,8 +62,13 @@ class StepStream:
                 self.sampler.set_epoch(self.sampler.epoch + 1)
                 continue
             loader = DataLoader(
-                self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=collate_with_stats,
-                num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=True,
+                self.dataset,
+                batch_size=self.batch_size,
+                sampler=self.sampler,
+                collate_fn=collate_with_stats,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                drop_last=True,
                 worker_init_fn=_worker_init if self.num_workers else None,
                 # Its own generator: otherwise each new iterator draws a seed from the global RNG
                 # and a resumed run's dropout stream would differ from an uninterrupted one.

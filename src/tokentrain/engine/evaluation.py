@@ -50,8 +50,16 @@ def build_prompt(tokenizer, text: str, system: str) -> str:
     return f"{system}{text}"
 
 
-def generate_samples(model, tokenizer, inputs: list[str], system: str, max_new_tokens: int, device: torch.device,
-                     compute_dtype: torch.dtype | None, synced: bool = False) -> list[tuple[str, str]]:
+def generate_samples(
+    model,
+    tokenizer,
+    inputs: list[str],
+    system: str,
+    max_new_tokens: int,
+    device: torch.device,
+    compute_dtype: torch.dtype | None,
+    synced: bool = False,
+) -> list[tuple[str, str]]:
     """Greedy continuations of each evaluation input; [(input, generated text)].
 
     `synced`: every rank runs this together (ZeRO-3), each forward gathering parameters;
@@ -62,12 +70,20 @@ def generate_samples(model, tokenizer, inputs: list[str], system: str, max_new_t
     try:
         for text in inputs:
             prompt = build_prompt(tokenizer, text, system)
-            enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None)).to(device)
+            enc = tokenizer(
+                prompt, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None)
+            ).to(device)
             with torch.no_grad(), torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                     **({"synced_gpus": True} if synced else {}),
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = out[0, enc["input_ids"].shape[1]:]
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    **({"synced_gpus": True} if synced else {}),
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            new = out[0, enc["input_ids"].shape[1] :]
             results.append((text, tokenizer.decode(new, skip_special_tokens=True)))
     finally:
         model.train(was)

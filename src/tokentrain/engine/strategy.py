@@ -66,7 +66,11 @@ class LocalStrategy:
         if max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) if params else torch.zeros(())
+            norm = (
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+                if params
+                else torch.zeros(())
+            )
         norm = float(norm)
         if math.isfinite(norm):  # a NaN/inf gradient would poison the weights and the Adam moments
             self.optimizer.step()
@@ -100,7 +104,9 @@ class LocalStrategy:
     def load(self, folder: Path) -> None:
         from safetensors.torch import load_model
 
-        missing, unexpected = load_model(self.unwrapped.model, str(folder / MODEL_FILE), strict=True, device=str(self.env.device))
+        missing, unexpected = load_model(
+            self.unwrapped.model, str(folder / MODEL_FILE), strict=True, device=str(self.env.device)
+        )
         state = torch.load(folder / OPTIMIZER_FILE, map_location=self.env.device, weights_only=True)
         self.optimizer.load_state_dict(state)
 
@@ -139,4 +145,3 @@ class DDPStrategy(LocalStrategy):
 
 def make_strategy(env) -> LocalStrategy:
     return DDPStrategy(env) if env.distributed else LocalStrategy(env)
-

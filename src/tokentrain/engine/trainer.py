@@ -166,21 +166,42 @@ class Trainer:
         cfg, env = self.cfg, self.env
 
         def settings(folder):
-            return DataSettings(folder=folder, max_length=cfg.max_length, pack_to_max_length=cfg.pack_to_max_length,
-                                shuffle=cfg.shuffle_before_pack, seed=cfg.seed, min_length=cfg.min_length,
-                                file_type=cfg.file_type, data_order_path=cfg.data_order_path, zero_is_target=cfg.zero_is_target)
+            return DataSettings(
+                folder=folder,
+                max_length=cfg.max_length,
+                pack_to_max_length=cfg.pack_to_max_length,
+                shuffle=cfg.shuffle_before_pack,
+                seed=cfg.seed,
+                min_length=cfg.min_length,
+                file_type=cfg.file_type,
+                data_order_path=cfg.data_order_path,
+                zero_is_target=cfg.zero_is_target,
+            )
 
         self.train_set = build_dataset(settings(cfg.dataset_folder))
         self.val_set = build_dataset(settings(cfg.val_dataset_folder)) if cfg.val_dataset_folder else None
         self.sampler = ResumableSampler(len(self.train_set), env.rank, env.world_size, seed=cfg.seed, shuffle=True)
-        self.stream = StepStream(self.train_set, self.sampler, cfg.batch_size, cfg.accumulative_counts,
-                                 cfg.dataloader_num_workers, pin_memory=env.device.type == "cuda")
+        self.stream = StepStream(
+            self.train_set,
+            self.sampler,
+            cfg.batch_size,
+            cfg.accumulative_counts,
+            cfg.dataloader_num_workers,
+            pin_memory=env.device.type == "cuda",
+        )
         spe = self.stream.steps_per_epoch
         self.total_steps = cfg.max_iters if cfg.max_iters is not None else cfg.max_epochs * spe
         if env.is_main:
-            log.info("data: %d samples of max_length %d, %d steps per epoch of %d samples (%d per rank x %d ranks), %d steps in all",
-                     len(self.train_set), cfg.max_length, spe, self.stream.samples_per_step * env.world_size,
-                     self.stream.samples_per_step, env.world_size, self.total_steps)
+            log.info(
+                "data: %d samples of max_length %d, %d steps per epoch of %d samples (%d per rank x %d ranks), %d steps in all",
+                len(self.train_set),
+                cfg.max_length,
+                spe,
+                self.stream.samples_per_step * env.world_size,
+                self.stream.samples_per_step,
+                env.world_size,
+                self.total_steps,
+            )
 
     def _setup_model(self) -> None:
         from tokentrain.model.attention import choose_attn_implementation, select_masking
@@ -201,10 +222,15 @@ class Trainer:
         self.hf_model.train()
         if env.is_main:
             n = sum(p.numel() for p in self.hf_model.parameters())
-            log.info("model: %s, %.2fM parameters, %s attention, documents kept apart by %s, compute %s, loss %s",
-                     type(self.hf_model).__name__, n / 1e6, impl, masking.mode,
-                     str(self.compute_dtype or torch.float32).replace("torch.", ""),
-                     "fused chunked" if self.module.fused else "chunked from logits")
+            log.info(
+                "model: %s, %.2fM parameters, %s attention, documents kept apart by %s, compute %s, loss %s",
+                type(self.hf_model).__name__,
+                n / 1e6,
+                impl,
+                masking.mode,
+                str(self.compute_dtype or torch.float32).replace("torch.", ""),
+                "fused chunked" if self.module.fused else "chunked from logits",
+            )
 
     def _make_strategy(self):
         from tokentrain.model.lm import autocast_dtype
@@ -218,31 +244,54 @@ class Trainer:
         from tokentrain.distributed.deepspeed_strategy import DeepSpeedStrategy
 
         compute = autocast_dtype(cfg.dtype, env.device)
-        hidden = getattr(AutoConfig.from_pretrained(cfg.pretrained_model_name_or_path, trust_remote_code=cfg.trust_remote_code),
-                         "hidden_size", None)
-        ds = fill_auto(self.deepspeed, micro_batch_size=cfg.batch_size, accumulation=cfg.accumulative_counts,
-                       world_size=env.world_size, max_norm=cfg.max_norm,
-                       dtype=str(compute or torch.float32).replace("torch.", ""), hidden_size=hidden)
+        hidden = getattr(
+            AutoConfig.from_pretrained(cfg.pretrained_model_name_or_path, trust_remote_code=cfg.trust_remote_code),
+            "hidden_size",
+            None,
+        )
+        ds = fill_auto(
+            self.deepspeed,
+            micro_batch_size=cfg.batch_size,
+            accumulation=cfg.accumulative_counts,
+            world_size=env.world_size,
+            max_norm=cfg.max_norm,
+            dtype=str(compute or torch.float32).replace("torch.", ""),
+            hidden_size=hidden,
+        )
         if env.is_main:
-            log.info("engine: DeepSpeed ZeRO stage %d%s", ds.get("zero_optimization", {}).get("stage", 0),
-                     " with CPU offload" if "offload_optimizer" in ds.get("zero_optimization", {}) else "")
+            log.info(
+                "engine: DeepSpeed ZeRO stage %d%s",
+                ds.get("zero_optimization", {}).get("stage", 0),
+                " with CPU offload" if "offload_optimizer" in ds.get("zero_optimization", {}) else "",
+            )
         return DeepSpeedStrategy(env, ds)
 
     def _setup_optimization(self) -> None:
         cfg = self.cfg
         params = [p for p in self.module.parameters() if p.requires_grad]
         fused = self.env.device.type == "cuda"
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                      **({"fused": True} if fused else {"foreach": True}))
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
+            **({"fused": True} if fused else {"foreach": True}),
+        )
         self.model = self.strategy.prepare(self.module, optimizer)
         self.optimizer = optimizer
         self.scheduler = WarmupCosine(optimizer, self.total_steps, cfg.warm_up_ratio, cfg.min_lr_ratio)
 
     # ================================================================== checkpoint state
     def trainer_state(self) -> dict:
-        return {"step": self.step, "total_steps": self.total_steps, "skipped_steps": self.skipped_steps,
-                "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(), "world_size": self.env.world_size}
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "skipped_steps": self.skipped_steps,
+            "tokens_seen": self.tokens_seen,
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "world_size": self.env.world_size,
+        }
 
     def _load(self, folder: Path) -> dict | None:
         state, rng = self.ckpt.load(folder)
@@ -252,11 +301,19 @@ class Trainer:
         self.skipped_steps = int(state["skipped_steps"])
         self.tokens_seen = int(state["tokens_seen"])
         if state["total_steps"] != self.total_steps:
-            log.warning("the checkpoint was taken in a run of %d steps, this one has %d: the lr schedule changes",
-                        state["total_steps"], self.total_steps)
+            log.warning(
+                "the checkpoint was taken in a run of %d steps, this one has %d: the lr schedule changes",
+                state["total_steps"],
+                self.total_steps,
+            )
         if self.env.is_main:
-            log.info("resumed from %s at step %d (epoch %d, %d samples into it on each rank)",
-                     folder, self.step, self.sampler.epoch, self.sampler.consumed)
+            log.info(
+                "resumed from %s at step %d (epoch %d, %d samples into it on each rank)",
+                folder,
+                self.step,
+                self.sampler.epoch,
+                self.sampler.consumed,
+            )
         return rng
 
     def save(self) -> None:
@@ -273,9 +330,16 @@ class Trainer:
             everyone = self.strategy.partitioned_params
             if generate and self.cfg.evaluation_inputs and (self.env.is_main or everyone):
                 try:
-                    samples = generate_samples(self.hf_model, self.tokenizer, self.cfg.evaluation_inputs, self.cfg.SYSTEM,
-                                               self.cfg.evaluation_max_new_tokens, self.env.device, self.compute_dtype,
-                                               synced=everyone)
+                    samples = generate_samples(
+                        self.hf_model,
+                        self.tokenizer,
+                        self.cfg.evaluation_inputs,
+                        self.cfg.SYSTEM,
+                        self.cfg.evaluation_max_new_tokens,
+                        self.env.device,
+                        self.compute_dtype,
+                        synced=everyone,
+                    )
                 except Exception as e:  # a sample to read is not worth a crashed run
                     self.metrics.message(f"generation at step {self.step} failed: {type(e).__name__}: {e}")
                     samples = []
@@ -284,7 +348,9 @@ class Trainer:
                 with open(self.work_dir / "generations.jsonl", "a") as f:
                     for prompt, text in samples:
                         self.metrics.message(f"sample at step {self.step}: {prompt!r} -> {text!r}")
-                        f.write(json.dumps({"step": self.step, "input": prompt, "output": text}, ensure_ascii=False) + "\n")
+                        f.write(
+                            json.dumps({"step": self.step, "input": prompt, "output": text}, ensure_ascii=False) + "\n"
+                        )
         return out
 
     # ================================================================== the loop
@@ -311,12 +377,19 @@ class Trainer:
                 real = sum(r for _, r, _ in micro)
                 sq = sum(s for _, _, s in micro)
                 total_loss, stop, real, sq = strategy.all_reduce_sum(
-                    [float(loss_sum), float(self.preemption.requested), float(real), float(sq)])
+                    [float(loss_sum), float(self.preemption.requested), float(real), float(sq)]
+                )
                 loss = total_loss / global_targets if global_targets else 0.0
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     self._non_finite(loss, grad_norm, micro)
                 self.tokens_seen += int(real)
-                window.add(time.perf_counter() - t0, t_data, int(real), int(global_targets), self.flops.step_flops(int(real), int(sq)))
+                window.add(
+                    time.perf_counter() - t0,
+                    t_data,
+                    int(real),
+                    int(global_targets),
+                    self.flops.step_flops(int(real), int(sq)),
+                )
                 self.metrics.advance(1, loss)
 
                 last = self.step == self.total_steps
@@ -329,8 +402,14 @@ class Trainer:
                     self.save()
                     saved_at = self.step
                 if stop:
-                    sig = signal.Signals(self.preemption.signal).name if self.preemption.signal else "a signal on another rank"
-                    self.metrics.message(f"stopped by {sig} after step {self.step}; checkpoint written, resume with --resume auto")
+                    sig = (
+                        signal.Signals(self.preemption.signal).name
+                        if self.preemption.signal
+                        else "a signal on another rank"
+                    )
+                    self.metrics.message(
+                        f"stopped by {sig} after step {self.step}; checkpoint written, resume with --resume auto"
+                    )
                     return EXIT_PREEMPTED
                 if evaluating or self.step == saved_at:
                     window.reset_clock()
@@ -340,7 +419,9 @@ class Trainer:
                 if env.is_main:
                     export_hf(self.hf_model, self.tokenizer, self.work_dir / "hf", cfg.export_dtype)
             if env.is_main:
-                self.metrics.message(f"done: {self.step} steps ({self.skipped_steps} skipped); Hugging Face model in {self.work_dir / 'hf'}")
+                self.metrics.message(
+                    f"done: {self.step} steps ({self.skipped_steps} skipped); Hugging Face model in {self.work_dir / 'hf'}"
+                )
             strategy.barrier()
             return EXIT_OK
         finally:
@@ -384,13 +465,16 @@ class Trainer:
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
         if self.cfg.nan_policy == "skip":
             self.skipped_steps += 1
-            self.metrics.message(f"step {self.step}: non-finite {what}; update skipped (nan_policy='skip', "
-                                 f"{self.skipped_steps} skipped so far)")
+            self.metrics.message(
+                f"step {self.step}: non-finite {what}; update skipped (nan_policy='skip', "
+                f"{self.skipped_steps} skipped so far)"
+            )
             return
         raise TrainingDiverged(
             f"non-finite {what} at step {self.step}; batch of rank {self.env.rank}: {self._describe_samples(micro)}; "
             f"no checkpoint was written for it (last: {self.work_dir / 'checkpoints'}); lower lr, check those lines, "
-            f"or set nan_policy = 'skip'")
+            f"or set nan_policy = 'skip'"
+        )
 
     def _describe_samples(self, micro: list, limit: int = 8) -> str:
         """'sample K (file:line, ...)' for the samples of a step, on one line."""
@@ -401,7 +485,9 @@ class Trainer:
                 src = self.train_set.sources(k)
             except Exception:  # a message must not fail
                 src = []
-            where = ", ".join(f"{f}:{line}" for f, line in src[:4]) + (f", +{len(src) - 4} more" if len(src) > 4 else "")
+            where = ", ".join(f"{f}:{line}" for f, line in src[:4]) + (
+                f", +{len(src) - 4} more" if len(src) > 4 else ""
+            )
             parts.append(f"sample {k} ({where})")
         return "; ".join(parts) + (f"; +{len(ks) - limit} more samples" if len(ks) > limit else "")
 
@@ -418,22 +504,38 @@ class Trainer:
             token = int(max(ids[pos], labels[pos]))
             src = self.train_set.sources(k)
             cu = [int(c) for c in batch.cu_seqlens[row]]
-            frag = sum(1 for c in cu[1:] if c <= pos)  # the document (fragment) holding the position; a label is its own document's next token
+            frag = sum(
+                1 for c in cu[1:] if c <= pos
+            )  # the document (fragment) holding the position; a label is its own document's next token
             where = f"{src[frag][0]}:{src[frag][1]}" if frag < len(src) else ", ".join(f"{f}:{line}" for f, line in src)
-            raise DataError(f"{where}: token id {token} >= the model's vocabulary size {self.vocab_size} "
-                            f"(sample {k}); fix the data or use the tokenizer it was made with")
+            raise DataError(
+                f"{where}: token id {token} >= the model's vocabulary size {self.vocab_size} "
+                f"(sample {k}); fix the data or use the tokenizer it was made with"
+            )
 
     def _record(self, loss, lr, grad_norm, targets, window: "_Window", extra: dict) -> dict:
         ws = self.env.world_size
-        r = {"step": self.step, "total_steps": self.total_steps, "epoch": round(self.stream.epoch_progress(), 4),
-             "loss": loss, "lr": lr, "grad_norm": grad_norm, "target_tokens": targets, "tokens": self.tokens_seen}
+        r = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": round(self.stream.epoch_progress(), 4),
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "target_tokens": targets,
+            "tokens": self.tokens_seen,
+        }
         r.update(extra)
         if window.steps:
             wall = max(window.wall, 1e-9)
             tflops = window.flops / wall / 1e12 / ws  # per device
-            r.update(tokens_per_s=window.tokens / wall, step_time=window.step_time / window.steps,
-                     data_time=window.data_time / window.steps, tflops=tflops,
-                     mfu=(tflops / self.peak) if self.peak else None)
+            r.update(
+                tokens_per_s=window.tokens / wall,
+                step_time=window.step_time / window.steps,
+                data_time=window.data_time / window.steps,
+                tflops=tflops,
+                mfu=(tflops / self.peak) if self.peak else None,
+            )
         r["memory_gb"] = memory_gb(self.env.device)
         r["elapsed"] = time.perf_counter() - self.t_start  # seconds since this process started training
         r["skipped_steps"] = self.skipped_steps

@@ -16,8 +16,19 @@ from dataclasses import dataclass
 import torch
 
 # Dense bf16 peak TFLOP/s of common accelerators (no sparsity), for MFU.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-               "A10": 125.0, "L4": 121.0, "V100": 125.0, "4090": 165.0, "3090": 71.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "4090": 165.0,
+    "3090": 71.0,
+}
 
 
 @dataclass

@@ -59,13 +59,23 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(work_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+                self.tb = SummaryWriter(
+                    str(work_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+                )
             except Exception as e:  # TensorBoard missing or broken: the JSONL still has everything
                 log.warning("TensorBoard disabled: %s", e)
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        file=sys.stderr, disable=None, leave=True)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=None,
+            leave=True,
+        )
 
     def advance(self, n: int = 1, loss: float | None = None) -> None:
         if self.bar is not None:

@@ -44,7 +44,9 @@ def choose_attn_implementation(requested: str, device: torch.device, use_varlen_
     """`attn_implementation` for from_pretrained: flash varlen on CUDA when installed, else sdpa."""
     if requested != "auto":
         if requested in FLASH_IMPLS and device.type != "cuda":
-            raise ConfigError(f"attn_implementation = {requested!r} needs a CUDA device; use 'auto' or 'sdpa' on {device.type}")
+            raise ConfigError(
+                f"attn_implementation = {requested!r} needs a CUDA device; use 'auto' or 'sdpa' on {device.type}"
+            )
         return requested
     cuda = device.type == "cuda"
     if use_varlen_attn is False or not cuda:
@@ -54,7 +56,9 @@ def choose_attn_implementation(requested: str, device: torch.device, use_varlen_
     if flash_attn_installed():
         return "flash_attention_2"
     if use_varlen_attn:
-        raise ConfigError("use_varlen_attn = True but the flash_attn package is not installed; install it or set use_varlen_attn = None")
+        raise ConfigError(
+            "use_varlen_attn = True but the flash_attn package is not installed; install it or set use_varlen_attn = None"
+        )
     return "sdpa"
 
 
@@ -102,7 +106,9 @@ class DocMasking:
     mode: str  # "varlen" | "positions" | "mask4d"
     attn_implementation: str
 
-    def model_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor, additive_dtype: torch.dtype | None = None) -> dict:
+    def model_inputs(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, additive_dtype: torch.dtype | None = None
+    ) -> dict:
         """Keyword arguments for the model (or its decoder) for one (B, L) micro-batch."""
         if self.mode == "varlen":
             kw = varlen_kwargs(position_ids)
@@ -127,9 +133,13 @@ class DocMasking:
 def candidate_modes(attn_implementation: str, requested: str) -> list[str]:
     if requested != "auto":
         if requested == "varlen" and attn_implementation not in FLASH_IMPLS:
-            raise ConfigError(f"doc_masking = 'varlen' needs a flash-attention implementation, not {attn_implementation!r}")
+            raise ConfigError(
+                f"doc_masking = 'varlen' needs a flash-attention implementation, not {attn_implementation!r}"
+            )
         if requested != "varlen" and attn_implementation in FLASH_IMPLS:
-            raise ConfigError(f"doc_masking = {requested!r} does not work with {attn_implementation}; use 'varlen' or 'auto'")
+            raise ConfigError(
+                f"doc_masking = {requested!r} does not work with {attn_implementation}; use 'varlen' or 'auto'"
+            )
         return [requested]
     if attn_implementation in FLASH_IMPLS:
         return ["varlen"]
@@ -142,7 +152,9 @@ def candidate_modes(attn_implementation: str, requested: str) -> list[str]:
     return modes
 
 
-def probe_isolation(model, masking: DocMasking, device: torch.device, autocast_dtype: torch.dtype | None = None) -> float:
+def probe_isolation(
+    model, masking: DocMasking, device: torch.device, autocast_dtype: torch.dtype | None = None
+) -> float:
     """Max |d out(doc 2) / d embeds(doc 1)| on a real two-document pack; 0.0 means isolated.
 
     Runs the full model (logits) with the same inputs training uses; masked scores are
@@ -167,8 +179,9 @@ def probe_isolation(model, masking: DocMasking, device: torch.device, autocast_d
     return float(grad.reshape(-1, grad.shape[-1])[:n1].abs().max())
 
 
-def select_masking(model, attn_implementation: str, requested: str, device: torch.device,
-                   autocast_dtype: torch.dtype | None = None) -> DocMasking:
+def select_masking(
+    model, attn_implementation: str, requested: str, device: torch.device, autocast_dtype: torch.dtype | None = None
+) -> DocMasking:
     """The first candidate mode whose isolation probe passes; ConfigError if none does."""
     leaks = {}
     for mode in candidate_modes(attn_implementation, requested):
@@ -184,5 +197,7 @@ def select_masking(model, attn_implementation: str, requested: str, device: torc
             return masking
         leaks[mode] = f"cross-document gradient {leak:.3g}"
     detail = "; ".join(f"{m}: {why}" for m, why in leaks.items())
-    raise ConfigError(f"cannot keep documents apart with attn_implementation={attn_implementation!r} ({detail}); "
-                      "try attn_implementation = 'sdpa' or 'eager'")
+    raise ConfigError(
+        f"cannot keep documents apart with attn_implementation={attn_implementation!r} ({detail}); "
+        "try attn_implementation = 'sdpa' or 'eager'"
+    )

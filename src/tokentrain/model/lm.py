@@ -50,13 +50,20 @@ def load_tokenizer(path: str, trust_remote_code: bool):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ConfigError(f"pretrained_model_name_or_path = {path!r}: cannot load the tokenizer: {_first_line(e)}") from None
+        raise ConfigError(
+            f"pretrained_model_name_or_path = {path!r}: cannot load the tokenizer: {_first_line(e)}"
+        ) from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def has_weights(path: str) -> bool:
@@ -69,7 +76,9 @@ def has_weights(path: str) -> bool:
     return any((p / f).is_file() for f in WEIGHT_FILES) or any(p.glob("*.safetensors"))
 
 
-def load_model(path: str, trust_remote_code: bool, attn_implementation: str, device: torch.device, seed: int = 0) -> nn.Module:
+def load_model(
+    path: str, trust_remote_code: bool, attn_implementation: str, device: torch.device, seed: int = 0
+) -> nn.Module:
     """The HF model in fp32 (the master weights; compute runs in the autocast dtype).
 
     A local folder with a config.json but no weights starts from random weights
@@ -80,17 +89,26 @@ def load_model(path: str, trust_remote_code: bool, attn_implementation: str, dev
     try:
         if has_weights(path):
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                path,
+                dtype=torch.float32,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
             )
         else:
             log.info("%s has a config but no weights: training from scratch (random init, seed %d)", path, seed)
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation,
-                                                         trust_remote_code=trust_remote_code)
+                model = AutoModelForCausalLM.from_config(
+                    config,
+                    dtype=torch.float32,
+                    attn_implementation=attn_implementation,
+                    trust_remote_code=trust_remote_code,
+                )
     except Exception as e:
-        raise ConfigError(f"pretrained_model_name_or_path = {path!r}: cannot load the model: {_first_line(e)}") from None
+        raise ConfigError(
+            f"pretrained_model_name_or_path = {path!r}: cannot load the model: {_first_line(e)}"
+        ) from None
     model.config.use_cache = False
     return model.to(device)
 
@@ -98,7 +116,9 @@ def load_model(path: str, trust_remote_code: bool, attn_implementation: str, dev
 def _fused_parts(model: nn.Module):
     """(decoder, lm_head) when logits are plainly lm_head(decoder(x)); else None."""
     cfg = model.config
-    if any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+    if any(
+        getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    ):
         return None
     try:
         decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -145,7 +165,9 @@ class CausalLMWithLoss(nn.Module):
         finally:
             self.model.train(was)
         if not ok:
-            log.info("loss: model logits are not lm_head(decoder(x)); computing the loss from full logits (chunked fp32)")
+            log.info(
+                "loss: model logits are not lm_head(decoder(x)); computing the loss from full logits (chunked fp32)"
+            )
         return ok
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -155,6 +177,8 @@ class CausalLMWithLoss(nn.Module):
             if self.fused:
                 decoder, head = _fused_parts(self.model)
                 hidden = decoder(**kw)[0]
-                return linear_cross_entropy_sum(hidden, labels, head.weight, head.bias, self.chunk_tokens, self.compute_dtype)
+                return linear_cross_entropy_sum(
+                    hidden, labels, head.weight, head.bias, self.chunk_tokens, self.compute_dtype
+                )
             logits = self.model(**kw).logits
             return logits_cross_entropy_sum(logits, labels, self.chunk_tokens)

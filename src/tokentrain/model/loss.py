@@ -64,8 +64,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return gh, gw, gb, None, None, None
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                             chunk_tokens: int = 0, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_tokens: int = 0,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Summed CE of `hidden` (..., H) projected by `weight` (V, H) against `labels` (...).
 
     Positions with label -100 cost nothing. Returns a fp32 scalar that is 0 (still
@@ -76,7 +82,11 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, weight:
     keep = (y != IGNORE_INDEX).nonzero()[:, 0]
     h, y = h.index_select(0, keep), y.index_select(0, keep)
     if compute_dtype is None:
-        compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
+        compute_dtype = (
+            torch.get_autocast_dtype(hidden.device.type)
+            if torch.is_autocast_enabled(hidden.device.type)
+            else weight.dtype
+        )
     chunk = auto_chunk_tokens(weight.shape[0], chunk_tokens)
     with torch.autocast(hidden.device.type, enabled=False):
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):

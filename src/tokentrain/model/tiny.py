@@ -31,25 +31,50 @@ def make_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def llama_config(vocab_size: int = 512, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int | None = None,
-                 intermediate_size: int | None = None, max_position_embeddings: int = 4096, tie_word_embeddings: bool = False):
+def llama_config(
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 4096,
+    tie_word_embeddings: bool = False,
+):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads or heads, intermediate_size=intermediate_size or 4 * hidden_size,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-6,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        rms_norm_eps=1e-6,
     )
 
 
-def make_tiny_model(out: str | Path, vocab_size: int = 512, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-                    seed: int = 0, **config_kwargs) -> Path:
+def make_tiny_model(
+    out: str | Path,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    seed: int = 0,
+    **config_kwargs,
+) -> Path:
     """Write a random-weight Llama (safetensors) and its tokenizer to `out`; return `out`."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -116,7 +116,9 @@ class Encoder:
 
     def chat(self, messages) -> np.ndarray:
         if self.template is None:
-            raise ConfigError(f"--tokenizer {self.opts.tokenizer} has no chat template; pass --chat-template chatml|internlm2")
+            raise ConfigError(
+                f"--tokenizer {self.opts.tokenizer} has no chat template; pass --chat-template chatml|internlm2"
+            )
         _validate_messages(messages)
         full = self.render(messages)
         spans = []
@@ -125,7 +127,9 @@ class Encoder:
                 continue
             upto = self.render(messages[: i + 1])
             if not full.startswith(upto):
-                raise BadRecord("the chat template renders a conversation differently from its prefixes; cannot mask turns")
+                raise BadRecord(
+                    "the chat template renders a conversation differently from its prefixes; cannot mask turns"
+                )
             prefix = len(self.render(messages[:i])) if i else 0
             start = upto.find(m["content"], prefix) if m["content"] else -1
             spans.append((start if start >= 0 else prefix, len(upto)))
@@ -321,4 +325,6 @@ def _progress(total: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", leave=False, disable=None)  # None: off when not a TTY
+    return tqdm(
+        total=total, unit="B", unit_scale=True, desc="tokenize", leave=False, disable=None
+    )  # None: off when not a TTY
