@@ -131,7 +131,9 @@ def _open_child(folder: str, cache: str, max_length: int) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     hwm = 0
     if os.path.exists("/proc/self/status"):  # the same peak, from the kernel's view of this image
-        hwm = next((int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")), 0)
+        hwm = next(
+            (int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM")), 0
+        )
     print(
         json.dumps(
             {
@@ -441,7 +443,8 @@ def report(r: dict) -> None:
     )
     toks = f", {d['tokens'] / 1e6:.0f}M tokens, {d['packs']} packs" if "tokens" in d else ""
     print(
-        f"dataset: {d['files']} files, {d['documents']} documents{toks}, {d['bytes'] / 2**30:.2f} GiB; max_length {d['max_length']}"
+        f"dataset: {d['files']} files, {d['documents']} documents{toks}, {d['bytes'] / 2**30:.2f} GiB; "
+        f"max_length {d['max_length']}"
     )
     print()
     print("| measure | figure | target |")
@@ -462,13 +465,16 @@ def report(r: dict) -> None:
             x = pk[name]
             ok = "met" if x["tokens_per_cpu_s"] >= 30e6 else "MISSED"
             print(
-                f"| {name} pack reads | {x['tokens_per_cpu_s'] / 1e6:.1f} M tokens/CPU-s (best round {x['best_tokens_per_cpu_s'] / 1e6:.1f}); "
-                f"{x['packs_per_s']:.0f} packs/s wall, {x['us_per_pack_cpu']:.0f} us CPU/pack | >= 30 M tokens/CPU-s: {ok} |"
+                f"| {name} pack reads | {x['tokens_per_cpu_s'] / 1e6:.1f} M tokens/CPU-s (best round "
+                f"{x['best_tokens_per_cpu_s'] / 1e6:.1f}); "
+                f"{x['packs_per_s']:.0f} packs/s wall, {x['us_per_pack_cpu']:.0f} us CPU/pack | >= 30 M "
+                f"tokens/CPU-s: {ok} |"
             )
     if "flat" in r:
         for k, x in r["flat"].items():
             print(
-                f"| per-pack cost, {int(k):,} docs/file ({x['files']} files, {x['packs']} packs) | {x['us_per_pack_cpu']:.0f} us CPU/pack, "
+                f"| per-pack cost, {int(k):,} docs/file ({x['files']} files, {x['packs']} packs) | "
+                f"{x['us_per_pack_cpu']:.0f} us CPU/pack, "
                 f"x{x['ratio']:.2f} of the first | flat |"
             )
     if "bigopen_first" in r:

@@ -48,12 +48,13 @@ def build_tokenizer(corpus: Path, out: Path) -> None:
 
     def sample():
         n = 0
-        for line in open(corpus):
-            text = json.loads(line)["text"]
-            n += len(text)
-            yield text
-            if n > 4 << 20:
-                return
+        with open(corpus) as f:
+            for line in f:
+                text = json.loads(line)["text"]
+                n += len(text)
+                yield text
+                if n > 4 << 20:
+                    return
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

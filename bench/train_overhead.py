@@ -218,8 +218,9 @@ def main() -> None:
             for dt in args.dtypes.split(","):
                 tt, bare = [], []
                 for r in range(args.rounds):  # A B B A ...: drift and noise hit both alike
-                    runs = [
-                        lambda: tt.extend(
+
+                    def run_tokentrain(r=r, dt=dt, tt=tt, model_dir=model_dir, data=data, size=size):
+                        tt.extend(
                             tokentrain_run(
                                 model_dir,
                                 data,
@@ -228,9 +229,12 @@ def main() -> None:
                                 args.steps + 1,
                                 dt_names[dt],
                             )
-                        ),
-                        lambda: bare.extend(bare_run(model_dir, batches, args.steps + 1, dt_names[dt])),
-                    ]
+                        )
+
+                    def run_bare(dt=dt, bare=bare, model_dir=model_dir, batches=batches):
+                        bare.extend(bare_run(model_dir, batches, args.steps + 1, dt_names[dt]))
+
+                    runs = [run_tokentrain, run_bare]
                     for run in runs if r % 2 == 0 else runs[::-1]:
                         run()
                 # Other processes on a shared machine only ever add time: the fastest steps are the
@@ -253,8 +257,10 @@ def main() -> None:
                 )
                 results.append(row)
                 print(
-                    f"{size} ({n_params / 1e6:.1f}M params) {dt} L={args.max_length}: best step tokentrain {best_tt:.0f} tok/s, "
-                    f"bare {best_bare:.0f} tok/s, ratio {best_tt / best_bare:.3f} | median {med_tt:.0f} vs {med_bare:.0f}, "
+                    f"{size} ({n_params / 1e6:.1f}M params) {dt} L={args.max_length}: best step tokentrain "
+                    f"{best_tt:.0f} tok/s, "
+                    f"bare {best_bare:.0f} tok/s, ratio {best_tt / best_bare:.3f} | median {med_tt:.0f} vs "
+                    f"{med_bare:.0f}, "
                     f"ratio {med_tt / med_bare:.3f} | load avg {os.getloadavg()[0]:.2f}",
                     flush=True,
                 )

@@ -22,7 +22,7 @@ CHATML = (
 
 def corpus():
     for name in ("chat.jsonl", "text.jsonl"):
-        for line in open(HERE / "data" / name):
+        for line in (HERE / "data" / name).read_text().splitlines():
             row = json.loads(line)
             if "messages" in row:
                 for m in row["messages"]:

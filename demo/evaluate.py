@@ -55,7 +55,7 @@ def main() -> None:
     if not (args.model or args.init):
         ap.error("give MODEL_DIR or --init CONFIG_DIR")
     tok, model = load(args)
-    rows = [json.loads(line) for line in open(HERE / "data" / "eval.jsonl")]
+    rows = [json.loads(line) for line in (HERE / "data" / "eval.jsonl").read_text().splitlines() if line.strip()]
     right, shown = 0, []
     for row in rows:
         text = answer(tok, model, row["question"])

@@ -30,7 +30,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_opens_with_the_two_commands():
     head = (ROOT / "README.md").read_text().splitlines()[:8]
-    assert any(l.startswith("make demo") for l in head) and any(l.startswith("make test") for l in head)
+    assert any(h.startswith("make demo") for h in head) and any(h.startswith("make test") for h in head)
 
 
 @pytest.mark.slow

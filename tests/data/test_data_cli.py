@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tt_data_helpers import as_lists, line_bytes, ref_packs, ref_unpacked, save_meta, write_bin
 
 from tokentrain.cli.main import main
 from tokentrain.data import format as fmt
 from tokentrain.data.dataset import DataSettings, build_dataset
-from tt_data_helpers import as_lists, line_bytes, ref_packs, ref_unpacked, save_meta, write_bin
 
 REPO = Path(__file__).resolve().parents[2]
 EXE = REPO / ".venv" / "bin" / "tokentrain"
@@ -125,9 +125,9 @@ def test_show_unpacked_min_length_and_data_order(tmp_path, capsys):
 
 def test_show_index_out_of_range(tmp_path, capsys):
     write_bin(tmp_path / "a.bin", [[1, 2, 3, 4]])
-    code, out, err = run(capsys, "data", "show", tmp_path, "--max-length", 2, "--index", 2, "--json")
+    code, _out, err = run(capsys, "data", "show", tmp_path, "--max-length", 2, "--index", 2, "--json")
     assert code == 2 and "--index 2 out of range: the dataset has 2 samples" in err and "Traceback" not in err
-    code, out, err = run(capsys, "data", "show", tmp_path, "--max-length", 0, "--json")
+    code, _out, err = run(capsys, "data", "show", tmp_path, "--max-length", 0, "--json")
     assert code == 2 and "--max-length must be positive" in err
 
 
@@ -157,7 +157,8 @@ def test_check_lists_every_problem_with_line_and_byte(tmp_path, capsys):
     lines_out = out.splitlines()
     assert lines_out == [
         f"{a}: line 2 (byte {offs[1]}): \"tokens\"[1] is 2.5 (float); token ids must be ints",
-        f"{a}: line 3 (byte {offs[2]}): no \"tokens\" key; each line must be a JSON object like {{\"tokens\": [1, -5, 2]}}",
+        f"{a}: line 3 (byte {offs[2]}): no \"tokens\" key; each line must be a JSON object like "
+        f"{{\"tokens\": [1, -5, 2]}}",
         f"{a}: line 5 (byte {offs[4]}): \"tokens\"[1] is 'x' (str); token ids must be ints",
         f"{b}: no meta file b.bin.meta; build it with `tokentrain data index`",
         lines_out[4],
@@ -228,7 +229,7 @@ def test_index_read_only_folder(tmp_path, capsys, monkeypatch, cache_dir):
         return real(meta, path)
 
     monkeypatch.setattr(fmt, "save_meta", deny)
-    code, out, err = run(capsys, "data", "index", tmp_path)
+    code, _out, err = run(capsys, "data", "index", tmp_path)
     assert code == 0, err
     assert not (tmp_path / "a.bin.meta").exists() and len(list((cache_dir / "meta").iterdir())) == 1
     write_bin(tmp_path / "b.bin", [[1]])
@@ -397,7 +398,7 @@ def test_bad_input_one_line_exit_3(tmp_path, capsys, case):
         ["data", "show", folder, "--max-length", 3, "--json", *extra],
         ["data", "stats", folder, *stats_extra],
     ):
-        code, out, err = run(capsys, *argv)
+        code, _out, err = run(capsys, *argv)
         assert code == 3, (argv, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("tokentrain: error: ") and "Traceback" not in err

@@ -10,10 +10,10 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tt_data_helpers import line_bytes, ref_labels, save_meta, write_bin
 
 from tokentrain.data import format as fmt
 from tokentrain.errors import DataError
-from tt_data_helpers import line_bytes, ref_labels, save_meta, write_bin
 
 # --------------------------------------------------------------------------- discovery
 
@@ -445,7 +445,7 @@ def test_meta_first_offset_not_zero(tmp_path):
 
 def test_meta_int32_offsets_wrapped_past_2gib(tmp_path):
     """A >2 GiB file indexed with int32 offsets: they wrap negative. Faked with a small file."""
-    p, mp, m = _good(tmp_path)
+    p, mp, _m = _good(tmp_path)
     wrapped = np.array([[0, 3], [2**31 - 8, 2], [2**31 + 100, 1]], dtype=np.int64).astype(np.int32)
     assert wrapped[2, 0] < 0
     np.save(mp.open("wb"), wrapped)
@@ -480,7 +480,7 @@ def test_meta_stale_truncated_file(tmp_path):
 
 
 def test_meta_stale_rewritten_lines_boundary(tmp_path):
-    p, mp, m = _good(tmp_path)
+    p, mp, _m = _good(tmp_path)
     p.write_bytes(line_bytes([1, 2, 3, 4, 5, 6]) + line_bytes([1]) + line_bytes([1]))
     with pytest.raises(DataError, match="does not start a line"):
         _read(p, mp)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tt_data_helpers import line_bytes, write_bin
 
 from tokentrain.data import format as fmt
 from tokentrain.data import index as idx
 from tokentrain.data.dataset import DataSettings, build_dataset
 from tokentrain.errors import DataError
-from tt_data_helpers import line_bytes, write_bin
 
 DOCS_A = [[1, 2, 3], [4, -5], [], [6], [7, 8, 9, 10]]
 DOCS_B = [[-1, -2], [11, 12, 13], [14]]
@@ -72,7 +72,7 @@ def test_missing_meta_in_read_only_folder_goes_to_cache(tmp_path, cache_dir, mon
 
     # Reopening uses the cached metas: nothing is parsed again.
     calls = []
-    monkeypatch.setattr(fmt, "build_meta", lambda p: calls.append(p))
+    monkeypatch.setattr(fmt, "build_meta", calls.append)
     assert idx.ensure_meta(files[0]) == cached[0]
     build_dataset(DataSettings(str(data), max_length=4, shuffle=False, seed=1))
     assert calls == []
@@ -118,7 +118,7 @@ def test_table_columns_and_file_order(tmp_path):
     assert index.ends.tolist() == np.cumsum([len(d) for d in kept]).tolist()
     # offsets and byte lengths point at the lines
     data = [f.read_bytes() for f in files]
-    for f, line, off, nb in index.docs.tolist():
+    for f, _line, off, nb in index.docs.tolist():
         assert data[f][off : off + nb].endswith(b"\n") and data[f][off - 1 : off] in (b"", b"\n")
     assert index.docs.dtype == np.int64 and index.docs.shape == (len(kept), 4)
 

@@ -6,11 +6,11 @@ import pickle
 
 import numpy as np
 import pytest
+from tt_data_helpers import as_lists, line_bytes, ref_packs, ref_unpacked, write_bin
 
 from tokentrain.data.batch import collate
 from tokentrain.data.dataset import DataSettings, build_dataset
 from tokentrain.errors import DataError
-from tt_data_helpers import as_lists, line_bytes, ref_packs, ref_unpacked, write_bin
 
 
 def _ds(folder, max_length, **kw):
@@ -193,7 +193,8 @@ def test_rewritten_same_size_shifted_lines(tmp_path):
     p.write_bytes(new)
     with pytest.raises(
         DataError,
-        match=r"a.bin: line \d \(byte \d+\) (is not where the meta says|ends before the meta says|runs on past where the meta says)",
+        match=r"a.bin: line \d \(byte \d+\) "
+        r"(is not where the meta says|ends before the meta says|runs on past where the meta says)",
     ):
         [ds[k] for k in range(len(ds))]
 
@@ -276,7 +277,7 @@ def test_file_deleted_after_indexing(tmp_path):
 
 
 def test_dataset_pickles_without_open_files(tmp_path):
-    p, ds = _built(tmp_path)
+    _p, ds = _built(tmp_path)
     ds[0]
     clone = pickle.loads(pickle.dumps(ds))
     assert clone.reader._fds == {} and as_lists(clone[1]) == as_lists(ds[1])

@@ -38,7 +38,7 @@ def weights(work: Path) -> dict:
 
 
 def losses(work: Path) -> list[float]:
-    return [json.loads(l)["loss"] for l in (work / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return [json.loads(r)["loss"] for r in (work / "metrics.jsonl").read_text().splitlines() if r.strip()]
 
 
 def rel_diff(a: dict, b: dict) -> float:

@@ -20,7 +20,9 @@ PROBE = textwrap.dedent(
     t = torch.tensor([float(e.rank + 1)])
     dist.all_reduce(t)
     import os
-    print(f"rank={e.rank} world={e.world_size} local={e.local_rank}/{e.local_world_size} sum={t.item():g} omp={os.environ.get('OMP_NUM_THREADS')} dev={e.device.type}\\n", end="", flush=True)
+    omp = os.environ.get('OMP_NUM_THREADS')
+    print(f"rank={e.rank} world={e.world_size} local={e.local_rank}/{e.local_world_size} sum={t.item():g} "
+          f"omp={omp} dev={e.device.type}\\n", end="", flush=True)
     destroy_distributed()
     """
 )

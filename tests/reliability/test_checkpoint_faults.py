@@ -122,13 +122,13 @@ def test_kill_9_at_seeded_random_points_then_resume_auto_is_bit_identical(ref, t
             where = f"{delay:.2f}s after start"
         elif kind == "after_step":
             target = rng.randint(start_step + 1, STEPS - 1)
-            wait_for(lambda: f"step {target}/{STEPS} " in out.text, proc, poll=0.002)
+            wait_for(lambda: f"step {target}/{STEPS} " in out.text, proc, poll=0.002)  # noqa: B023 (called here)
             where = f"after step {target} was logged"
         else:
             save = rng.choice(range(start_step + 2, STEPS + 1, 2))
             model = work / "checkpoints" / f".step_{save}.partial" / "model.safetensors"
             # This run's write, not a partial folder an earlier kill left behind.
-            wait_for(lambda: model.is_file() and model.stat().st_mtime >= launched, proc, poll=0.002)
+            wait_for(lambda: model.is_file() and model.stat().st_mtime >= launched, proc, poll=0.002)  # noqa: B023
             where = f"while writing step_{save}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)

@@ -67,7 +67,7 @@ def test_loss_of_each_document_equals_alone_and_no_gradient_crosses(models, impl
     emb_layer = model.get_input_embeddings()
     for r, row in enumerate(docs):
         start = 0
-        for k, d in enumerate(row):
+        for _k, d in enumerate(row):
             labels = torch.full_like(ids, -100)
             labels[r, start : start + len(d) - 1] = d[1:]
             packed_loss = lm(ids, labels, pos)

@@ -169,7 +169,8 @@ def test_every_template_trains_with_only_the_paths_changed(tiny_model, tmp_path,
 
 def test_module_entry_accepts_and_ignores_local_rank(tiny_model, tiny_data, tmp_path, monkeypatch):
     """`python -m tokentrain.train CFG --local_rank N` (torch.distributed.launch style)."""
-    from tokentrain.train import main as module_main, strip_local_rank
+    from tokentrain.train import main as module_main
+    from tokentrain.train import strip_local_rank
 
     assert strip_local_rank(["c.py", "--local_rank", "3", "--seed", "1"]) == (["c.py", "--seed", "1"], "3")
     assert strip_local_rank(["--local-rank=2", "c.py"]) == (["c.py"], "2")

@@ -54,9 +54,8 @@ def test_two_ddp_ranks_give_the_same_parameters(split_runs, tiny_model, tiny_dat
     """2 gloo ranks x batch 1 x accumulation 2 == one process x batch 4 (real torchrun, via NPROC_PER_NODE)."""
     cfg = write_config(
         tmp_path / "ddp.py",
-        **{
-            k: v
-            for k, v in json.loads(
+        **dict(
+            json.loads(
                 json.dumps(
                     dict(
                         pretrained_model_name_or_path=str(tiny_model),
@@ -77,7 +76,7 @@ def test_two_ddp_ranks_give_the_same_parameters(split_runs, tiny_model, tiny_dat
                     )
                 )
             ).items()
-        },
+        ),
     )
     env = dict(os.environ, NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
     env.pop("LOCAL_RANK", None)

@@ -151,7 +151,6 @@ def cmd_index(args) -> int:
     import logging
 
     from tokentrain.data import format as fmt
-
     from tokentrain.data.index import _cached_meta_path
     from tokentrain.errors import DataError
 

@@ -57,7 +57,8 @@ def cmd_tokenize(args) -> int:
     )
     s = tokenize_files(args.inputs, opts)
     print(
-        f"tokenized {s.documents} documents, {s.tokens} tokens ({s.target_tokens} targets) into {len(s.shards)} shard(s) "
+        f"tokenized {s.documents} documents, {s.tokens} tokens ({s.target_tokens} targets) into "
+        f"{len(s.shards)} shard(s) "
         f"in {args.out}; {s.skipped} skipped; {s.seconds:.1f}s, {s.tokens_per_s:,.0f} tokens/s, "
         f"{s.bytes_in / max(s.seconds, 1e-9) / 1e6:.1f} MB/s"
     )

@@ -91,7 +91,8 @@ def check_local_model(path: str) -> None:
         return
     if not p.is_dir():
         raise ConfigError(
-            f"pretrained_model_name_or_path = {path!r}: model folder does not exist; cannot load the tokenizer or the model"
+            f"pretrained_model_name_or_path = {path!r}: model folder does not exist; cannot load the "
+            "tokenizer or the model"
             if not p.exists()
             else f"pretrained_model_name_or_path = {path!r}: not a folder; give a Hugging Face model folder"
         )

@@ -71,7 +71,7 @@ class TrainConfig:
     peak_tflops: float | None = None  # for MFU; None: known GPUs, or measured on CPU
     work_dir: str | None = None
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

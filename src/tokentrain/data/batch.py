@@ -27,17 +27,17 @@ PAD_ID = 0
 
 @dataclass
 class Batch:
-    input_ids: "torch.Tensor"
-    labels: "torch.Tensor"
-    position_ids: "torch.Tensor"
-    cu_seqlens: "torch.Tensor"
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
     indices: list[int]
 
     @property
     def num_targets(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)[:4]), self.indices)
 
 

@@ -111,7 +111,8 @@ def _files_from_order(root: Path, order: Path) -> list[Path]:
         p = root / rel
         if not p.is_file():
             raise DataError(
-                f"{order}:{lineno}: listed file {rel!r} does not exist under {root}; fix the list or regenerate it with `tokentrain data order`"
+                f"{order}:{lineno}: listed file {rel!r} does not exist under {root}; fix the list or "
+                "regenerate it with `tokentrain data order`"
             )
         files.append(p)
     if not files:
@@ -146,7 +147,8 @@ def read_meta(path: Path, data_path: Path, data_size: int) -> np.ndarray:
         ) from None
     if raw.ndim != 2 or raw.shape[1] < 2:
         raise DataError(
-            f"{path}: meta must have shape (N, >=2) (offset, token count), got {raw.shape}; rebuild it with `tokentrain data index --rebuild`"
+            f"{path}: meta must have shape (N, >=2) (offset, token count), got {raw.shape}; rebuild it with "
+            "`tokentrain data index --rebuild`"
         )
     if raw.dtype.kind not in "iu":
         raise DataError(
@@ -189,7 +191,8 @@ def read_meta(path: Path, data_path: Path, data_size: int) -> np.ndarray:
         parse_line(body, data_path, n, last, int(counts[-1]))
     except DataError as e:
         raise DataError(
-            f"{path}: the last line of {data_path} does not match the meta ({str(e).removeprefix(f'{data_path}: ')}); {fix}"
+            f"{path}: the last line of {data_path} does not match the meta "
+            f"({str(e).removeprefix(f'{data_path}: ')}); {fix}"
         ) from None
     return meta
 
@@ -373,9 +376,13 @@ def _is_compact_json(arr: np.ndarray, text: bytes, lengths: list[int], counts: l
     lo, hi = int(_min(arr)), int(_max(arr))
     if lo < -_INT32_LIMIT or hi > _INT32_LIMIT:
         return False
-    if lo <= 0 <= hi and _nonzero(arr) < n:  # (a), with a value 0
-        if _nonzero(np.frombuffer(text, dtype=np.uint8) < 48) != n - 1 + _nonzero(arr < 0):
-            return False
+    # (a), with a value 0
+    if (
+        lo <= 0 <= hi
+        and _nonzero(arr) < n
+        and _nonzero(np.frombuffer(text, dtype=np.uint8) < 48) != n - 1 + _nonzero(arr < 0)
+    ):
+        return False
     # (b) a value's JSON: 1 digit, 1 more per power of ten it reaches, a minus when negative;
     # and a comma after each value but a text's last.
     big = max(hi, -lo)
@@ -395,7 +402,7 @@ def _is_compact_json(arr: np.ndarray, text: bytes, lengths: list[int], counts: l
 _WIDTHS_LIMIT = 1 << 21
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _json_widths(bits: int) -> np.ndarray:
     """A lookup table, int8, indexed by a value v with |v| < S = 2**max(bits, 16) (negative v
     from the end, as ``take`` does): the length of v's JSON minus 1."""

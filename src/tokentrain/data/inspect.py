@@ -165,7 +165,8 @@ def dataset_stats(files: list[Path]) -> Stats:
             why = _misplaced(data, line, off, size)
             if why:
                 raise DataError(
-                    f"{p}: line {lineno} (byte {off}): {why}; the meta is stale; rebuild it with `tokentrain data index --rebuild`"
+                    f"{p}: line {lineno} (byte {off}): {why}; the meta is stale; rebuild it with `tokentrain "
+                    "data index --rebuild`"
                 )
             toks = fmt.parse_line(line, p, lineno, off, count)
             st.tokens += len(toks)

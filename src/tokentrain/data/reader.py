@@ -89,7 +89,7 @@ class DocReader:
         skip = 1 if last is not None and last[0] == lo else 0  # a long document spans packs
         bufs: list[bytes] = []
         texts: list | None = []  # each line's list text, while all lines look usual
-        for fid, line, off, nbytes in rows[skip:] if skip else rows:
+        for fid, _line, off, nbytes in rows[skip:] if skip else rows:
             lead = 1 if off else 0
             try:
                 fd = fds.get(fid)
@@ -149,7 +149,8 @@ class DocReader:
                         )
                     if off + nbytes < index.file_sizes[fid] and not buf.endswith(b"\n", lead):
                         raise DataError(
-                            f"{index.files[fid]}: line {line + 1} (byte {off}) runs on past where the meta says it ends; {_STALE}"
+                            f"{index.files[fid]}: line {line + 1} (byte {off}) runs on past where the meta "
+                            f"says it ends; {_STALE}"
                         )
             except DataError:
                 self._confirm(out, todo)

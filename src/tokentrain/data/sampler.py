@@ -72,7 +72,8 @@ class ResumableSampler:
 
             raise DataError(
                 f"checkpoint was taken on {state['num_samples']} samples (seed {state['seed']}), "
-                f"this run has {self.num_samples} (seed {self.seed}): the data or its settings changed; resume with the same data"
+                f"this run has {self.num_samples} (seed {self.seed}): the data or its settings changed; "
+                "resume with the same data"
             )
         if state["world_size"] != self.world_size:
             # Same global position, re-split: ranks consumed equal shares, so the global
@@ -82,7 +83,8 @@ class ResumableSampler:
                 from tokentrain.errors import DataError
 
                 raise DataError(
-                    f"cannot resume position {global_pos} on {self.world_size} ranks; resume on {state['world_size']} ranks"
+                    f"cannot resume position {global_pos} on {self.world_size} ranks; resume on "
+                    f"{state['world_size']} ranks"
                 )
             self.epoch, self.consumed = state["epoch"], global_pos // self.world_size
             return

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+
 from tokentrain.data import format as fmt
 from tokentrain.data.writer import encode_line
 from tokentrain.utils.atomic import atomic_file

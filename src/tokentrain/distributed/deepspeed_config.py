@@ -37,7 +37,8 @@ def load_deepspeed_config(name_or_path: str) -> dict:
         close = difflib.get_close_matches(name_or_path, names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
-            f"--deepspeed {name_or_path!r}: unknown preset{hint} Presets: {', '.join(names)}; or pass a path to a JSON file"
+            f"--deepspeed {name_or_path!r}: unknown preset{hint} Presets: {', '.join(names)}; or pass a path "
+            "to a JSON file"
         )
     text = (resources.files("tokentrain.configs") / "deepspeed" / f"{name_or_path}.json").read_text()
     return json.loads(text)
@@ -49,7 +50,8 @@ def _set(d: dict, key: str, value, *, must_match: bool = False, what: str = "") 
         d[key] = value
     elif must_match and cur != value:
         raise ConfigError(
-            f"DeepSpeed config sets {key}={cur!r} but the training config has {what}={value!r}; set it to \"auto\" or make them agree"
+            f"DeepSpeed config sets {key}={cur!r} but the training config has {what}={value!r}; set it to "
+            "\"auto\" or make them agree"
         )
 
 

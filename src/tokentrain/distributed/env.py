@@ -36,7 +36,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
-    device: "object" = None  # torch.device
+    device: object = None  # torch.device
     backend: str = "gloo"
 
     @property

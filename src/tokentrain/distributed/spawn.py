@@ -81,7 +81,8 @@ def spawn_torchrun(train_args: list[str]) -> int:
         if report and rc != 0:
             failed = sorted(_read_codes(Path(codes)).items())
             print(
-                f"tokentrain: torchrun: job failed (rank exit codes: {', '.join(f'{r}: {c}' for r, c in failed) or 'none recorded'})"
+                "tokentrain: torchrun: job failed (rank exit codes: "
+                f"{', '.join(f'{r}: {c}' for r, c in failed) or 'none recorded'})"
                 f"; exit code {code}; run with --debug for torchrun's own report",
                 file=sys.stderr,
             )

@@ -14,7 +14,7 @@ WARMUP_START_FACTOR = 1 / 40
 
 def lr_factor(step: int, total_steps: int, warm_up_ratio: float, min_lr_ratio: float) -> float:
     """Multiplier of the base lr used by optimizer step `step` (0-based) of `total_steps`."""
-    warm = int(round(warm_up_ratio * total_steps))
+    warm = round(warm_up_ratio * total_steps)
     if step < warm:
         return WARMUP_START_FACTOR + (1 - WARMUP_START_FACTOR) * step / warm
     span = max(1, total_steps - warm)

@@ -104,9 +104,7 @@ class LocalStrategy:
     def load(self, folder: Path) -> None:
         from safetensors.torch import load_model
 
-        missing, unexpected = load_model(
-            self.unwrapped.model, str(folder / MODEL_FILE), strict=True, device=str(self.env.device)
-        )
+        load_model(self.unwrapped.model, str(folder / MODEL_FILE), strict=True, device=str(self.env.device))
         state = torch.load(folder / OPTIMIZER_FILE, map_location=self.env.device, weights_only=True)
         self.optimizer.load_state_dict(state)
 

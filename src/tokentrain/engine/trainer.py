@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tokentrain.checkpoint.hf_export import export_hf
-from tokentrain.checkpoint.manager import CheckpointManager, CheckpointError, resolve_resume, set_rng_state, step_of
+from tokentrain.checkpoint.manager import CheckpointError, CheckpointManager, resolve_resume, set_rng_state, step_of
 from tokentrain.config.schema import TrainConfig
 from tokentrain.engine.data_stream import StepStream
 from tokentrain.engine.evaluation import generate_samples, validation_loss
@@ -193,7 +193,8 @@ class Trainer:
         self.total_steps = cfg.max_iters if cfg.max_iters is not None else cfg.max_epochs * spe
         if env.is_main:
             log.info(
-                "data: %d samples of max_length %d, %d steps per epoch of %d samples (%d per rank x %d ranks), %d steps in all",
+                "data: %d samples of max_length %d, %d steps per epoch of %d samples (%d per rank x %d "
+                "ranks), %d steps in all",
                 len(self.train_set),
                 cfg.max_length,
                 spe,
@@ -420,7 +421,8 @@ class Trainer:
                     export_hf(self.hf_model, self.tokenizer, self.work_dir / "hf", cfg.export_dtype)
             if env.is_main:
                 self.metrics.message(
-                    f"done: {self.step} steps ({self.skipped_steps} skipped); Hugging Face model in {self.work_dir / 'hf'}"
+                    f"done: {self.step} steps ({self.skipped_steps} skipped); Hugging Face model in "
+                    f"{self.work_dir / 'hf'}"
                 )
             strategy.barrier()
             return EXIT_OK
@@ -513,7 +515,7 @@ class Trainer:
                 f"(sample {k}); fix the data or use the tokenizer it was made with"
             )
 
-    def _record(self, loss, lr, grad_norm, targets, window: "_Window", extra: dict) -> dict:
+    def _record(self, loss, lr, grad_norm, targets, window: _Window, extra: dict) -> dict:
         ws = self.env.world_size
         r = {
             "step": self.step,

@@ -38,7 +38,7 @@ class FlopCounter:
     attn_dim: int
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module) -> "FlopCounter":
+    def for_model(cls, model: torch.nn.Module) -> FlopCounter:
         cfg = model.config
         total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
         emb = model.get_input_embeddings().weight

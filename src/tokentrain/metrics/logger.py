@@ -54,7 +54,7 @@ class MetricsLogger:
         if not enabled:
             return
         work_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(work_dir / "metrics.jsonl", "a")
+        self.jsonl = open(work_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -57,7 +57,8 @@ def choose_attn_implementation(requested: str, device: torch.device, use_varlen_
         return "flash_attention_2"
     if use_varlen_attn:
         raise ConfigError(
-            "use_varlen_attn = True but the flash_attn package is not installed; install it or set use_varlen_attn = None"
+            "use_varlen_attn = True but the flash_attn package is not installed; install it or set "
+            "use_varlen_attn = None"
         )
     return "sdpa"
 

@@ -1,7 +1,7 @@
 # tokentrain config: InternLM-7B, full fine-tune on an InternLM-repo tokenized dataset (the seed template)
 #
 # A plain Python file of settings. Change PART 1 (at least the two paths), then:
-#     tokentrain train internlm_7b_full_intern_repo_dataset_template_copy.py --work-dir work_dirs/internlm_7b_full_intern_repo_dataset_template
+#     tokentrain train internlm_7b_full_intern_repo_dataset_template_copy.py --work-dir work_dirs/internlm_7b
 # Every key is checked when the file is loaded: a misspelled key is an error, not a default.
 # The full list of keys is in docs/trainer.md; `--cfg-options key=value` overrides any of them.
 

@@ -1,7 +1,7 @@
 # tokentrain config: Llama-3-8B, full fine-tune on an InternLM-repo tokenized dataset
 #
 # A plain Python file of settings. Change PART 1 (at least the two paths), then:
-#     tokentrain train llama3_8b_full_intern_repo_dataset_copy.py --work-dir work_dirs/llama3_8b_full_intern_repo_dataset
+#     tokentrain train llama3_8b_full_intern_repo_dataset_copy.py --work-dir work_dirs/llama3_8b
 # Every key is checked when the file is loaded: a misspelled key is an error, not a default.
 # The full list of keys is in docs/trainer.md; `--cfg-options key=value` overrides any of them.
 
