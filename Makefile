@@ -1,12 +1,14 @@
 # Two entry points: `make demo` and `make test`. Both set up .venv from scratch when needed.
+# The gate: `make check` = lint + types + fast tests (CI runs it first, so style fails fast).
 PY      ?= python3.11
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # torch first, pinned to the CPU wheel these machines carry, so pip never pulls a CUDA build.
 TORCH   ?= torch==2.13.0
+LINTED  := src tests bench demo scripts
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast lint typecheck deadcode check format demo bench clean
 
 venv: $(STAMP)
 
@@ -14,14 +16,31 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "$(TORCH)"
-	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -m pip install -q -e ".[test,lint]"
 	touch $(STAMP)
 
 test: venv
 	$(VPY) -m pytest -q
 
+# A quick local loop: everything but the slow, Slurm and DeepSpeed tests (CI runs them all).
 test-fast: venv
-	$(VPY) -m pytest -q -m "not slow"
+	$(VPY) -m pytest -q -m "not slow and not slurm and not deepspeed"
+
+lint: venv
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/vulture
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
+
+# Lint + types + the unit tests that need no processes of their own (under 3 minutes).
+check: lint typecheck
+	$(VPY) -m pytest -q -x -m "not slow and not slurm and not deepspeed and not distributed"
 
 demo: venv
 	bash scripts/demo.sh
