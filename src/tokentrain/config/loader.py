@@ -38,7 +38,7 @@ def _describe(tp) -> str:
     if origin is tuple:
         return f"a tuple of {len(args)} numbers"
     if origin is list:
-        return "a list of strings"
+        return "a list of dicts" if args and args[0] is dict else "a list of strings"
     return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -87,6 +87,10 @@ def check_type(name: str, value, tp=None):
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
         raise ValueError(_describe(tp))
+    if tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ValueError("a list of dicts")
     raise ValueError(_describe(tp))
 
 
@@ -180,6 +184,13 @@ def build_config(settings: dict, source: str, overrides: dict | None = None) -> 
     if bad:
         key, why = bad[0]
         raise ConfigError(f"{source}: {key} = {getattr(cfg, key)!r}: {why}")
+    if cfg.datasets:
+        from tokentrain.data.mixture import parse_sources
+
+        try:
+            parse_sources(cfg.datasets)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 
