@@ -8,7 +8,7 @@ import pytest
 from tt_data_helpers import write_bin
 
 from tokentrain.config.schema import TrainConfig
-from tokentrain.data.dataset import build_train_data, log_mixture_plan, planned_samples
+from tokentrain.data.dataset import build_train_data, log_mixture_plan, planned_counts
 from tokentrain.data.mixture import parse_sources
 from tokentrain.engine.data_stream import StepStream
 from tokentrain.errors import DataError
@@ -128,8 +128,7 @@ def test_batch_carries_real_tokens_per_source(sources):
 
 def test_over_sampled_source_is_said_in_the_start_up_log(sources, info_logs):
     mix, _ = build_train_data(_cfg(sources))
-    n = planned_samples(total_steps=100, steps_per_epoch=10**6, num_samples=len(mix), global_batch=8)
-    rows = log_mixture_plan(mix, n)
+    rows = log_mixture_plan(mix, planned_counts(mix, total_steps=100, steps_per_epoch=10**6, global_batch=8))
     web = next(r for r in rows if r["name"] == "web")
     assert web["planned_samples"] == 480 and web["epochs"] == pytest.approx(480 / web["samples"])
     assert web["epochs"] > 1 and "mixture source web" in info_logs.text and "over-sampled" in info_logs.text
@@ -151,3 +150,18 @@ def test_over_sampled_source_is_said_in_the_start_up_log(sources, info_logs):
 def test_bad_mixture_entries_are_named(entries, msg):
     with pytest.raises(ValueError, match=msg):
         parse_sources(entries)
+
+
+def test_planned_counts_are_what_the_stream_reads_across_mixture_epochs(sources):
+    cfg = _cfg(sources)
+    ds, sampler = build_train_data(cfg)
+    stream = StepStream(ds, sampler, 8, 1, 0)
+    spe, it = stream.steps_per_epoch, iter(stream)
+    steps = 2 * spe + 5
+    read = np.zeros(3, dtype=np.int64)
+    for _ in range(steps):
+        ((batch, _, _),) = next(it)
+        sampler.advance(8)
+        for k in batch.indices:
+            read[list(BASE).index(ds[k]["source"])] += 1
+    assert planned_counts(ds, steps, spe, 8).tolist() == read.tolist()

@@ -92,16 +92,19 @@ def mixture_fingerprint(mix) -> str:
     return ", ".join(f"{n}:{w:.4f}:{s}" for n, w, s in zip(mix.names, mix.weights, mix.sizes.tolist()))
 
 
-def planned_samples(total_steps: int, steps_per_epoch: int, num_samples: int, global_batch: int) -> int:
-    """Stream positions a run of total_steps reaches (a mixture epoch's incomplete last step is skipped)."""
+def planned_counts(mix, total_steps: int, steps_per_epoch: int, global_batch: int):
+    """Samples a run of total_steps reads from each source: every mixture epoch reads its first
+    steps_per_epoch * global_batch positions (the incomplete last step is skipped)."""
     epochs, rest = divmod(total_steps, steps_per_epoch)
-    return epochs * num_samples + rest * global_batch
+    n, used = len(mix), steps_per_epoch * global_batch
+    counts = sum((mix.counts_before(e * n + used) - mix.counts_before(e * n) for e in range(epochs)), 0)
+    return counts + mix.counts_before(epochs * n + rest * global_batch) - mix.counts_before(epochs * n)
 
 
-def log_mixture_plan(mix, positions: int) -> list[dict]:
+def log_mixture_plan(mix, counts) -> list[dict]:
     """One start-up line per source: its share, samples and effective epochs at the planned
-    steps; a source read more than once (epochs > 1) is said to be over-sampled."""
-    rows = mix.describe(positions)
+    steps (``planned_counts``); a source read more than once (epochs > 1) is said to be over-sampled."""
+    rows = mix.describe(counts)
     for r in rows:
         over = r["epochs"] > 1
         (log.warning if over else log.info)(

@@ -158,9 +158,8 @@ class MixtureDataset:
         s, k = self.locate(i)
         return self.datasets[s].sources(k)
 
-    def describe(self, planned_samples: int) -> list[dict]:
-        """Per source: name, weight used, samples, planned samples and effective epochs."""
-        counts = self.counts_before(planned_samples)
+    def describe(self, counts) -> list[dict]:
+        """Per source: name, weight used, samples, planned samples (``counts``) and effective epochs."""
         return [
             {
                 "name": name,

@@ -193,10 +193,10 @@ class Trainer:
                 self.total_steps,
             )
         if env.is_main and self.source_tokens.names:
-            from tokentrain.data.dataset import log_mixture_plan, planned_samples
+            from tokentrain.data.dataset import log_mixture_plan, planned_counts
 
             g = self.stream.samples_per_step * env.world_size
-            log_mixture_plan(self.train_set, planned_samples(self.total_steps, spe, len(self.train_set), g))
+            log_mixture_plan(self.train_set, planned_counts(self.train_set, self.total_steps, spe, g))
 
     def _setup_model(self) -> None:
         from tokentrain.model.attention import choose_attn_implementation, select_masking
