@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
 
 log = logging.getLogger("tokentrain.train")
@@ -90,7 +91,7 @@ class WandbSink(Sink):
         import wandb  # ImportError without the wandb extra
 
         id_file = work_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "tokentrain"),
             name=work_dir.resolve().name,
