@@ -81,6 +81,24 @@ def _files(args):
     return discover_files(args.folder, args.file_type, args.data_order)
 
 
+def _progress(files, desc: str):
+    """A bar on a terminal, periodic lines elsewhere (metrics/progress.py), over the files' bytes."""
+    from tokentrain.metrics.progress import Progress
+
+    total = 0
+    for p in files:
+        try:
+            total += p.stat().st_size
+        except OSError:  # named by the scan itself
+            pass
+    return Progress(total, desc)
+
+
+def _summary(progress, what: str) -> None:
+    progress.close()
+    print(progress.summary(what), file=sys.stderr)
+
+
 def cmd_stats(args) -> int:
     from tokentrain.data.inspect import dataset_stats
     from tokentrain.errors import ConfigError
@@ -94,7 +112,10 @@ def cmd_stats(args) -> int:
         args.folder, args.file_type, args.data_order = cfg.dataset_folder, cfg.file_type, cfg.data_order_path
     if not args.folder:
         raise ConfigError("data stats: give a dataset folder or --config CFG")
-    st = dataset_stats(_files(args)).as_dict()
+    files = _files(args)
+    progress = _progress(files, "stats")
+    st = dataset_stats(files, progress).as_dict()
+    _summary(progress, f"read {len(files)} file(s), {st['documents']} documents, {st['tokens']} tokens")
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -223,10 +244,11 @@ def cmd_check(args) -> int:
     from tokentrain.data.inspect import check_dataset
 
     files = _files(args)
-    problems = check_dataset(files)
+    progress = _progress(files, "check")
+    problems = check_dataset(files, progress)
     for p in problems:
         print(p)
-    print(f"checked {len(files)} file(s): {len(problems)} problem(s)", file=sys.stderr)
+    _summary(progress, f"checked {len(files)} file(s): {len(problems)} problem(s)")
     return 1 if problems else 0
 
 
@@ -238,9 +260,12 @@ def cmd_index(args) -> int:
     from tokentrain.errors import DataError
 
     built = 0
-    for p in _files(args):
+    files = _files(args)
+    progress = _progress(files, "index")
+    for p in files:
         mp = fmt.meta_path(p)
         if p.stat().st_size == 0 or (mp.exists() and not args.rebuild):
+            progress.update(p.stat().st_size)
             continue
         meta = fmt.build_meta(p)
         try:
@@ -252,7 +277,9 @@ def cmd_index(args) -> int:
             mp.parent.mkdir(parents=True, exist_ok=True)
             fmt.save_meta(meta, mp)
         built += 1
-        logging.getLogger("tokentrain").info("%s: %d lines", mp, len(meta))
+        logging.getLogger("tokentrain").debug("%s: %d lines", mp, len(meta))
+        progress.update(p.stat().st_size, len(meta))
+    _summary(progress, f"indexed {len(files)} file(s)")
     print(f"wrote {built} meta file(s)")
     return 0
 
