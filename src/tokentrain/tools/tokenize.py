@@ -257,6 +257,10 @@ def tokenize_files(inputs: list[str | Path], opts: TokenizeOptions) -> Summary:
     bad_roles = [r for r in opts.train_roles if r not in ROLES]
     if bad_roles:
         raise ConfigError(f"--train-roles: unknown role(s) {', '.join(bad_roles)} (expected {', '.join(ROLES)})")
+    from tokentrain.config.loader import missing_demo_model
+
+    if hint := missing_demo_model(opts.tokenizer):  # before any worker starts: not a hub id
+        raise ConfigError(f"--tokenizer {hint}")
     paths = [Path(p) for p in inputs]
     for p in paths:
         if not p.is_file():
