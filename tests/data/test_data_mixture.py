@@ -165,3 +165,11 @@ def test_planned_counts_are_what_the_stream_reads_across_mixture_epochs(sources)
         for k in batch.indices:
             read[list(BASE).index(ds[k]["source"])] += 1
     assert planned_counts(ds, steps, spe, 8).tolist() == read.tolist()
+
+
+def test_mixture_pickles_for_spawned_dataloader_workers(sources):
+    import pickle
+
+    mix, _ = build_train_data(_cfg(sources))
+    copy = pickle.loads(pickle.dumps(mix))
+    assert all(copy[i]["input_ids"].tolist() == mix[i]["input_ids"].tolist() for i in (0, 5, 9999, 10000, 12345))

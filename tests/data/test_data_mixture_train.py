@@ -101,3 +101,50 @@ def test_mixed_run_stopped_and_resumed_reproduces_losses_bit_for_bit(setup, tmp_
     assert sum(last[k] for k in keys) == last["tokens"] == 40 * 4 * 64
     shares = [last[k] / last["tokens"] for k in keys]
     assert max(abs(s - w) for s, w in zip(shares, weights.values())) < 0.02
+
+
+@pytest.mark.slow
+def test_two_ranks_read_the_same_mixture_as_one_process(setup, tmp_path):
+    """2 gloo ranks x accumulation 2 = 1 process x accumulation 4: same losses, same tokens per
+    source (summed over ranks); the log lines name their rank."""
+    import re
+
+    _, model, folders = setup
+    settings = dict(
+        pretrained_model_name_or_path=str(model),
+        datasets=[dict(folder=str(folders[n]), weight=w) for n, w in (("web", 5), ("code", 3), ("books", 2))],
+        max_length=64,
+        batch_size=1,
+        accumulative_counts=2,
+        max_iters=6,
+        lr=1e-3,
+        save_steps=1000,
+        evaluation_freq=1000,
+        log_interval=1,
+        tensorboard=False,
+        dtype="float32",
+        seed=5,
+    )
+    cfg = tmp_path / "mix2.py"
+    cfg.write_text("".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "TORCHELASTIC", "NPROC_PER_NODE"))
+    }
+    env.update(TOKENTRAIN_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    one = subprocess.run(
+        [*TT, "train", str(cfg), "--work-dir", str(tmp_path / "one"), "--cfg-options", "accumulative_counts=4"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [*TT, "train", str(cfg), "--work-dir", str(tmp_path / "two")],
+        env=dict(env, NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert re.search(r"^\[tokentrain rank 0\] [\d-]+ [\d:]+ step 6/6 ", two.stderr, re.M), two.stderr[-2000:]
+    a, b = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    keys = ["tokens/web", "tokens/code", "tokens/books"]
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)

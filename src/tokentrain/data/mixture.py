@@ -104,6 +104,16 @@ class MixtureDataset:
         self._period = functools.lru_cache(maxsize=4)(self._build_period)
         self._perm = functools.lru_cache(maxsize=16)(self._build_perm)
 
+    def __getstate__(self) -> dict:  # DataLoader workers under spawn: the caches are rebuilt there
+        state = self.__dict__.copy()
+        del state["_period"], state["_perm"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._period = functools.lru_cache(maxsize=4)(self._build_period)
+        self._perm = functools.lru_cache(maxsize=16)(self._build_perm)
+
     def __len__(self) -> int:
         """One mixture epoch: as many samples as all sources hold."""
         return int(self.sizes.sum())

@@ -79,6 +79,24 @@ def format_record(r: dict, eta_s: float | None = None) -> str:
     return "  ".join(parts)
 
 
+class ConsoleSink(Sink):
+    """One log line per record, ending with the ETA at this process's pace so far (evaluation
+    and checkpoints included)."""
+
+    def __init__(self, say, total_steps: int, start_step: int):
+        self.say, self.total_steps, self.start_step = say, total_steps, start_step
+        self.t0 = time.perf_counter()
+
+    def eta(self, step: int) -> float | None:
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self.t0) / done * max(0, self.total_steps - step)
+
+    def write(self, record: dict) -> None:
+        self.say(format_record(record, self.eta(record["step"])) if "total_steps" in record else str(record))
+
+
 class MetricsLogger:
     def __init__(
         self,
@@ -93,11 +111,10 @@ class MetricsLogger:
         self.enabled = enabled
         self.bar = None
         self.sinks: list[Sink] = []
-        self.total_steps, self.start_step = total_steps, start_step
-        self.t0 = time.perf_counter()
         if not enabled:
             return
         work_dir.mkdir(parents=True, exist_ok=True)
+        self.console = ConsoleSink(self.message, total_steps, start_step)
         self.sinks.append(JsonlSink(work_dir / "metrics.jsonl", resume_step=start_step if start_step else None))
         if tensorboard:
             tb = optional_sink(
@@ -126,20 +143,14 @@ class MetricsLogger:
             if loss is not None and math.isfinite(loss):
                 self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
 
-    def eta(self, step: int) -> float | None:
-        """Seconds left at this process's pace so far (evaluation and checkpoints included)."""
-        done = step - self.start_step
-        if done <= 0:
-            return None
-        return (time.perf_counter() - self.t0) / done * max(0, self.total_steps - step)
-
     def write(self, record: dict, echo: bool = True) -> None:
+        """The record to every sink, and (``echo``) as a log line."""
         if not self.enabled:
             return
         for sink in self.sinks:
             sink.write(record)
         if echo:
-            self.message(format_record(record, self.eta(record["step"])) if "total_steps" in record else str(record))
+            self.console.write(record)
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -1,4 +1,5 @@
-"""Where a metrics record goes: one small interface, one class per destination.
+"""Where a metrics record goes: one small interface, one class per destination (the
+console line is `logger.ConsoleSink`).
 
 A sink has ``write(record)`` and ``close()``; the record is the same dict for all (what
 ``metrics.jsonl`` holds). ``JsonlSink`` owns the file's truncation on resume: the steps
