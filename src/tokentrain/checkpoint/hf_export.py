@@ -38,6 +38,7 @@ def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_sh
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
         finally:
             model.config.use_cache, model.config.dtype = use_cache, saved_dtype
+        _record_dtype(tmp / "config.json", dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         old = None
@@ -53,3 +54,16 @@ def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_sh
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _record_dtype(config_json: Path, dtype: torch.dtype) -> None:
+    """config.json names the dtype the tensors are stored in (save_pretrained writes the
+    in-memory model's, float32, even for bf16 tensors)."""
+    import json
+
+    cfg = json.loads(config_json.read_text())
+    name = str(dtype).removeprefix("torch.")
+    cfg["dtype"] = name
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = name
+    config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -1,6 +1,12 @@
-"""`tokentrain convert pth_to_hf CFG CKPT_DIR OUT_DIR`: checkpoint -> Hugging Face folder."""
+"""`tokentrain convert pth_to_hf CFG CKPT_DIR OUT_DIR`: checkpoint -> Hugging Face folder.
+
+Always safetensors: xtuner's `--safe-serialization` is accepted (it is what happens) and
+`--no-safe-serialization` is a usage error (transformers 5 saves only safetensors).
+`--dtype` is both the tensors' dtype and the "dtype" recorded in config.json."""
 
 from __future__ import annotations
+
+import argparse
 
 
 def register(sub, common) -> None:
@@ -18,9 +24,10 @@ def register(sub, common) -> None:
     p.add_argument("out", metavar="OUT_DIR")
     p.add_argument(
         "--safe-serialization",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=True,
-        help="write safetensors (the default; accepted for xtuner compatibility)",
+        help="safetensors: the default and the only format (accepted for xtuner scripts; "
+        "--no-safe-serialization is refused: transformers 5 writes only safetensors)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument(
@@ -38,16 +45,35 @@ def cmd_pth_to_hf(args) -> int:
     from tokentrain.checkpoint.convert import pth_to_hf
     from tokentrain.cli.train_cmd import quiet_libraries
     from tokentrain.config.loader import load_config
+    from tokentrain.errors import ConfigError, TokentrainError
 
     cfg = load_config(args.config, [])
+    if not args.safe_serialization:
+        raise ConfigError(
+            "--no-safe-serialization: not supported; the model is written as safetensors (transformers 5)"
+        )
+    ckpt = Path(args.checkpoint)
+    if not ckpt.exists():
+        raise ConfigError(f"{ckpt}: no such folder; give a step_N folder, a checkpoints folder or a work dir")
     quiet_libraries()
-    out = pth_to_hf(
-        cfg.pretrained_model_name_or_path,
-        Path(args.checkpoint),
-        Path(args.out),
-        cfg.trust_remote_code,
-        args.max_shard_size,
-        args.dtype,
-    )
+    try:
+        out = pth_to_hf(
+            cfg.pretrained_model_name_or_path,
+            ckpt,
+            Path(args.out),
+            cfg.trust_remote_code,
+            args.max_shard_size,
+            args.dtype,
+        )
+    except TokentrainError as e:  # the checkpoint finder speaks of training's --resume: say it for convert
+        prefix = f"--resume {ckpt}: "
+        if not str(e).startswith(prefix):
+            raise
+        text = (
+            str(e)[len(prefix) :]
+            .replace(", a work dir, or 'auto'", " or a work dir")
+            .replace("use another one or --resume auto", "give another one")
+        )
+        raise type(e)(f"{ckpt}: {text}") from None
     print(f"wrote {out}")
     return 0

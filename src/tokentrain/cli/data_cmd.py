@@ -17,16 +17,32 @@ def register(sub, common) -> None:
         p.add_argument("--data-order", metavar="FILE", help="text file listing the data files to use, in order")
 
     p = dsub.add_parser("stats", help="files, documents, tokens, target tokens, length percentiles", parents=[common])
-    folder_args(p)
+    p.add_argument("folder", metavar="DIR", nargs="?", help="dataset folder (or --config)")
+    p.add_argument("--file-type", default=".bin", help="data file suffix (default .bin)")
+    p.add_argument("--data-order", metavar="FILE", help="text file listing the data files to use, in order")
+    p.add_argument(
+        "--config",
+        metavar="CFG",
+        help="a training config: its dataset_folder, or per source of its `datasets` mixture the samples and "
+        "the effective epochs at the planned steps",
+    )
+    p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks planned (with --config)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_stats)
 
     p = dsub.add_parser("show", help="print one sample exactly as training sees it", parents=[common])
-    folder_args(p)
-    p.add_argument("--max-length", type=int, required=True)
-    p.add_argument("--index", type=int, default=0, help="sample number")
+    p.add_argument("folder", metavar="DIR", nargs="?", help="dataset folder (or --config)")
+    p.add_argument("--file-type", default=".bin", help="data file suffix (default .bin)")
+    p.add_argument("--data-order", metavar="FILE", help="text file listing the data files to use, in order")
+    p.add_argument(
+        "--config",
+        metavar="CFG",
+        help="a training config: its data and data settings (max_length, seed, packing, a `datasets` mixture)",
+    )
+    p.add_argument("--max-length", type=int, help="required without --config")
+    p.add_argument("--index", type=int, default=0, help="sample number (with a mixture: the stream position)")
     p.add_argument("--no-shuffle", action="store_true", help="documents in file order")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1024, help="shuffle seed (default 1024, training's default)")
     p.add_argument("--unpacked", action="store_true", help="one document per sample (pack_to_max_length=False)")
     p.add_argument("--min-length", type=int, default=1)
     p.add_argument("--zero-is-target", action="store_true", help="token id 0 can be a target")
@@ -65,10 +81,41 @@ def _files(args):
     return discover_files(args.folder, args.file_type, args.data_order)
 
 
+def _progress(files, desc: str):
+    """A bar on a terminal, periodic lines elsewhere (metrics/progress.py), over the files' bytes."""
+    from tokentrain.metrics.progress import Progress
+
+    total = 0
+    for p in files:
+        try:
+            total += p.stat().st_size
+        except OSError:  # named by the scan itself
+            pass
+    return Progress(total, desc)
+
+
+def _summary(progress, what: str) -> None:
+    progress.close()
+    print(progress.summary(what), file=sys.stderr)
+
+
 def cmd_stats(args) -> int:
     from tokentrain.data.inspect import dataset_stats
+    from tokentrain.errors import ConfigError
 
-    st = dataset_stats(_files(args)).as_dict()
+    if args.config:
+        from tokentrain.config.loader import load_config
+
+        cfg = load_config(args.config)
+        if cfg.datasets:
+            return _mixture_stats(cfg, args)
+        args.folder, args.file_type, args.data_order = cfg.dataset_folder, cfg.file_type, cfg.data_order_path
+    if not args.folder:
+        raise ConfigError("data stats: give a dataset folder or --config CFG")
+    files = _files(args)
+    progress = _progress(files, "stats")
+    st = dataset_stats(files, progress).as_dict()
+    _summary(progress, f"read {len(files)} file(s), {st['documents']} documents, {st['tokens']} tokens")
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -79,10 +126,46 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def _mixture_stats(cfg, args) -> int:
+    """Per source of a `datasets` mixture: its data, its share, and how often the planned run reads it."""
+    from tokentrain.data.dataset import build_mixture, planned_counts
+    from tokentrain.errors import ConfigError
+
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
+    mix = build_mixture(cfg)
+    per_rank = cfg.batch_size * cfg.accumulative_counts
+    spe = (len(mix) // args.world_size) // per_rank
+    if spe == 0:
+        raise ConfigError(f"{args.config}: fewer samples ({len(mix)}) than one step of the planned global batch")
+    steps = cfg.max_iters if cfg.max_iters is not None else cfg.max_epochs * spe
+    rows = mix.describe(planned_counts(mix, steps, spe, per_rank * args.world_size))
+    for r in rows:
+        r["tokens"] = int(mix.datasets[mix.names.index(r["name"])].index.num_tokens)
+    out = {"planned_steps": steps, "global_batch": per_rank * args.world_size, "mixture_samples": len(mix)}
+    if args.json:
+        print(json.dumps({**out, "sources": rows}, indent=2))
+        return 0
+    print("  ".join(f"{k} {v}" for k, v in out.items()))
+    print(f"{'source':>16} {'weight':>7} {'tokens':>14} {'samples':>10} {'planned':>10} {'epochs':>8}")
+    for r in rows:
+        flag = "  over-sampled" if r["epochs"] > 1 else ""
+        print(
+            f"{r['name']:>16} {r['weight']:>7.4f} {r['tokens']:>14} {r['samples']:>10} {r['planned_samples']:>10} "
+            f"{r['epochs']:>8.3f}{flag}"
+        )
+    return 0
+
+
 def cmd_show(args) -> int:
     from tokentrain.data.dataset import DataSettings, build_dataset
     from tokentrain.errors import ConfigError
 
+    if args.config:
+        ds = _dataset_of_config(args)
+        return _print_sample(ds, args, limit=None if getattr(ds, "names", None) else len(ds))
+    if args.folder is None or args.max_length is None:
+        raise ConfigError("data show: give DIR and --max-length, or --config CFG")
     if args.max_length <= 0:
         raise ConfigError(f"--max-length must be positive, got {args.max_length}")
     ds = build_dataset(
@@ -98,7 +181,28 @@ def cmd_show(args) -> int:
             zero_is_target=args.zero_is_target,
         )
     )
-    if not 0 <= args.index < len(ds):
+    return _print_sample(ds, args, len(ds))
+
+
+def _dataset_of_config(args):
+    """The training dataset a config describes (command-line data options override it)."""
+    from tokentrain.config.loader import load_config
+    from tokentrain.data.dataset import build_dataset, build_mixture, settings_for
+
+    cfg = load_config(args.config)
+    changes = {"max_length": args.max_length} if args.max_length else {}
+    if args.no_shuffle:
+        changes["shuffle_before_pack"] = False
+    if args.unpacked:
+        changes["pack_to_max_length"] = False
+    cfg = cfg.replace(**changes)
+    return build_mixture(cfg) if cfg.datasets else build_dataset(settings_for(cfg, cfg.dataset_folder))
+
+
+def _print_sample(ds, args, limit: int | None) -> int:
+    from tokentrain.errors import ConfigError
+
+    if args.index < 0 or (limit is not None and args.index >= limit):
         raise ConfigError(f"--index {args.index} out of range: the dataset has {len(ds)} samples")
     s = ds[args.index]
     sources = [{"file": f, "line": n} for f, n in ds.sources(args.index)]
@@ -140,10 +244,11 @@ def cmd_check(args) -> int:
     from tokentrain.data.inspect import check_dataset
 
     files = _files(args)
-    problems = check_dataset(files)
+    progress = _progress(files, "check")
+    problems = check_dataset(files, progress)
     for p in problems:
         print(p)
-    print(f"checked {len(files)} file(s): {len(problems)} problem(s)", file=sys.stderr)
+    _summary(progress, f"checked {len(files)} file(s): {len(problems)} problem(s)")
     return 1 if problems else 0
 
 
@@ -155,9 +260,12 @@ def cmd_index(args) -> int:
     from tokentrain.errors import DataError
 
     built = 0
-    for p in _files(args):
+    files = _files(args)
+    progress = _progress(files, "index")
+    for p in files:
         mp = fmt.meta_path(p)
         if p.stat().st_size == 0 or (mp.exists() and not args.rebuild):
+            progress.update(p.stat().st_size)
             continue
         meta = fmt.build_meta(p)
         try:
@@ -169,7 +277,9 @@ def cmd_index(args) -> int:
             mp.parent.mkdir(parents=True, exist_ok=True)
             fmt.save_meta(meta, mp)
         built += 1
-        logging.getLogger("tokentrain").info("%s: %d lines", mp, len(meta))
+        logging.getLogger("tokentrain").debug("%s: %d lines", mp, len(meta))
+        progress.update(p.stat().st_size, len(meta))
+    _summary(progress, f"indexed {len(files)} file(s)")
     print(f"wrote {built} meta file(s)")
     return 0
 

@@ -47,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(debug: bool) -> None:
+    from tokentrain.metrics.logger import LOG_DATEFMT, log_format  # time (and rank) on every line
+
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="[tokentrain] %(levelname)s %(message)s" if debug else "[tokentrain] %(message)s",
-        stream=sys.stderr,
+        level=logging.DEBUG if debug else logging.INFO, format=log_format(debug), datefmt=LOG_DATEFMT, stream=sys.stderr
     )
 
 

@@ -32,7 +32,10 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_metrics(rows: list[dict], out: Path) -> Path:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("tokentrain plot needs matplotlib: pip install 'tokentrain[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

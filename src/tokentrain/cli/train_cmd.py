@@ -83,8 +83,11 @@ def quiet_libraries() -> None:
 def check_local_model(path: str) -> None:
     """A model given as a local path must be a folder with a config.json, checked before any
     heavy work (a hub id like 'org/name' is left to the Auto classes)."""
+    from tokentrain.config.loader import missing_demo_model
     from tokentrain.errors import ConfigError
 
+    if hint := missing_demo_model(path):  # demo/tiny-llama outside the checkout: not a hub id
+        raise ConfigError(f"pretrained_model_name_or_path = {hint}")
     p = Path(path).expanduser()
     local = path.startswith(("/", "./", "../", "~")) or p.exists()
     if not local:
@@ -117,8 +120,23 @@ def preflight(args):
     if args.deepspeed:
         from tokentrain.distributed.deepspeed_config import load_deepspeed_config
 
+        if not _importable("deepspeed"):  # the optional extra: a usage error, not ModuleNotFoundError later
+            from tokentrain.errors import ConfigError
+
+            raise ConfigError(
+                f"--deepspeed {args.deepspeed}: DeepSpeed is not installed; pip install 'tokentrain[deepspeed]'"
+            )
+
         deepspeed = load_deepspeed_config(args.deepspeed)
     return cfg, deepspeed
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
 
 
 def cmd_train(args) -> int:

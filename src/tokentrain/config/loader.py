@@ -24,7 +24,34 @@ from tokentrain.errors import ConfigError
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "True or False"}
 
 
+# Names other trainers (HF Trainer, xtuner, Megatron) give to our settings.
+ALIASES = {
+    "learning_rate": "lr",
+    "max_steps": "max_iters",
+    "train_iters": "max_iters",
+    "num_train_epochs": "max_epochs",
+    "epochs": "max_epochs",
+    "gradient_accumulation_steps": "accumulative_counts",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "max_seq_length": "max_length",
+    "seq_length": "max_length",
+    "warmup_ratio": "warm_up_ratio",
+    "max_grad_norm": "max_norm",
+    "clip_grad": "max_norm",
+    "model_name_or_path": "pretrained_model_name_or_path",
+    "output_dir": "work_dir",
+    "logging_steps": "log_interval",
+    "eval_steps": "evaluation_freq",
+    "save_interval": "save_steps",
+    "dataset": "dataset_folder",
+    "data_path": "dataset_folder",
+}
+
+
 def did_you_mean(key: str, choices) -> str:
+    if key in ALIASES and ALIASES[key] in choices:
+        return f" (did you mean {ALIASES[key]!r}?)"
     close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
     if not close:
         close = [c for c in choices if c.lower() == key.lower()]
@@ -38,7 +65,7 @@ def _describe(tp) -> str:
     if origin is tuple:
         return f"a tuple of {len(args)} numbers"
     if origin is list:
-        return "a list of strings"
+        return "a list of dicts" if args and args[0] is dict else "a list of strings"
     return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -87,6 +114,10 @@ def check_type(name: str, value, tp=None):
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
         raise ValueError(_describe(tp))
+    if tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ValueError("a list of dicts")
     raise ValueError(_describe(tp))
 
 
@@ -158,14 +189,25 @@ def coerce_text(key: str, raw: str):
         raise ConfigError(f"--cfg-options {key}={raw!r}: expected {_describe(tp)}") from None
 
 
-def build_config(settings: dict, source: str, overrides: dict | None = None) -> TrainConfig:
-    """Validate a mapping of settings (from a file, then overridden) into a TrainConfig."""
+def build_config(
+    settings: dict, source: str, overrides: dict | None = None, origins: dict | None = None
+) -> TrainConfig:
+    """Validate a mapping of settings (from a file, then overridden) into a TrainConfig.
+    ``origins`` names where an override came from (e.g. "--cfg-options"): a bad value is
+    blamed there, not on the file."""
+    overrides = overrides or {}
+
+    def where(key: str) -> str:
+        if key in overrides:
+            return (origins or {}).get(key, "--cfg-options")
+        return source
+
     values = {}
     for key, value in settings.items():
         if key not in FIELDS:
             raise ConfigError(f"{source}: unknown setting {key!r}{did_you_mean(key, FIELDS)}")
         values[key] = value
-    values.update(overrides or {})
+    values.update(overrides)
     for key in ("dtype", "export_dtype"):
         if isinstance(values.get(key), str):
             values[key] = DTYPE_ALIASES.get(values[key].lower(), values[key].lower())
@@ -174,12 +216,19 @@ def build_config(settings: dict, source: str, overrides: dict | None = None) -> 
         try:
             typed[key] = check_type(key, value)
         except ValueError as e:
-            raise ConfigError(f"{source}: {key} = {value!r}: expected {e}") from None
+            raise ConfigError(f"{where(key)}: {key} = {value!r}: expected {e}") from None
     cfg = TrainConfig(**typed)
     bad = check_values(cfg)
     if bad:
         key, why = bad[0]
-        raise ConfigError(f"{source}: {key} = {getattr(cfg, key)!r}: {why}")
+        raise ConfigError(f"{where(key)}: {key} = {getattr(cfg, key)!r}: {why}")
+    if cfg.datasets:
+        from tokentrain.data.mixture import parse_sources
+
+        try:
+            parse_sources(cfg.datasets)
+        except ValueError as e:
+            raise ConfigError(f"{where('datasets')}: {e}") from None
     return cfg
 
 
@@ -199,8 +248,23 @@ def read_settings(path: str | os.PathLike) -> dict:
 def load_config(path: str | os.PathLike, options: list[str] | None = None, **overrides) -> TrainConfig:
     """Load a config file, apply `--cfg-options` strings, then keyword overrides."""
     parsed = dict(parse_override(o) for o in (options or []))
-    parsed.update({k: v for k, v in overrides.items() if v is not None})
+    origins = dict.fromkeys(parsed, "--cfg-options")
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    parsed.update(kw)
+    origins.update({k: f"--{k.replace('_', '-')}" for k in kw})
     unknown = [k for k in parsed if k not in FIELDS]
     if unknown:
         raise ConfigError(f"unknown setting {unknown[0]!r}{did_you_mean(unknown[0], FIELDS)}")
-    return build_config(read_settings(path), str(path), parsed)
+    return build_config(read_settings(path), str(path), parsed, origins)
+
+
+def missing_demo_model(path: str) -> str | None:
+    """The demo configs name 'demo/tiny-llama', which exists only in a source checkout;
+    elsewhere it would be taken for a hub id (a minute of retries, then a confusing error)."""
+    p = Path(path).expanduser()
+    if p.exists() or p.name != "tiny-llama":
+        return None
+    return (
+        f"{path!r}: no such model folder (the demo model ships with the source checkout); "
+        f"make one with `tokentrain make-tiny-model {path}`"
+    )

@@ -25,6 +25,8 @@ class TrainConfig:
     trust_remote_code: bool = False
     # ---------------------------------------------------------------- data
     dataset_folder: str = ""
+    # A mixture instead: [dict(folder=..., weight=..., name=...), ...] (data/mixture.py); "" dataset_folder then.
+    datasets: list[dict] = field(default_factory=list)
     val_dataset_folder: str | None = None
     max_length: int = 2048
     pack_to_max_length: bool = True
@@ -68,6 +70,7 @@ class TrainConfig:
     loss_chunk_tokens: int = 0  # 0: chosen from the vocabulary size
     log_interval: int = 10
     tensorboard: bool = True
+    wandb: bool = False  # Weights & Biases (pip install tokentrain[wandb]); WANDB_PROJECT, WANDB_MODE=offline
     peak_tflops: float | None = None  # for MFU; None: known GPUs, or measured on CPU
     work_dir: str | None = None
 
@@ -80,7 +83,7 @@ class TrainConfig:
         return d
 
 
-REQUIRED = ("pretrained_model_name_or_path", "dataset_folder")
+REQUIRED = ("pretrained_model_name_or_path",)
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -94,6 +97,8 @@ def check_values(cfg: TrainConfig) -> list[tuple[str, str]]:
 
     for key in REQUIRED:
         need(bool(getattr(cfg, key)), key, "must be set")
+    need(bool(cfg.dataset_folder) or bool(cfg.datasets), "dataset_folder", "must be set (or datasets = [...])")
+    need(not (cfg.dataset_folder and cfg.datasets), "datasets", "set either dataset_folder or datasets, not both")
     need(cfg.max_length > 0, "max_length", "must be > 0")
     need(cfg.min_length >= 0, "min_length", "must be >= 0")
     need(cfg.batch_size >= 1, "batch_size", "must be >= 1")

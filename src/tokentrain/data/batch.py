@@ -32,13 +32,19 @@ class Batch:
     position_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     indices: list[int]
+    # Real (non-padding) tokens per mixture source, from the samples' "source"; None for one dataset.
+    source_tokens: dict[str, int] | None = None
 
     @property
     def num_targets(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
     def to(self, device) -> Batch:
-        return Batch(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)[:4]), self.indices)
+        return Batch(
+            *(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)[:4]),
+            self.indices,
+            self.source_tokens,
+        )
 
 
 def collate(samples: list[dict]) -> Batch:
@@ -59,10 +65,16 @@ def collate(samples: list[dict]) -> Batch:
     # Drop the padding column when no row needed it.
     if (cu[:, -2] == width).all():
         cu = cu[:, :-1]
+    per_source = None
+    if "source" in samples[0]:
+        per_source = {}
+        for s in samples:
+            per_source[s["source"]] = per_source.get(s["source"], 0) + len(s["input_ids"])
     return Batch(
         torch.from_numpy(ids),
         torch.from_numpy(labels),
         torch.from_numpy(pos),
         torch.from_numpy(cu),
         [int(s["index"]) for s in samples],
+        per_source,
     )

@@ -46,3 +46,74 @@ def build_dataset(s: DataSettings) -> PackedDataset | UnpackedDataset:
     if s.pack_to_max_length:
         return PackedDataset(index, s.max_length, s.zero_is_target, s.drop_last_pack)
     return UnpackedDataset(index, s.max_length, s.zero_is_target)
+
+
+# --------------------------------------------------------------------------- from a training config
+
+
+def settings_for(cfg, folder: str) -> DataSettings:
+    """The DataSettings a training config implies for one folder (train, validation or one source)."""
+    return DataSettings(
+        folder=folder,
+        max_length=cfg.max_length,
+        pack_to_max_length=cfg.pack_to_max_length,
+        shuffle=cfg.shuffle_before_pack,
+        seed=cfg.seed,
+        min_length=cfg.min_length,
+        file_type=cfg.file_type,
+        data_order_path=cfg.data_order_path,
+        zero_is_target=cfg.zero_is_target,
+    )
+
+
+def build_mixture(cfg):
+    """The `datasets = [...]` of a config as one MixtureDataset (each source packed on its own)."""
+    from tokentrain.data.mixture import MixtureDataset, parse_sources
+
+    sources = parse_sources(cfg.datasets)
+    parts = [build_dataset(settings_for(cfg, s.folder)) for s in sources]
+    return MixtureDataset(parts, [s.name for s in sources], [s.weight for s in sources], cfg.seed)
+
+
+def build_train_data(cfg, rank: int = 0, world_size: int = 1):
+    """(training dataset, its sampler) for a config: one `dataset_folder` (shuffled per epoch)
+    or a `datasets` mixture (its own seeded order, read as a stream)."""
+    from tokentrain.data.sampler import ResumableSampler, StreamSampler
+
+    if not getattr(cfg, "datasets", None):
+        ds = build_dataset(settings_for(cfg, cfg.dataset_folder))
+        return ds, ResumableSampler(len(ds), rank, world_size, seed=cfg.seed, shuffle=True)
+    mix = build_mixture(cfg)
+    return mix, StreamSampler(len(mix), rank, world_size, seed=cfg.seed, fingerprint=mixture_fingerprint(mix))
+
+
+def mixture_fingerprint(mix) -> str:
+    """What a checkpoint's position in the stream means: the sources, their sizes and shares."""
+    return ", ".join(f"{n}:{w:.4f}:{s}" for n, w, s in zip(mix.names, mix.weights, mix.sizes.tolist()))
+
+
+def planned_counts(mix, total_steps: int, steps_per_epoch: int, global_batch: int):
+    """Samples a run of total_steps reads from each source: every mixture epoch reads its first
+    steps_per_epoch * global_batch positions (the incomplete last step is skipped)."""
+    epochs, rest = divmod(total_steps, steps_per_epoch)
+    n, used = len(mix), steps_per_epoch * global_batch
+    counts = sum((mix.counts_before(e * n + used) - mix.counts_before(e * n) for e in range(epochs)), 0)
+    return counts + mix.counts_before(epochs * n + rest * global_batch) - mix.counts_before(epochs * n)
+
+
+def log_mixture_plan(mix, counts) -> list[dict]:
+    """One start-up line per source: its share, samples and effective epochs at the planned
+    steps (``planned_counts``); a source read more than once (epochs > 1) is said to be over-sampled."""
+    rows = mix.describe(counts)
+    for r in rows:
+        over = r["epochs"] > 1
+        (log.warning if over else log.info)(
+            "mixture source %s: weight %.4f, %d samples, %d planned = %.3f epochs%s",
+            r["name"],
+            r["weight"],
+            r["samples"],
+            r["planned_samples"],
+            r["epochs"],
+            " (over-sampled: its samples repeat)" if over else "",
+        )
+    return rows

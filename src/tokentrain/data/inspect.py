@@ -46,9 +46,40 @@ def _line_spans(meta: np.ndarray, size: int):
 # --------------------------------------------------------------------------- check
 
 
-def check_file(path: Path, zero_meta_ok: bool = True) -> list[Problem]:
+TICK = 4096  # lines between progress updates inside a file
+
+
+class _Ticks:
+    """Feeds a Progress from inside a file's line loop: bytes and lines every TICK lines."""
+
+    def __init__(self, progress):
+        self.progress, self.bytes, self.lines = progress, 0, 0
+
+    def line(self, nbytes: int) -> None:
+        if self.progress is None:
+            return
+        self.bytes += nbytes
+        self.lines += 1
+        if self.lines >= TICK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.progress is not None and (self.bytes or self.lines):
+            self.progress.update(self.bytes, self.lines)
+        self.bytes, self.lines = 0, 0
+
+
+def check_file(path: Path, zero_meta_ok: bool = True, progress=None) -> list[Problem]:
     """Every problem of one data file, rather than the first, each with its line and byte."""
     problems: list[Problem] = []
+    ticks = _Ticks(progress)
+    try:
+        return _check_file(path, problems, ticks)
+    finally:
+        ticks.flush()
+
+
+def _check_file(path: Path, problems: list[Problem], ticks: _Ticks) -> list[Problem]:
     try:
         size = path.stat().st_size
     except OSError as e:  # e.g. a dangling symlink
@@ -74,10 +105,12 @@ def check_file(path: Path, zero_meta_ok: bool = True) -> list[Problem]:
         ends = np.concatenate((newlines + 1, [size])).tolist()
         for lineno, (s, e) in enumerate(zip(starts, ends), 1):
             line = data[s:e]
+            ticks.line(e - s)
             if line.strip():
                 _check_line(problems, path, line, lineno, s, None)
         return problems
     for off, nbytes, count in _line_spans(meta, size):
+        ticks.line(nbytes)
         lineno = int(np.searchsorted(newlines, off)) + 1
         line = data[off : off + nbytes]
         why = _misplaced(data, line, off, size)
@@ -106,10 +139,10 @@ def _check_line(problems: list[Problem], path: Path, line: bytes, lineno: int, o
         problems.append(Problem(str(path), lineno, off, str(e).split("): ", 1)[-1]))
 
 
-def check_dataset(files: list[Path]) -> list[Problem]:
+def check_dataset(files: list[Path], progress=None) -> list[Problem]:
     out = []
     for p in files:
-        out.extend(check_file(p))
+        out.extend(check_file(p, progress=progress))
     return out
 
 
@@ -145,31 +178,40 @@ class Stats:
         }
 
 
-def dataset_stats(files: list[Path]) -> Stats:
+def dataset_stats(files: list[Path], progress=None) -> Stats:
     """Counts over every token: needs a full read (the meta alone has no signs)."""
     st = Stats(files=len(files))
     for p in files:
+        ticks = _Ticks(progress)
         try:
-            size = p.stat().st_size
-        except OSError as e:  # e.g. a dangling symlink
-            raise DataError(f"{p}: cannot read data file ({e.strerror})") from None
-        if size == 0:
-            st.empty_files += 1
-            continue
-        meta = fmt.read_meta(ensure_meta(p), p, size)
-        data = _map(p)
-        st.documents += len(meta)
-        st.lengths.append(meta[:, 1].copy())
-        for lineno, (off, nbytes, count) in enumerate(_line_spans(meta, size), 1):
-            line = data[off : off + nbytes]
-            why = _misplaced(data, line, off, size)
-            if why:
-                raise DataError(
-                    f"{p}: line {lineno} (byte {off}): {why}; the meta is stale; rebuild it with `tokentrain "
-                    "data index --rebuild`"
-                )
-            toks = fmt.parse_line(line, p, lineno, off, count)
-            st.tokens += len(toks)
-            st.target_tokens += int((toks > 0).sum())
-            st.zero_tokens += int((toks == 0).sum())
+            _file_stats(p, st, ticks)
+        finally:
+            ticks.flush()
     return st
+
+
+def _file_stats(p: Path, st: Stats, ticks: _Ticks) -> None:
+    try:
+        size = p.stat().st_size
+    except OSError as e:  # e.g. a dangling symlink
+        raise DataError(f"{p}: cannot read data file ({e.strerror})") from None
+    if size == 0:
+        st.empty_files += 1
+        return
+    meta = fmt.read_meta(ensure_meta(p), p, size)
+    data = _map(p)
+    st.documents += len(meta)
+    st.lengths.append(meta[:, 1].copy())
+    for lineno, (off, nbytes, count) in enumerate(_line_spans(meta, size), 1):
+        ticks.line(nbytes)
+        line = data[off : off + nbytes]
+        why = _misplaced(data, line, off, size)
+        if why:
+            raise DataError(
+                f"{p}: line {lineno} (byte {off}): {why}; the meta is stale; rebuild it with `tokentrain "
+                "data index --rebuild`"
+            )
+        toks = fmt.parse_line(line, p, lineno, off, count)
+        st.tokens += len(toks)
+        st.target_tokens += int((toks > 0).sum())
+        st.zero_tokens += int((toks == 0).sum())

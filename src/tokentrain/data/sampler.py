@@ -9,6 +9,9 @@ on how it is split across ranks, micro-batches and accumulation.
 Resume: the trainer calls ``advance(n)`` for samples it has really consumed (DataLoader
 workers prefetch ahead, so counting what was yielded would be wrong); ``state_dict``
 records epoch and position, and iteration restarts at exactly the next sample.
+
+``StreamSampler`` is the same over an unbounded stream whose order is already decided
+(a data mixture): epoch e is positions [e*n, (e+1)*n), strided across ranks the same way.
 """
 
 from __future__ import annotations
@@ -67,6 +70,15 @@ class ResumableSampler:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        mine = getattr(self, "fingerprint", "")
+        if state.get("stream", "") != mine:
+            from tokentrain.errors import DataError
+
+            raise DataError(
+                f"checkpoint was taken on the data {state.get('stream') or 'of one dataset_folder'!r}, this run "
+                f"reads {mine or 'one dataset_folder'!r}: the datasets or their weights changed; "
+                "resume with the same data"
+            )
         if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
             from tokentrain.errors import DataError
 
@@ -89,3 +101,21 @@ class ResumableSampler:
             self.epoch, self.consumed = state["epoch"], global_pos // self.world_size
             return
         self.epoch, self.consumed = state["epoch"], state["consumed"]
+
+
+class StreamSampler(ResumableSampler):
+    """Positions of an ordered, unbounded stream (``MixtureDataset``): no permutation here (the
+    stream is already a seeded interleave); each epoch continues where the last one ended.
+    ``fingerprint`` names the stream (sources and weights): a checkpoint of another mixture
+    is refused rather than resumed at a position that means something else."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, fingerprint: str = ""):
+        super().__init__(num_samples, rank, world_size, seed, shuffle=False)
+        self.fingerprint = fingerprint
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self) * self.world_size
+        return (np.arange(n, dtype=np.int64) + epoch * self.num_samples)[self.rank :: self.world_size]
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "stream": self.fingerprint}

@@ -37,6 +37,8 @@ from tokentrain.engine.strategy import make_strategy
 from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, DataError, TokentrainError
 from tokentrain.metrics.flops import FlopCounter, peak_tflops
 from tokentrain.metrics.logger import MetricsLogger
+from tokentrain.metrics.sources import SourceTokens
+from tokentrain.metrics.window import Window
 from tokentrain.utils import faults
 
 log = logging.getLogger("tokentrain.train")
@@ -130,9 +132,10 @@ class Trainer:
         self.peak, self.peak_source = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
         resume_from = self._resolve_resume()
         rng = self._load(resume_from) if resume_from is not None else None
-        if env.is_main and resume_from is not None:
-            _truncate_metrics(self.work_dir / "metrics.jsonl", self.step)
-        self.metrics = MetricsLogger(self.work_dir, env.is_main, self.total_steps, self.step, cfg.tensorboard)
+        # (the JSONL sink drops the records after a resumed step itself)
+        self.metrics = MetricsLogger(
+            self.work_dir, env.is_main, self.total_steps, self.step, cfg.tensorboard, cfg.wandb, cfg.to_dict()
+        )
         if rng is not None:
             set_rng_state(rng)  # last: nothing may draw from the RNG between here and the loop
 
@@ -160,27 +163,13 @@ class Trainer:
         return mine.parent / f"step_{int(code)}"
 
     def _setup_data(self) -> None:
-        from tokentrain.data.dataset import DataSettings, build_dataset
-        from tokentrain.data.sampler import ResumableSampler
+        from tokentrain.data.dataset import build_dataset, build_train_data, settings_for
 
         cfg, env = self.cfg, self.env
-
-        def settings(folder):
-            return DataSettings(
-                folder=folder,
-                max_length=cfg.max_length,
-                pack_to_max_length=cfg.pack_to_max_length,
-                shuffle=cfg.shuffle_before_pack,
-                seed=cfg.seed,
-                min_length=cfg.min_length,
-                file_type=cfg.file_type,
-                data_order_path=cfg.data_order_path,
-                zero_is_target=cfg.zero_is_target,
-            )
-
-        self.train_set = build_dataset(settings(cfg.dataset_folder))
-        self.val_set = build_dataset(settings(cfg.val_dataset_folder)) if cfg.val_dataset_folder else None
-        self.sampler = ResumableSampler(len(self.train_set), env.rank, env.world_size, seed=cfg.seed, shuffle=True)
+        # One dataset_folder, or a `datasets` mixture (data/mixture.py): the dataset and its sampler.
+        self.train_set, self.sampler = build_train_data(cfg, env.rank, env.world_size)
+        self.source_tokens = SourceTokens(getattr(self.train_set, "names", None))
+        self.val_set = build_dataset(settings_for(cfg, cfg.val_dataset_folder)) if cfg.val_dataset_folder else None
         self.stream = StepStream(
             self.train_set,
             self.sampler,
@@ -203,6 +192,11 @@ class Trainer:
                 env.world_size,
                 self.total_steps,
             )
+        if env.is_main and self.source_tokens.names:
+            from tokentrain.data.dataset import log_mixture_plan, planned_counts
+
+            g = self.stream.samples_per_step * env.world_size
+            log_mixture_plan(self.train_set, planned_counts(self.train_set, self.total_steps, spe, g))
 
     def _setup_model(self) -> None:
         from tokentrain.model.attention import choose_attn_implementation, select_masking
@@ -291,6 +285,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "source_tokens": self.source_tokens.state_dict(),
             "world_size": self.env.world_size,
         }
 
@@ -301,6 +296,7 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
         self.tokens_seen = int(state["tokens_seen"])
+        self.source_tokens.load_state_dict(state.get("source_tokens"))
         if state["total_steps"] != self.total_steps:
             log.warning(
                 "the checkpoint was taken in a run of %d steps, this one has %d: the lr schedule changes",
@@ -363,7 +359,7 @@ class Trainer:
             if self.step == 0:
                 self.evaluate(val=False, generate=True)
             steps = iter(self.stream)
-            window = _Window()
+            window = Window()
             saved_at = self.step
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
@@ -377,9 +373,11 @@ class Trainer:
 
                 real = sum(r for _, r, _ in micro)
                 sq = sum(s for _, _, s in micro)
-                total_loss, stop, real, sq = strategy.all_reduce_sum(
+                total_loss, stop, real, sq, *per_source = strategy.all_reduce_sum(
                     [float(loss_sum), float(self.preemption.requested), float(real), float(sq)]
+                    + self.source_tokens.local(micro)
                 )
+                self.source_tokens.add(per_source)
                 loss = total_loss / global_targets if global_targets else 0.0
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     self._non_finite(loss, grad_norm, micro)
@@ -390,6 +388,7 @@ class Trainer:
                     int(real),
                     int(global_targets),
                     self.flops.step_flops(int(real), int(sq)),
+                    total_loss,
                 )
                 self.metrics.advance(1, loss)
 
@@ -398,7 +397,7 @@ class Trainer:
                 extra = self.evaluate(val=True, generate=True) if evaluating else {}
                 if self.step % cfg.log_interval == 0 or last or evaluating or stop:
                     self.metrics.write(self._record(loss, lr, grad_norm, int(global_targets), window, extra))
-                    window = _Window()
+                    window = Window()
                 if self.step % cfg.save_steps == 0 or last or stop:
                     self.save()
                     saved_at = self.step
@@ -515,17 +514,19 @@ class Trainer:
                 f"(sample {k}); fix the data or use the tokenizer it was made with"
             )
 
-    def _record(self, loss, lr, grad_norm, targets, window: _Window, extra: dict) -> dict:
+    def _record(self, loss, lr, grad_norm, targets, window: Window, extra: dict) -> dict:
         ws = self.env.world_size
         r = {
             "step": self.step,
             "total_steps": self.total_steps,
             "epoch": round(self.stream.epoch_progress(), 4),
-            "loss": loss,
+            "loss": window.mean_loss,  # token-weighted over the steps since the last record
+            "loss_last": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "target_tokens": targets,
             "tokens": self.tokens_seen,
+            **self.source_tokens.record(),
         }
         r.update(extra)
         if window.steps:
@@ -542,52 +543,6 @@ class Trainer:
         r["elapsed"] = time.perf_counter() - self.t_start  # seconds since this process started training
         r["skipped_steps"] = self.skipped_steps
         return r
-
-
-class _Window:
-    """Throughput over the steps since the last log line (evaluation and checkpoint time excluded)."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.steps = 0
-        self.step_time = self.data_time = 0.0
-        self.tokens = self.targets = 0
-        self.flops = 0.0
-        self.paused = 0.0
-
-    def add(self, step_time, data_time, tokens, targets, flops) -> None:
-        self.steps += 1
-        self.step_time += step_time
-        self.data_time += data_time
-        self.tokens += tokens
-        self.targets += targets
-        self.flops += flops
-        self.last = time.perf_counter()
-
-    def reset_clock(self) -> None:
-        """Drop the time spent since the last step (evaluation, checkpoint) from the window."""
-        self.paused += time.perf_counter() - getattr(self, "last", self.start)
-
-    @property
-    def wall(self) -> float:
-        return getattr(self, "last", time.perf_counter()) - self.start - self.paused
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """A resumed run repeats the steps after its checkpoint: drop their old records."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except ValueError:
-            continue
-    from tokentrain.utils.atomic import atomic_file
-
-    with atomic_file(path, "w") as f:
-        f.write("".join(k + "\n" for k in keep))
 
 
 def run(cfg: TrainConfig, env, work_dir: Path, resume: str | None, deepspeed: dict | None = None) -> int:

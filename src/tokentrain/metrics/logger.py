@@ -1,19 +1,44 @@
-"""Where metrics go on rank 0: a progress bar, log lines, `metrics.jsonl`, TensorBoard.
+"""Where metrics go on rank 0: a progress bar on a terminal, log lines, and the sinks
+(`metrics.jsonl` always; TensorBoard and Weights & Biases when asked for).
 
-One record per logged step, the same dict everywhere. `metrics.jsonl` is appended (a
-resumed run continues the file) and flushed each line, so `tokentrain plot` and tests
-read it while training runs.
+One record per logged step, the same dict everywhere. Log lines carry the time (and the
+rank on multi-rank runs, see `log_prefix`) and an ETA, because under Slurm or nohup there
+is no bar: the log file is all one sees.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
+from tokentrain.metrics.sinks import JsonlSink, Sink, TensorBoardSink, WandbSink, optional_sink
+
 log = logging.getLogger("tokentrain.train")
+
+
+def launcher_rank() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment (torchrun or srun), before any process group."""
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    return rank, world
+
+
+def log_prefix() -> str:
+    """'[tokentrain]', with ' rank R' on a multi-rank run (every rank's lines may share one log)."""
+    rank, world = launcher_rank()
+    return f"[tokentrain rank {rank}]" if world > 1 else "[tokentrain]"
+
+
+def log_format(debug: bool) -> str:
+    """The format of every log line: prefix, time, (level with --debug), message."""
+    return f"{log_prefix()} %(asctime)s " + ("%(levelname)s " if debug else "") + "%(message)s"
+
+
+LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 
 def _fmt_count(x: float) -> str:
@@ -23,7 +48,14 @@ def _fmt_count(x: float) -> str:
     return f"{x:.0f}"
 
 
-def format_record(r: dict) -> str:
+def fmt_duration(s: float) -> str:
+    s = round(s)
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+def format_record(r: dict, eta_s: float | None = None) -> str:
     parts = [f"step {r['step']}/{r['total_steps']}", f"epoch {r['epoch']:.3f}", f"loss {r['loss']:.4f}"]
     if "val_loss" in r:
         parts.append(f"val_loss {r['val_loss']:.4f}")
@@ -42,28 +74,56 @@ def format_record(r: dict) -> str:
         parts.append(f"mem {r['memory_gb']:.2f}GB")
     if r.get("skipped_steps"):
         parts.append(f"skipped {r['skipped_steps']}")
+    if eta_s is not None:
+        parts.append(f"eta {fmt_duration(eta_s)}")
     return "  ".join(parts)
 
 
+class ConsoleSink(Sink):
+    """One log line per record, ending with the ETA at this process's pace so far (evaluation
+    and checkpoints included)."""
+
+    def __init__(self, say, total_steps: int, start_step: int):
+        self.say, self.total_steps, self.start_step = say, total_steps, start_step
+        self.t0 = time.perf_counter()
+
+    def eta(self, step: int) -> float | None:
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self.t0) / done * max(0, self.total_steps - step)
+
+    def write(self, record: dict) -> None:
+        self.say(format_record(record, self.eta(record["step"])) if "total_steps" in record else str(record))
+
+
 class MetricsLogger:
-    def __init__(self, work_dir: Path, enabled: bool, total_steps: int, start_step: int, tensorboard: bool = True):
+    def __init__(
+        self,
+        work_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        config: dict | None = None,
+    ):
         self.enabled = enabled
         self.bar = None
-        self.tb = None
-        self.jsonl = None
+        self.sinks: list[Sink] = []
         if not enabled:
             return
         work_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(work_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run)
+        self.console = ConsoleSink(self.message, total_steps, start_step)
+        self.sinks.append(JsonlSink(work_dir / "metrics.jsonl", resume_step=start_step if start_step else None))
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(
-                    str(work_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
-                )
-            except Exception as e:  # TensorBoard missing or broken: the JSONL still has everything
-                log.warning("TensorBoard disabled: %s", e)
+            tb = optional_sink(
+                "TensorBoard", "tensorboard", lambda: TensorBoardSink(work_dir / "tensorboard", start_step)
+            )
+            self.sinks += [tb] if tb else []
+        if wandb:
+            wb = optional_sink("Weights & Biases", "wandb", lambda: WandbSink(work_dir, config))
+            self.sinks += [wb] if wb else []
         from tqdm import tqdm
 
         self.bar = tqdm(
@@ -73,7 +133,7 @@ class MetricsLogger:
             unit="step",
             dynamic_ncols=True,
             file=sys.stderr,
-            disable=None,
+            disable=None,  # no bar outside a terminal: the log lines (with ETA) say it all
             leave=True,
         )
 
@@ -84,30 +144,25 @@ class MetricsLogger:
                 self.bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
 
     def write(self, record: dict, echo: bool = True) -> None:
+        """The record to every sink, and (``echo``) as a log line."""
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            step = record["step"]
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
-                    self.tb.add_scalar(f"train/{k}" if not k.startswith("val") else f"val/{k}", v, step)
+        for sink in self.sinks:
+            sink.write(record)
         if echo:
-            self.message(format_record(record) if "total_steps" in record else json.dumps(record))
+            self.console.write(record)
 
     def message(self, text: str) -> None:
         if not self.enabled:
             return
         if self.bar is not None and not self.bar.disable:
-            self.bar.write(f"[tokentrain] {text}", file=sys.stderr)
+            self.bar.write(f"{log_prefix()} {time.strftime(LOG_DATEFMT)} {text}", file=sys.stderr)
         else:
             log.info(text)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

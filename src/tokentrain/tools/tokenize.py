@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 
 from tokentrain.errors import ConfigError, DataError
+from tokentrain.metrics.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,9 @@ def _init_worker(opts: TokenizeOptions) -> None:
     _ENCODER = Encoder(opts)
 
 
-def _encode_chunk(chunk: list[tuple[int, str, object]]) -> list[tuple[int, np.ndarray | str]]:
+def _encode_chunk(job: tuple[list[tuple[int, str, object]], int]) -> tuple[list[tuple[int, np.ndarray | str]], int]:
+    """Encode a chunk of records; its input byte count travels with it (for progress)."""
+    chunk, nbytes = job
     out = []
     for lineno, kind, payload in chunk:
         if isinstance(payload, BadRecord):
@@ -176,7 +179,7 @@ def _encode_chunk(chunk: list[tuple[int, str, object]]) -> list[tuple[int, np.nd
             out.append((lineno, _ENCODER.encode(kind, payload)))
         except BadRecord as e:
             out.append((lineno, str(e)))
-    return out
+    return out, nbytes
 
 
 # --------------------------------------------------------------------------- reading
@@ -200,17 +203,21 @@ def detect_format(path: Path, fmt: str) -> str:
     return "jsonl"
 
 
-def read_records(path: Path, kind: str, txt_mode: str):
-    """Yield (line number, kind, payload | BadRecord)."""
+def read_records(path: Path, kind: str, txt_mode: str, sizes: list | None = None):
+    """Yield (line number, kind, payload | BadRecord). With ``sizes`` (a one-item list), add the
+    input bytes read to sizes[0] as lines are read (text: UTF-8 length, CRLF counted as LF)."""
+    sizes = sizes if sizes is not None else [0]
     if kind == "text":
         with open(path, encoding="utf-8", errors="strict") as f:
             if txt_mode == "line":
                 for lineno, line in enumerate(f, 1):
+                    sizes[0] += len(line.encode("utf-8"))
                     if line.strip():
                         yield lineno, "text", line.rstrip("\n")
             else:
                 para, first = [], None
                 for lineno, line in enumerate(f, 1):
+                    sizes[0] += len(line.encode("utf-8"))
                     if line.strip():
                         first = first or lineno
                         para.append(line.rstrip("\n"))
@@ -223,6 +230,7 @@ def read_records(path: Path, kind: str, txt_mode: str):
     field_name = "messages" if kind == "chat" else "text"
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
+            sizes[0] += len(line)
             if not line.strip():
                 continue
             try:
@@ -249,6 +257,10 @@ def tokenize_files(inputs: list[str | Path], opts: TokenizeOptions) -> Summary:
     bad_roles = [r for r in opts.train_roles if r not in ROLES]
     if bad_roles:
         raise ConfigError(f"--train-roles: unknown role(s) {', '.join(bad_roles)} (expected {', '.join(ROLES)})")
+    from tokentrain.config.loader import missing_demo_model
+
+    if hint := missing_demo_model(opts.tokenizer):  # before any worker starts: not a hub id
+        raise ConfigError(f"--tokenizer {hint}")
     paths = [Path(p) for p in inputs]
     for p in paths:
         if not p.is_file():
@@ -272,11 +284,15 @@ def tokenize_files(inputs: list[str | Path], opts: TokenizeOptions) -> Summary:
         else:
             _init_worker(opts)
             mapper = lambda chunks: map(_encode_chunk, chunks)  # noqa: E731
-        bar = _progress(summary.bytes_in, opts.progress)
+        progress = Progress(summary.bytes_in, "tokenize", opts.progress)
         for path, stem in zip(paths, stems):
             kind = detect_format(path, opts.fmt)
             writer = ShardWriter(staging, stem, opts.shard_bytes)
-            for chunk_out in mapper(_chunks(read_records(path, kind, opts.txt_mode), 64)):
+            sizes, credited = [0], 0
+            for chunk_out, upto in mapper(_chunks(read_records(path, kind, opts.txt_mode, sizes), 64, sizes)):
+                # Progress counts a chunk's bytes once its records are encoded (not when read ahead).
+                progress.update(upto - credited, len(chunk_out))
+                credited = upto
                 for lineno, res in chunk_out:
                     if not isinstance(res, str):
                         writer.add(res)
@@ -290,10 +306,8 @@ def tokenize_files(inputs: list[str | Path], opts: TokenizeOptions) -> Summary:
             writer.close()
             summary.documents += writer.documents
             summary.tokens += writer.tokens
-            if bar:
-                bar.update(path.stat().st_size)
-        if bar:
-            bar.close()
+            progress.update(path.stat().st_size - credited)  # the exact size (CRLF, trailing bytes)
+        progress.close()
         # Every input succeeded: move the shards into place.
         for p in sorted(staging.iterdir()):
             os.replace(p, out / p.name)
@@ -309,22 +323,13 @@ def tokenize_files(inputs: list[str | Path], opts: TokenizeOptions) -> Summary:
     return summary
 
 
-def _chunks(it, n: int):
+def _chunks(it, n: int, sizes: list):
+    """Chunks of n records, each with the input bytes read up to its end (from ``sizes``)."""
     chunk = []
     for item in it:
         chunk.append(item)
         if len(chunk) == n:
-            yield chunk
+            yield chunk, sizes[0]
             chunk = []
     if chunk:
-        yield chunk
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, unit="B", unit_scale=True, desc="tokenize", leave=False, disable=None
-    )  # None: off when not a TTY
+        yield chunk, sizes[0]
