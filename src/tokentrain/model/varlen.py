@@ -72,7 +72,7 @@ def varlen_attention(
         raise ValueError(f"attn_implementation={VARLEN_IMPL!r} has no attention dropout; set attention_dropout = 0")
     if max_length_q is None:
         max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (T, H, D)
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)  # (-1, 0): causal
     if softcap:
         out = _softcapped(q, k, v, cu_seq_lens_q, scaling, window[0], softcap)
