@@ -57,3 +57,23 @@ def test_gemma2_trains_with_default_settings(tmp_path):
     steps = [json.loads(x) for x in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     losses = [s["loss"] for s in steps if "loss" in s]
     assert len(losses) >= 2 and all(x == x for x in losses)  # trained, finite
+
+
+def test_auto_attention_falls_back_to_what_the_model_supports(tmp_path, caplog):
+    import logging
+
+    from tokentrain.errors import ConfigError
+    from tokentrain.model.attention import choose_attn_implementation
+    from tokentrain.model.lm import load_model
+
+    cpu = torch.device("cpu")
+    assert choose_attn_implementation("auto", cpu, None) == "sdpa"
+    with pytest.raises(ConfigError, match="attn_implementation = 'tokentrain_varlen' needs a CUDA device"):
+        choose_attn_implementation("varlen", cpu, None)
+    config("gemma2").save_pretrained(tmp_path / "g2")
+    with pytest.raises(ConfigError, match="does not support"):  # asked for sdpa by name: refused, one line
+        load_model(str(tmp_path / "g2"), False, "sdpa", cpu)
+    with caplog.at_level(logging.INFO, logger="tokentrain.model.lm"):
+        m = load_model(str(tmp_path / "g2"), False, "sdpa", cpu, fallback="eager")
+    assert m.config._attn_implementation == "eager"
+    assert "attn_implementation = 'eager' instead" in caplog.text

@@ -91,7 +91,8 @@ def load_model(
     try:
         return _load_model(path, trust_remote_code, attn_implementation, device, seed)
     except ConfigError as e:
-        if fallback is None or fallback == attn_implementation:
+        refused = "does not support an attention implementation" in str(e) or "attn_implementation" in str(e)
+        if fallback is None or fallback == attn_implementation or not refused:
             raise
         log.info(
             "%s; loading it with attn_implementation = %r instead",
