@@ -44,7 +44,7 @@ def calls(monkeypatch):
     return got
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2", "phi3", "starcoder2", "gemma3"])
 def test_varlen_attention_matches_each_document_alone(family, calls):
     m = model(family, varlen.VARLEN_IMPL)
     ref = model(family, "eager")
@@ -63,10 +63,15 @@ def test_varlen_attention_matches_each_document_alone(family, calls):
     assert len(calls) == m.config.num_hidden_layers
     assert all(c["cu"] == [0, 9, 21, 28, 43, 56] and c["max"] == 15 for c in calls)
     assert all(c["gqa"] for c in calls)  # 4 query heads, 2 kv heads
-    assert all(
-        c["scale"] == pytest.approx((m.config.hidden_size // m.config.num_attention_heads) ** -0.5) for c in calls
-    )
-    want = {"llama": [-1, -1], "qwen2": [-1, WINDOW - 1], "mistral": [WINDOW - 1, WINDOW - 1]}[family]
+    assert [c["scale"] for c in calls] == pytest.approx([layer.self_attn.scaling for layer in m.model.layers])
+    want = {
+        "llama": [-1, -1],
+        "qwen2": [-1, WINDOW - 1],
+        "mistral": [WINDOW - 1, WINDOW - 1],
+        "phi3": [WINDOW - 1, WINDOW - 1],
+        "starcoder2": [WINDOW - 1, WINDOW - 1],
+        "gemma3": [WINDOW - 1, -1],
+    }[family]
     assert [c["window"][0] for c in calls] == want  # per layer: qwen2's layer 0 is full, layer 1 sliding
 
 
