@@ -96,3 +96,20 @@ def test_read_lists_takes_compact_and_json_dumps_lines_with_zeros():
         assert arr is not None and arr.tolist() == [t for d in docs for t in d]
     else:
         assert arr is None
+
+
+def test_read_lists_reads_json_dumps_lines_in_place_and_refuses_other_spacing():
+    docs = [[1, -5, 2147483647, 2], [7, -3], [4]]
+    lines = [json.dumps({"tokens": d}).encode() + b"\n" for d in docs]
+    texts = [fastjson.list_text(line) for line in lines]
+    assert all(isinstance(t, memoryview) for t in texts)  # no copy of the line
+    got = fastjson.read_lists(texts, [len(d) for d in docs])
+    if fastjson.REFUSES_JUNK:
+        assert got is not None and got.tolist() == [t for d in docs for t in d]
+    for odd in (
+        b'{"tokens": [1,  2]}\n',
+        b'{"tokens": [1 , 2]}\n',
+        b'{"tokens": [- 1, 2]}\n',
+        b'{"tokens": [1, 2 ]}\n',
+    ):
+        assert fastjson.read_lists([fastjson.list_text(odd)], [2]) is None  # left to the line-by-line path
