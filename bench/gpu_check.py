@@ -130,20 +130,34 @@ def train(path: str, model: Path, data: Path, work: Path, a) -> dict:
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env["TOKENTRAIN_CACHE"] = str(work.parent / "cache")
     t0 = time.perf_counter()
-    r = subprocess.run(
-        [sys.executable, "-m", "tokentrain", "train", str(conf), "--work-dir", str(work)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    log_path = work.parent / f"{path}.log"
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tokentrain", "train", str(conf), "--work-dir", str(work)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        rows: list[dict] = []
+        metrics = work / "metrics.jsonl"
+        while proc.poll() is None:  # the last step logged: stop it before it writes a 13 GB checkpoint
+            time.sleep(1)
+            if metrics.exists():
+                rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip().endswith("}")]
+                if any(x.get("step") == a.steps and "tokens_per_s" in x for x in rows):
+                    proc.kill()
+                    proc.wait()
+                    break
     wall = time.perf_counter() - t0
-    if r.returncode:
-        print(f"  {path}: tokentrain train failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    text = log_path.read_text()
+    if proc.returncode not in (0, -9):
+        print(f"  {path}: tokentrain train failed (exit {proc.returncode}):\n{text[-3000:]}")
         return {}
-    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    if metrics.exists():
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip().endswith("}")]
     steps = [x for x in rows if "tokens_per_s" in x and x.get("step", 0) > a.warmup]
-    model_line = next((x for x in (r.stdout + r.stderr).splitlines() if "model: " in x), "")
-    shutil.rmtree(work, ignore_errors=True)  # the checkpoint of a 1B model: free the disk for the next run
+    model_line = next((x for x in text.splitlines() if "model: " in x), "")
+    shutil.rmtree(work, ignore_errors=True)
     if not steps:
         print(f"  {path}: no timed steps after warm-up {a.warmup}")
         return {}
