@@ -9,6 +9,9 @@ Measures, and prints with the command that made them:
 * pack reads, sequential (packs 0, 1, 2, ...) and random (a permutation) order, in this
   process with a warm page cache: packs per second (wall) and tokens per CPU-second
   (``time.process_time``). Rounds alternate the orders; the median round is reported.
+* compact against ``json.dumps`` lines: the same documents written both ways (``", "``
+  separators, ``{"tokens": [..]}``), random packs of each timed in interleaved rounds (so
+  the noise of a shared machine hits both alike); best round of each and their ratio.
 * per-pack cost against documents per file: the same 1M short documents split into files
   of 5k, 25k and 1M documents; random packs timed in interleaved rounds, reported as CPU
   microseconds per pack and as the ratio to the first (one run, so the noise of a shared
@@ -17,7 +20,8 @@ Measures, and prints with the command that made them:
   vectorised writer -- the index reads only metas, but checks each file's size and last
   line, so real files are needed. First and cached open, as above.
 
-Targets: >= 30 M tokens per CPU-second on pack reads; flat per-pack cost; a 10M-document
+Targets: >= 30 M tokens per CPU-second on pack reads, compact or spaced, the two within 10 %;
+flat per-pack cost; a 10M-document
 open in <= 2 s and <= 1 GiB RSS.
 
 Generated data goes under --workdir (default: $TMPDIR/tokentrain-bench) and is reused when
@@ -102,6 +106,30 @@ def tiny(workdir: Path, files: int, documents: int, seed: int) -> Path:
         path = folder / f"part-{i:03d}.bin"
         path.write_bytes(text)
         fmt.save_meta(meta, fmt.meta_path(path))
+    (folder / _MARK).write_text(json.dumps(spec))
+    print(f"  made {folder} in {time.perf_counter() - t0:.1f}s", flush=True)
+    return folder
+
+
+def spaced(workdir: Path, compact: Path) -> Path:
+    """A copy of a compact dataset with every line as ``json.dumps`` writes it (``", "``
+    separators): the same documents, more bytes; metas rebuilt for the new offsets."""
+    from tokentrain.data import format as fmt
+
+    spec = {"kind": "spaced", "of": compact.name}
+    folder = workdir / f"spaced-{compact.name}"
+    if _reuse(folder, spec):
+        return folder
+    _fresh(folder)
+    t0 = time.perf_counter()
+    for p in sorted(compact.glob("*.bin")):
+        lines = p.read_bytes().splitlines(keepends=True)
+        out = [x.replace(b",", b", ").replace(b'{"tokens":[', b'{"tokens": [', 1) for x in lines]
+        lengths = np.fromiter(map(len, out), dtype=np.int64, count=len(out))
+        meta = fmt.read_meta(fmt.meta_path(p), p, p.stat().st_size).copy()
+        meta[:, 0] = np.concatenate(([0], np.cumsum(lengths[:-1])))
+        (folder / p.name).write_bytes(b"".join(out))
+        fmt.save_meta(meta, fmt.meta_path(folder / p.name))
     (folder / _MARK).write_text(json.dumps(spec))
     print(f"  made {folder} in {time.perf_counter() - t0:.1f}s", flush=True)
     return folder
@@ -287,6 +315,30 @@ def compare_revisions(
     }
 
 
+def formats(folders: dict[str, Path], cache: Path, max_length: int, packs: int, rounds: int, seed: int) -> dict:
+    """Random packs of the same documents written compact and spaced, interleaved rounds."""
+    from tokentrain.data.dataset import DataSettings, build_dataset
+
+    sets = {
+        k: build_dataset(DataSettings(folder=str(f), max_length=max_length, cache_dir=str(cache / k)))
+        for k, f in folders.items()
+    }
+    rng = np.random.default_rng(seed)
+    rates: dict[str, list[float]] = {k: [] for k in sets}
+    for r in range(rounds):
+        ks = rng.permutation(len(sets["compact"]))[: min(packs, len(sets["compact"]))].tolist()
+        for k in list(sets) if r % 2 == 0 else list(sets)[::-1]:
+            ds = sets[k]
+            cpu, _, tokens = _time(type(ds)(ds.index, max_length), ks)
+            rates[k].append(tokens / cpu)
+    out = {
+        k: {"best_tokens_per_cpu_s": max(v), "median_tokens_per_cpu_s": statistics.median(v)} for k, v in rates.items()
+    }
+    out["ratio_best"] = out["spaced"]["best_tokens_per_cpu_s"] / out["compact"]["best_tokens_per_cpu_s"]
+    out["ratio_median"] = out["spaced"]["median_tokens_per_cpu_s"] / out["compact"]["median_tokens_per_cpu_s"]
+    return out
+
+
 def flatness(folders: dict[str, Path], cache: Path, max_length: int, packs: int, rounds: int, seed: int) -> dict:
     from tokentrain.data.dataset import DataSettings, build_dataset
 
@@ -353,7 +405,7 @@ def main() -> None:
     p.add_argument(
         "--open-documents", type=int, help="documents of the big-index open (default 10000000; quick 300000)"
     )
-    p.add_argument("--skip", default="", help="comma list of parts to skip: open,packs,flat,bigopen")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: open,packs,formats,flat,bigopen")
     p.add_argument(
         "--baseline",
         metavar="REV[,REV]",
@@ -409,6 +461,11 @@ def main() -> None:
     if "packs" not in skip:
         res["packs"] = pack_reads(main_set, caches / "main", a.max_length, packs, rounds, a.seed)
         print("  pack reads done", flush=True)
+    if "formats" not in skip:
+        folders = {"compact": main_set, "spaced": spaced(work, main_set)}
+        warm_page_cache(folders["spaced"])
+        res["formats"] = formats(folders, caches / "formats", a.max_length, packs, rounds, a.seed)
+        print("  compact/spaced comparison done", flush=True)
     if a.baseline:
         res["baseline"] = compare_revisions(
             main_set, caches / "main", a.max_length, a.baseline.split(","), work, packs, rounds, a.seed
@@ -470,6 +527,15 @@ def report(r: dict) -> None:
                 f"{x['packs_per_s']:.0f} packs/s wall, {x['us_per_pack_cpu']:.0f} us CPU/pack | >= 30 M "
                 f"tokens/CPU-s: {ok} |"
             )
+    if "formats" in r:
+        f = r["formats"]
+        c, sp = f["compact"]["best_tokens_per_cpu_s"], f["spaced"]["best_tokens_per_cpu_s"]
+        ok = "met" if min(c, sp) >= 30e6 and f["ratio_best"] >= 0.9 else "MISSED"
+        print(
+            f"| random pack reads, compact vs json.dumps lines (best round) | compact {c / 1e6:.1f}, spaced "
+            f"{sp / 1e6:.1f} M tokens/CPU-s: spaced x{f['ratio_best']:.2f} (median rounds x{f['ratio_median']:.2f}) "
+            f"| both >= 30 M, within 10 %: {ok} |"
+        )
     if "flat" in r:
         for k, x in r["flat"].items():
             print(

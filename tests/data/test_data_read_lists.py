@@ -1,4 +1,4 @@
-"""format._read_lists, the pack reader's fast path: numpy reads several lines' lists in one
+"""fastjson.read_lists, the pack reader's fast path: numpy reads several lines' lists in one
 call and a vectorised length test confirms the reading. Whatever it accepts must be exactly
 JSON's reading of every line, with the count the meta says; anything else returns None (the
 reader then looks at each line alone and raises the precise error)."""
@@ -12,7 +12,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokentrain.data import format as fmt
+from tokentrain.data import fastjson
 
 _LIMIT = 2**31 - 1
 _JUNK = st.sampled_from(
@@ -67,11 +67,11 @@ def _line(draw):
 @settings(max_examples=800, deadline=None)
 @given(st.lists(_line(), min_size=1, max_size=4))
 def test_read_lists_accepts_only_exact_json_with_the_meta_counts(lines):
-    texts = [fmt._list_text(line) for line, _ in lines]
+    texts = [fastjson.list_text(line) for line, _ in lines]
     if any(t is None for t in texts):
         return
     counts = [c for _, c in lines]
-    arr = fmt._read_lists(texts, counts)
+    arr = fastjson.read_lists(texts, counts)
     if arr is None:
         return
     assert arr.dtype == np.int64 and len(arr) == sum(counts)
@@ -90,9 +90,26 @@ def test_read_lists_takes_compact_and_json_dumps_lines_with_zeros():
         json.dumps({"tokens": docs[1]}).encode() + b"\n",
         json.dumps({"tokens": docs[2]}).encode() + b"\n",
     ]
-    texts = [fmt._list_text(line) for line in lines]
-    arr = fmt._read_lists(texts, [len(d) for d in docs])
-    if fmt._REFUSES_JUNK:  # the fast path needs a numpy that refuses junk (>= 2.3)
+    texts = [fastjson.list_text(line) for line in lines]
+    arr = fastjson.read_lists(texts, [len(d) for d in docs])
+    if fastjson.REFUSES_JUNK:  # the fast path needs a numpy that refuses junk (>= 2.3)
         assert arr is not None and arr.tolist() == [t for d in docs for t in d]
     else:
         assert arr is None
+
+
+def test_read_lists_reads_json_dumps_lines_in_place_and_refuses_other_spacing():
+    docs = [[1, -5, 2147483647, 2], [7, -3], [4]]
+    lines = [json.dumps({"tokens": d}).encode() + b"\n" for d in docs]
+    texts = [fastjson.list_text(line) for line in lines]
+    assert all(isinstance(t, memoryview) for t in texts)  # no copy of the line
+    got = fastjson.read_lists(texts, [len(d) for d in docs])
+    if fastjson.REFUSES_JUNK:
+        assert got is not None and got.tolist() == [t for d in docs for t in d]
+    for odd in (
+        b'{"tokens": [1,  2]}\n',
+        b'{"tokens": [1 , 2]}\n',
+        b'{"tokens": [- 1, 2]}\n',
+        b'{"tokens": [1, 2 ]}\n',
+    ):
+        assert fastjson.read_lists([fastjson.list_text(odd)], [2]) is None  # left to the line-by-line path

@@ -125,6 +125,8 @@ def test_mask_helpers():
     add = block_causal_mask(pos, torch.float32)
     assert add[0, 0, 3, 2] == torch.finfo(torch.float32).min and add[0, 0, 4, 3] == 0
     assert block_causal_mask(torch.arange(5)[None]) is None  # one document per row: plain causal
+    w = block_causal_mask(pos, window=2)  # a query sees itself and the one before it, in its document
+    assert w[1, 0, 5].tolist() == [False, False, False, False, True, True] and w[0, 0, 2].tolist()[:3] == [0, 1, 1]
     kw = varlen_kwargs(pos)
     assert kw["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 12] and kw["max_length_q"] == 6
     assert kw["position_ids"].shape == (1, 12)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen", "flash_attention_2", "flash_attention_3")
 DOC_MASKING = ("auto", "positions", "mask4d", "varlen")
 NAN_POLICIES = ("stop", "skip")
 

@@ -20,20 +20,21 @@ Token semantics: a token ``t`` feeds the model as input id ``abs(t)``. It is a t
 not in the model: at position i the target is token i+1 of the same document (or
 ``IGNORE_INDEX`` when that token is not a target); the last token of every document has
 target ``IGNORE_INDEX``, so no document is ever trained to predict the next one.
+
+Lines are read by `tokentrain.data.fastjson` (exact, vectorised) and, when it is unsure,
+strictly by orjson here, whose error names the file, line and byte.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 import orjson
 
+from tokentrain.data import fastjson
 from tokentrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -42,17 +43,6 @@ IGNORE_INDEX = -100
 DEFAULT_FILE_TYPE = ".bin"
 META_SUFFIX = ".meta"
 _NL = 0x0A
-
-# np.fromstring(sep=",") is numpy's C text parser: ~3x faster than orjson + list->array
-# for long token lists. It also reads text JSON refuses (and old numpy stops quietly at
-# junk); what it reads is used only when shown to be exactly JSON's reading (cheaply by
-# `_is_canonical` / `_is_compact_json`, else `_is_json_int_list`); the rest falls back to
-# orjson, which gives the precise error.
-warnings.filterwarnings("ignore", message="string or file could not be read to its end")
-_FAST_PREFIX = b'{"tokens":'
-_FAST_LIST = _FAST_PREFIX + b"["
-_INT32_LIMIT = 2**31 - 1
-
 
 # --------------------------------------------------------------------------- files
 
@@ -242,7 +232,7 @@ def parse_line(line: bytes, path: Path | str, lineno: int, offset: int, expected
 
     `expected` is the meta's token count; a mismatch means the meta is stale.
     """
-    tokens = _parse_fast(line)
+    tokens = fastjson.parse_fast(line)
     if tokens is None:
         tokens = _parse_strict(line, path, lineno, offset)
     if expected is not None and len(tokens) != expected:
@@ -251,219 +241,6 @@ def parse_line(line: bytes, path: Path | str, lineno: int, offset: int, expected
             "the meta is stale; rebuild it with `tokentrain data index --rebuild`"
         )
     return tokens
-
-
-def _parse_fast(line: bytes) -> np.ndarray | None:
-    """Canonical ``{"tokens": [..]}`` lines via numpy's C parser; None when unsure."""
-    got = _read_list(line)
-    if got is None:
-        return None
-    arr, body = got
-    if not len(arr) or _is_canonical(arr, len(body)):
-        return arr
-    if len(arr) != body.count(b",") + 1 or b"]" in body or b"." in body or not _is_json_int_list(body, len(arr)):
-        return None
-    if arr.max() > _INT32_LIMIT or arr.min() < -_INT32_LIMIT:
-        return None  # let the strict path judge out-of-range values
-    return arr
-
-
-_I64 = np.dtype(np.int64)
-_EMPTY_BODY = b""
-
-
-def _read_list(line: bytes, start: int = 0) -> tuple[np.ndarray, bytes] | None:
-    """numpy's reading of the list of a ``{"tokens": [..]}`` line (from byte `start`), and the
-    list text it read; None when the line is not of that shape or numpy refuses the text.
-
-    Unchecked: numpy also reads text JSON refuses (see `_is_json_int_list`); `_is_canonical`
-    is the cheap check for the common case. Text after a comma loses its spaces first (JSON
-    allows them; values and validity do not change), so ``json.dumps`` output reads compact.
-    """
-    lb, rb = _list_brackets(line, start)
-    if lb < 0:
-        return None
-    body = line[lb + 1 : rb]
-    if not body.strip(b" \t\r\n"):  # JSON whitespace only
-        return np.zeros(0, dtype=np.int64), _EMPTY_BODY
-    if b" " in body:
-        body = body.replace(b", ", b",")
-    try:
-        return np.fromstring(body, dtype=_I64, sep=","), body
-    except (ValueError, DeprecationWarning):  # numpy >= 2.3 raises where older ones stop and warn
-        return None
-
-
-def _list_brackets(line: bytes, start: int = 0) -> tuple[int, int]:
-    """Where the ``[`` and ``]`` of a ``{"tokens": [..]}`` line (from byte `start`) are;
-    (-1, -1) when the line is not of that shape."""
-    if not line.startswith(_FAST_PREFIX, start):
-        return -1, -1
-    if line.endswith(b"]}\n"):
-        rb = len(line) - 3
-    else:
-        rb = line.rfind(b"]")
-        if rb == -1 or line[rb + 1 :].rstrip() != b"}":
-            return -1, -1
-    lb = line.find(b"[", start + len(_FAST_PREFIX), rb)
-    if lb == -1 or (lb != start + len(_FAST_PREFIX) and line[start + len(_FAST_PREFIX) : lb].strip()):
-        return -1, -1
-    return lb, rb
-
-
-def _list_text(line: bytes, start: int = 0):
-    """The list text of a ``{"tokens": [..]}`` line (from byte `start`) as `_read_list` reads
-    it (a memoryview when nothing is dropped), for `_read_lists`; None when the line is not of
-    that shape or the list is empty."""
-    if line.startswith(_FAST_LIST, start) and line.endswith(b"]}\n"):  # the usual line
-        lb, rb = start + len(_FAST_PREFIX), len(line) - 3
-    else:
-        lb, rb = _list_brackets(line, start)
-    if rb - lb < 2:
-        return None
-    if line.find(b" ", lb, rb) != -1:
-        text = line[lb + 1 : rb].replace(b", ", b",")
-        return text if text.strip(b" \t\r\n") else None
-    return memoryview(line)[lb + 1 : rb]
-
-
-def _refuses_junk() -> bool:
-    try:
-        np.fromstring(b"1,x", dtype=np.int64, sep=",")
-    except ValueError:
-        return True  # numpy >= 2.3
-    except Exception:
-        pass
-    return False  # older numpy stops quietly (with a DeprecationWarning) at the first junk
-
-
-_REFUSES_JUNK = _refuses_junk()
-
-
-def _read_lists(texts: list, counts: list[int]) -> np.ndarray | None:
-    """The values of several list texts (`_list_text`) back to back, read by numpy in one
-    call, when each text is exactly the compact JSON of its `counts[i]` values -- then they
-    are what JSON reads, and each line has the count its meta says; None otherwise (look at
-    the lines one by one). Needs a numpy that refuses junk."""
-    if not _REFUSES_JUNK:
-        return None
-    text = b",".join(texts)
-    try:
-        arr = np.fromstring(text, dtype=_I64, sep=",")
-    except (ValueError, DeprecationWarning):
-        return None
-    return arr if _is_compact_json(arr, text, [len(t) for t in texts], counts) else None
-
-
-def _is_compact_json(arr: np.ndarray, text: bytes, lengths: list[int], counts: list[int]) -> bool:
-    """True when `text` -- texts of `lengths` bytes joined by commas, which numpy (refusing
-    junk) read as `arr` -- is exactly the compact JSON of arr, with the i-th text holding the
-    next `counts[i]` values, and every value is in range.
-
-    Why: numpy read all of `text` as fields split by commas, each field a number from its
-    digits with at most a sign and spaces around; a field with no digit reads as 0, and a
-    trailing comma is taken. (a) With no value 0, every field has a digit; else, every
-    character but digits being below "0" in ASCII, there is none but one comma between
-    values and a minus per negative value. (b) Each text then holds whole fields, each at
-    least as long as the compact JSON of its value; if, split by the counts, each text is
-    exactly as long as the compact JSON of its values, there are no leading zeros, signs,
-    spaces or trailing commas, and (the length growing with every value) each text holds
-    exactly its count.
-    """
-    n = len(arr)
-    if n != sum(counts) or not n:
-        return False
-    lo, hi = int(_min(arr)), int(_max(arr))
-    if lo < -_INT32_LIMIT or hi > _INT32_LIMIT:
-        return False
-    # (a), with a value 0
-    if (
-        lo <= 0 <= hi
-        and _nonzero(arr) < n
-        and _nonzero(np.frombuffer(text, dtype=np.uint8) < 48) != n - 1 + _nonzero(arr < 0)
-    ):
-        return False
-    # (b) a value's JSON: 1 digit, 1 more per power of ten it reaches, a minus when negative;
-    # and a comma after each value but a text's last.
-    big = max(hi, -lo)
-    if big < _WIDTHS_LIMIT:
-        w = _json_widths(big.bit_length()).take(arr)
-    else:
-        a = np.abs(arr)
-        w = (arr < 0).view(np.int8)
-        p = 10
-        while p <= big:
-            np.add(w, a >= p, out=w)
-            p *= 10
-    per = np.add.reduceat(w, [0, *itertools.accumulate(counts[:-1])], dtype=np.int64).tolist()
-    return all(x + 2 * c - 1 == nb for x, c, nb in zip(per, counts, lengths))
-
-
-_WIDTHS_LIMIT = 1 << 21
-
-
-@functools.cache
-def _json_widths(bits: int) -> np.ndarray:
-    """A lookup table, int8, indexed by a value v with |v| < S = 2**max(bits, 16) (negative v
-    from the end, as ``take`` does): the length of v's JSON minus 1."""
-    s = 1 << max(bits, 16)
-    extra = np.zeros(s + 1, dtype=np.int8)  # digits beyond the first of 0..s
-    p = 10
-    while p <= s:
-        extra[p:] += 1
-        p *= 10
-    t = np.empty(2 * s, dtype=np.int8)
-    t[:s] = extra[:s]
-    t[s:] = extra[1:][::-1] + 1  # t[2s - j] = width of -j: its digits and the minus
-    return t
-
-
-_max, _min, _nonzero = np.maximum.reduce, np.minimum.reduce, np.count_nonzero
-
-
-def _is_canonical(arr: np.ndarray, nbytes: int, parts: int = 1) -> bool:
-    """True when `arr` (numpy's reading of `parts` non-empty list texts of `nbytes` bytes in
-    all, concatenated) has only nonzero in-range values and the texts are exactly their
-    compact JSON: then every value is what JSON reads. False: look closer (`_is_json_int_list`).
-
-    Why a length suffices: numpy reads a number from its digits with at most a sign and spaces
-    around, and a field with no digit as 0; it takes ``+5``, ``01``, ``- 5``, trailing commas
-    and (old numpy) stops quietly at junk. With no value 0, each value came from a field with
-    at least its own digits and a sign when negative, and fields from at least one comma
-    between them -- so the text is at least as long as the compact JSON of the values, and
-    exactly as long only when it is that JSON. Vectorised over a whole pack's documents.
-    """
-    a = np.abs(arr)
-    hi = _max(a)
-    if _min(a) <= 0 or hi > _INT32_LIMIT:  # a 0, or abs() overflowed, or out of range
-        return False
-    n = len(a)
-    digits, p = n, 10
-    while p <= hi:
-        digits += _nonzero(a >= p)
-        p *= 10
-    return nbytes == digits + _nonzero(arr < 0) + n - parts
-
-
-_JSON_INT_CHARS = b"0123456789-, \t\r\n"
-
-
-def _is_json_int_list(body: bytes, n: int) -> bool:
-    """Whether numpy's n values for `body` are exactly what JSON reads: numpy's parser also
-    reads an empty or sign-only field ("[1, ]", "[1, ,2]", "[-]") as 0, and takes "+5",
-    "01", "- 5". Vectorised: ~15 us for a 2048-token line."""
-    if body.translate(None, _JSON_INT_CHARS):
-        return False
-    b = np.frombuffer(body, dtype=np.uint8)
-    digit = (b - 48) <= 9  # uint8 wraps below "0"
-    first = digit[1:] > digit[:-1]  # the first digit of each number but one at byte 0
-    if np.count_nonzero(first) + digit[0] != n:
-        return False
-    minus = b == 45
-    if np.count_nonzero(minus[:-1] & digit[1:]) != np.count_nonzero(minus):
-        return False
-    zero = b == 48  # no leading zeros
-    return not (zero[0] and digit[1:2].any()) and not (first[:-1] & zero[1:-1] & digit[2:]).any()
 
 
 def _parse_strict(line: bytes, path, lineno: int, offset: int) -> np.ndarray:
@@ -480,7 +257,7 @@ def _parse_strict(line: bytes, path, lineno: int, offset: int) -> np.ndarray:
     for j, t in enumerate(toks):
         if type(t) is not int:
             raise DataError(f'{where}: "tokens"[{j}] is {t!r} ({type(t).__name__}); token ids must be ints')
-        if not -_INT32_LIMIT <= t <= _INT32_LIMIT:
+        if not -fastjson.INT32_LIMIT <= t <= fastjson.INT32_LIMIT:
             raise DataError(f'{where}: "tokens"[{j}] = {t} is out of range for a token id')
     return np.asarray(toks, dtype=np.int64).reshape(-1)
 

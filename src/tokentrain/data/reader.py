@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from tokentrain.data import fastjson
 from tokentrain.data import format as fmt
 from tokentrain.data.index import FILE, LINE, OFFSET, DocIndex
 from tokentrain.errors import DataError
@@ -74,9 +75,9 @@ class DocReader:
     def read_span(self, lo: int, hi: int) -> tuple[np.ndarray, list[int]]:
         """Documents lo..hi-1 back to back in one array, and where each starts in it (and the
         end): what `read_many` returns, for less. One slice of the table for all rows; the
-        lines' lists read by numpy in one call and confirmed by one vectorised test
-        (`fmt._read_lists`). Only when that fails (a bad line, spaces other than after commas,
-        old numpy) is each line looked at alone. Do not write to the array."""
+        lines' lists read and checked together, vectorised (`fastjson.read_lists`). Only when
+        that fails (a bad line, unusual spacing) is each line looked at alone. Do not write to
+        the array."""
         if self._pid != os.getpid():  # forked into a worker: the parent's fds are not ours
             self._fds, self._pid, self._last = {}, os.getpid(), None
         if hi <= lo:
@@ -101,14 +102,14 @@ class DocReader:
             if texts is not None:
                 # the usual line: in place, one newline at its end (the checks in _read_each pass)
                 if buf.find(b"\n", lead) == nbytes + lead - 1 and (not lead or buf[0] == 0x0A):
-                    text = fmt._list_text(buf, lead)
+                    text = fastjson.list_text(buf, lead)
                     if text is not None:
                         texts.append(text)
                         continue
                 texts = None
         if texts:
             counts = [cum[i + 1] - cum[i] for i in range(skip, hi - lo)]
-            flat = fmt._read_lists(texts, counts)
+            flat = fastjson.read_lists(texts, counts)
             if flat is not None:
                 if skip:
                     flat = np.concatenate((last[1], flat))
@@ -155,7 +156,7 @@ class DocReader:
             except DataError:
                 self._confirm(out, todo)
                 raise
-            got = fmt._read_list(buf, lead)
+            got = fastjson.read_list(buf, lead)
             if got is None or len(got[0]) != expected:
                 self._confirm(out, todo)  # earlier lines' errors come first
                 out.append(fmt.parse_line(buf[lead:], index.files[fid], line + 1, off, expected))
@@ -172,11 +173,11 @@ class DocReader:
         if not todo:
             return
         arrs = [out[t[0]] for t in todo]
-        if not batch or not fmt._is_canonical(
+        if not batch or not fastjson.is_canonical(
             arrs[0] if len(arrs) == 1 else np.concatenate(arrs), sum(t[1] for t in todo), len(todo)
         ):
             for i, nb, buf, lead, fid, line, off, expected in todo:
-                if not fmt._is_canonical(out[i], nb):
+                if not fastjson.is_canonical(out[i], nb):
                     out[i] = fmt.parse_line(buf[lead:], self.index.files[fid], line + 1, off, expected)
         todo.clear()
 

@@ -31,7 +31,7 @@ def validation_loss(strategy, dataset, env, batch_size: int, num_workers: int) -
         with torch.no_grad():
             for batch in loader:
                 batch = batch.to(env.device)
-                loss_sum += float(module(batch.input_ids, batch.labels, batch.position_ids))
+                loss_sum += float(module(batch.input_ids, batch.labels, batch.position_ids, batch.cu_seqlens))
                 count += batch.num_targets
     finally:
         module.train(was)

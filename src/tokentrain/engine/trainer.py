@@ -206,7 +206,11 @@ class Trainer:
         self.compute_dtype = autocast_dtype(cfg.dtype, env.device)
         impl = choose_attn_implementation(cfg.attn_implementation, env.device, cfg.use_varlen_attn)
         self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
-        self.hf_model = load_model(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, impl, env.device, cfg.seed)
+        fallback = "eager" if cfg.attn_implementation == "auto" else None  # a model without `impl` (gemma2: sdpa)
+        self.hf_model = load_model(
+            cfg.pretrained_model_name_or_path, cfg.trust_remote_code, impl, env.device, cfg.seed, fallback
+        )
+        impl = self.hf_model.config._attn_implementation
         emb = self.hf_model.get_input_embeddings()
         self.vocab_size = int(getattr(emb, "num_embeddings", 0) or self.hf_model.config.vocab_size)
         with self.strategy.full_parameters(self.hf_model):  # the probes run the model (ZeRO-3: gathered for them)
@@ -449,7 +453,7 @@ class Trainer:
         for i, (batch, _, _) in enumerate(micro):
             batch = batch.to(device)
             with strategy.accumulate(is_last=i == len(micro) - 1):
-                part = strategy.forward(batch.input_ids, batch.labels, batch.position_ids)
+                part = strategy.forward(batch.input_ids, batch.labels, batch.position_ids, batch.cu_seqlens)
                 if faults.FAULTS and faults.at_step("nan_loss_at_step", self.step + 1, self.env.rank):
                     part = part * math.nan
                 strategy.backward(part * scale)

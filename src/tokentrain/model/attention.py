@@ -3,10 +3,11 @@
 A packed row holds several documents; none may attend to another, on any backend.
 Three ways to get that, chosen per backend (`doc_masking`):
 
-* ``varlen``    -- flash-attention (CUDA): the batch is flattened to one row of B*L
-  tokens and the document boundaries go to the kernel as ``cu_seq_lens_q/k`` (plus the
-  restarting ``position_ids``); no mask is materialised. Rows are independent packs, so
-  flattening them is exact.
+* ``varlen``    -- a varlen kernel (CUDA): PyTorch's own (`tokentrain.model.varlen`, chosen
+  by ``auto``) or flash_attn's. The batch is flattened to one row of B*L tokens and the
+  batch's ``cu_seqlens`` go to the kernel as ``cu_seq_lens_q/k`` (plus the restarting
+  ``position_ids``); no mask is materialised. Rows are independent packs, so flattening
+  them is exact.
 * ``positions`` -- transformers (>= 4.53.1) detects packing from ``position_ids`` that
   restart at 0 and builds the block-diagonal mask itself, but only when no 2D
   ``attention_mask`` is passed *and* no cache exists: we always call with
@@ -14,10 +15,16 @@ Three ways to get that, chosen per backend (`doc_masking`):
 * ``mask4d``    -- we build the (B, 1, L, L) mask ourselves: bool (True = attend) for
   sdpa, additive (0 / dtype-min) for eager, whose kernel *adds* the mask (a bool mask
   there would be silently wrong). Used when the detection above is absent or fails.
+  Sliding windows are in the mask: one window for the whole model (mistral, phi3,
+  starcoder2), or a mask per layer type (``{"full_attention": .., "sliding_attention": ..}``,
+  gemma2/3, qwen2, cohere2), which transformers passes to each layer as it is.
 
-Trust but verify: `probe_isolation` runs the real model once on a two-document pack
-and checks that the gradient of the second document's output with respect to the first
-document's embeddings is exactly zero. ``auto`` takes the first mode whose probe passes.
+Trust but verify, at start-up on the real model: `probe_isolation` checks that the gradient
+of the second document's output with respect to the first document's embeddings is exactly
+zero; `probe_logits` checks that on a pack of documents longer than the model's sliding
+window each document's logits equal the document run alone (a mask without the window
+leaks nothing between documents, so only this catches it). ``auto`` takes the first mode
+that passes both.
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ from dataclasses import dataclass
 import torch
 
 from tokentrain.errors import ConfigError
+from tokentrain.model.varlen import VARLEN_IMPL, flat_cu_seqlens, varlen_available
 
 log = logging.getLogger(__name__)
 
 FLASH_IMPLS = ("flash_attention_2", "flash_attention_3")
+VARLEN_IMPLS = (*FLASH_IMPLS, VARLEN_IMPL)  # implementations called with cu_seq_lens (mode varlen)
 
 
 def flash_attn_installed() -> bool:
@@ -41,11 +50,20 @@ def flash_attn_installed() -> bool:
 
 
 def choose_attn_implementation(requested: str, device: torch.device, use_varlen_attn: bool | None) -> str:
-    """`attn_implementation` for from_pretrained: flash varlen on CUDA when installed, else sdpa."""
+    """`attn_implementation` for from_pretrained. 'auto': on CUDA PyTorch's varlen kernel (else
+    flash_attn's when installed), elsewhere sdpa (`load_model` falls back to eager for models
+    without sdpa). 'varlen' is PyTorch's kernel."""
+    if requested == "varlen":
+        requested = VARLEN_IMPL
     if requested != "auto":
-        if requested in FLASH_IMPLS and device.type != "cuda":
+        if requested in VARLEN_IMPLS and device.type != "cuda":
             raise ConfigError(
                 f"attn_implementation = {requested!r} needs a CUDA device; use 'auto' or 'sdpa' on {device.type}"
+            )
+        if requested == VARLEN_IMPL and not varlen_available(device):
+            raise ConfigError(
+                "attn_implementation = 'varlen' needs torch.nn.attention.varlen (torch >= 2.9) and a GPU of "
+                "compute capability >= 8.0; use 'auto' or 'sdpa'"
             )
         return requested
     cuda = device.type == "cuda"
@@ -53,14 +71,32 @@ def choose_attn_implementation(requested: str, device: torch.device, use_varlen_
         if use_varlen_attn and not cuda:
             log.warning("use_varlen_attn = True but no CUDA device: using sdpa with a block-diagonal mask instead")
         return "sdpa"
+    if varlen_available(device):
+        return VARLEN_IMPL
     if flash_attn_installed():
         return "flash_attention_2"
     if use_varlen_attn:
         raise ConfigError(
-            "use_varlen_attn = True but the flash_attn package is not installed; install it or set "
-            "use_varlen_attn = None"
+            "use_varlen_attn = True but neither torch.nn.attention.varlen (torch >= 2.9, compute capability >= 8) "
+            "nor the flash_attn package is available; set use_varlen_attn = None"
         )
     return "sdpa"
+
+
+def attention_windows(config) -> int | dict[str, int | None] | None:
+    """The sliding windows a model's layers use, as `block_causal_mask` needs them: a dict by
+    layer type when layers differ (``config.layer_types``), one window for all, or None."""
+    w = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types and "sliding_attention" in types:
+        return {t: (w if t == "sliding_attention" else None) for t in sorted(set(types))}
+    return w or None
+
+
+def largest_window(windows) -> int | None:
+    if isinstance(windows, dict):
+        return max((w for w in windows.values() if w), default=None)
+    return windows
 
 
 def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -70,8 +106,11 @@ def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return start.cumsum(-1)
 
 
-def block_causal_mask(position_ids: torch.Tensor, additive_dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """(B, 1, L, L) causal mask that also blocks attention across documents.
+def block_causal_mask(
+    position_ids: torch.Tensor, additive_dtype: torch.dtype | None = None, window: int | None = None
+) -> torch.Tensor | None:
+    """(B, 1, L, L) causal mask that also blocks attention across documents, and (`window`)
+    keys W or more tokens back (a query sees itself and the W - 1 before it, as in transformers).
 
     None when every row is a single document (plain causal: sdpa's fast `is_causal` path).
     Bool (True = attend) by default; additive (0 / finfo.min) in `additive_dtype` if given.
@@ -81,6 +120,8 @@ def block_causal_mask(position_ids: torch.Tensor, additive_dtype: torch.dtype | 
         return None
     L = position_ids.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=position_ids.device).tril_()
+    if window:
+        causal.triu_(1 - window)
     allowed = (seg[:, :, None] == seg[:, None, :]) & causal
     allowed = allowed[:, None]
     if additive_dtype is None:
@@ -106,13 +147,29 @@ class DocMasking:
 
     mode: str  # "varlen" | "positions" | "mask4d"
     attn_implementation: str
+    windows: int | dict | None = None  # `attention_windows` of the model (mask4d builds them in)
 
     def model_inputs(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, additive_dtype: torch.dtype | None = None
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        additive_dtype: torch.dtype | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> dict:
-        """Keyword arguments for the model (or its decoder) for one (B, L) micro-batch."""
+        """Keyword arguments for the model (or its decoder) for one (B, L) micro-batch;
+        `cu_seqlens` (the batch's, (B, K)) spares varlen re-deriving them from positions."""
         if self.mode == "varlen":
-            kw = varlen_kwargs(position_ids)
+            if cu_seqlens is None:
+                kw = varlen_kwargs(position_ids)
+            else:
+                cu, m = flat_cu_seqlens(cu_seqlens, position_ids.shape[1])
+                kw = {
+                    "position_ids": position_ids.reshape(1, -1),
+                    "cu_seq_lens_q": cu,
+                    "cu_seq_lens_k": cu,
+                    "max_length_q": m,
+                    "max_length_k": m,
+                }
             kw["input_ids"] = input_ids.reshape(1, -1)
             kw["use_cache"] = False
             return kw
@@ -122,8 +179,10 @@ class DocMasking:
             if self.attn_implementation == "eager" and dtype is None:
                 dtype = torch.float32
             mask = block_causal_mask(position_ids, dtype)
-            if mask is not None:
-                kw["attention_mask"] = mask
+            if mask is not None and isinstance(self.windows, dict):
+                kw["attention_mask"] = {t: block_causal_mask(position_ids, dtype, w) for t, w in self.windows.items()}
+            elif mask is not None:
+                kw["attention_mask"] = block_causal_mask(position_ids, dtype, self.windows) if self.windows else mask
         return kw
 
     def unflatten(self, t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -133,16 +192,16 @@ class DocMasking:
 
 def candidate_modes(attn_implementation: str, requested: str) -> list[str]:
     if requested != "auto":
-        if requested == "varlen" and attn_implementation not in FLASH_IMPLS:
+        if requested == "varlen" and attn_implementation not in VARLEN_IMPLS:
             raise ConfigError(
-                f"doc_masking = 'varlen' needs a flash-attention implementation, not {attn_implementation!r}"
+                f"doc_masking = 'varlen' needs a varlen attention implementation, not {attn_implementation!r}"
             )
-        if requested != "varlen" and attn_implementation in FLASH_IMPLS:
+        if requested != "varlen" and attn_implementation in VARLEN_IMPLS:
             raise ConfigError(
                 f"doc_masking = {requested!r} does not work with {attn_implementation}; use 'varlen' or 'auto'"
             )
         return [requested]
-    if attn_implementation in FLASH_IMPLS:
+    if attn_implementation in VARLEN_IMPLS:
         return ["varlen"]
     import transformers
     from packaging.version import Version
@@ -180,25 +239,73 @@ def probe_isolation(
     return float(grad.reshape(-1, grad.shape[-1])[:n1].abs().max())
 
 
+def probe_logits(model, masking: DocMasking, device: torch.device, autocast_dtype: torch.dtype | None = None) -> float:
+    """Max |packed - alone| of each document's logits (relative to the largest |logit|) on a
+    pack of two documents each longer than the model's largest sliding window (5 and 6
+    tokens when it has none), through the same inputs training uses (the batch's cu_seqlens
+    included). A mask that drops a window isolates documents but not this."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    w = largest_window(masking.windows) or 0
+    lengths = (w + 3, w + 5) if w else (5, 6)
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(3, vocab, (n,), generator=g).to(device) for n in lengths]
+    ids = torch.cat(docs)[None]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    cu = torch.tensor([[0, lengths[0], sum(lengths)]], dtype=torch.int32, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            kw = masking.model_inputs(ids, pos, autocast_dtype or torch.float32, cu)
+            packed = masking.unflatten(model(**kw).logits, 1)[0].float()
+            worst, start = 0.0, 0
+            for d in docs:
+                alone_kw = masking.model_inputs(d[None], torch.arange(len(d), device=device)[None], autocast_dtype)
+                alone = masking.unflatten(model(**alone_kw).logits, 1)[0].float()
+                diff = (packed[start : start + len(d)] - alone).abs().max() / alone.abs().max().clamp_min(1.0)
+                worst, start = max(worst, float(diff)), start + len(d)
+    finally:
+        model.train(was_training)
+    return worst
+
+
+def logits_tolerance(autocast_dtype: torch.dtype | None) -> float:
+    """`probe_logits` bound: fp32 kernels agree to ~1e-6; half precision rounds to ~1e-2."""
+    return 1e-4 if autocast_dtype is None else 5e-2
+
+
 def select_masking(
     model, attn_implementation: str, requested: str, device: torch.device, autocast_dtype: torch.dtype | None = None
 ) -> DocMasking:
-    """The first candidate mode whose isolation probe passes; ConfigError if none does."""
+    """The first candidate mode that passes both probes; ConfigError naming why each failed."""
     leaks = {}
+    windows = attention_windows(model.config)
+    tol = logits_tolerance(autocast_dtype)
     for mode in candidate_modes(attn_implementation, requested):
-        masking = DocMasking(mode, attn_implementation)
+        masking = DocMasking(mode, attn_implementation, windows)
         try:
             leak = probe_isolation(model, masking, device, autocast_dtype)
+            diff = probe_logits(model, masking, device, autocast_dtype) if leak == 0.0 else 0.0
         except Exception as e:  # a backend that rejects this way of calling it
             log.debug("document masking %r failed its probe: %s", mode, e)
-            leaks[mode] = f"error: {type(e).__name__}: {e}"
+            leaks[mode] = f"error: {type(e).__name__}: {_first_line(e)}"
             continue
-        if leak == 0.0:
-            log.debug("document masking: %s (%s)", mode, attn_implementation)
+        if leak == 0.0 and diff <= tol:
+            log.debug("document masking: %s (%s), packed logits within %.2g of alone", mode, attn_implementation, diff)
             return masking
-        leaks[mode] = f"cross-document gradient {leak:.3g}"
+        leaks[mode] = (
+            f"cross-document gradient {leak:.3g}"
+            if leak
+            else f"packed logits differ from each document alone by {diff:.3g} (> {tol:g}; sliding window "
+            f"{largest_window(windows)} not applied?)"
+        )
     detail = "; ".join(f"{m}: {why}" for m, why in leaks.items())
     raise ConfigError(
         f"cannot keep documents apart with attn_implementation={attn_implementation!r} ({detail}); "
         "try attn_implementation = 'sdpa' or 'eager'"
     )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -23,16 +23,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The compute dtype for autocast (None: plain fp32). 'auto': bf16 where the device has it."""
+    """The compute dtype for autocast (None: plain fp32). 'auto': bf16 on a GPU that has it,
+    fp32 elsewhere -- on CPU autocast bf16 is slower than fp32 for the models one trains there
+    (measured: docs/benchmarks.md, "dtype on CPU"), and it rounds."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        if device.type == "cpu":
-            try:
-                fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-            except AttributeError:
-                fast = False
-            return torch.bfloat16 if fast else None
         return None
     if name == "float16" and device.type == "cpu":
         raise ConfigError("dtype = 'float16' is not supported on CPU; use 'bfloat16' or 'float32'")
@@ -77,13 +73,36 @@ def has_weights(path: str) -> bool:
 
 
 def load_model(
-    path: str, trust_remote_code: bool, attn_implementation: str, device: torch.device, seed: int = 0
+    path: str,
+    trust_remote_code: bool,
+    attn_implementation: str,
+    device: torch.device,
+    seed: int = 0,
+    fallback: str | None = None,
 ) -> nn.Module:
     """The HF model in fp32 (the master weights; compute runs in the autocast dtype).
 
     A local folder with a config.json but no weights starts from random weights
-    (seeded, the same on every rank): training from scratch.
+    (seeded, the same on every rank): training from scratch. When the model refuses
+    `attn_implementation` (gemma2 has no sdpa: sdpa cannot soft-cap) and a `fallback` is
+    given ('auto' chose the implementation), it is loaded with the fallback, logged; the
+    implementation in use is ``model.config._attn_implementation``.
     """
+    try:
+        return _load_model(path, trust_remote_code, attn_implementation, device, seed)
+    except ConfigError as e:
+        refused = "does not support an attention implementation" in str(e) or "attn_implementation" in str(e)
+        if fallback is None or fallback == attn_implementation or not refused:
+            raise
+        log.info(
+            "%s; loading it with attn_implementation = %r instead",
+            str(e).split(": cannot load the model: ")[-1],
+            fallback,
+        )
+        return _load_model(path, trust_remote_code, fallback, device, seed)
+
+
+def _load_model(path: str, trust_remote_code: bool, attn_implementation: str, device: torch.device, seed: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -170,9 +189,15 @@ class CausalLMWithLoss(nn.Module):
             )
         return ok
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         dev = input_ids.device.type
-        kw = self.masking.model_inputs(input_ids, position_ids, additive_dtype=self.compute_dtype or torch.float32)
+        kw = self.masking.model_inputs(input_ids, position_ids, self.compute_dtype or torch.float32, cu_seqlens)
         with torch.autocast(dev, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
             if self.fused:
                 decoder, head = _fused_parts(self.model)
