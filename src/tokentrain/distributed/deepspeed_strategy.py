@@ -46,12 +46,25 @@ def _quiet_deepspeed() -> None:
     ds_logger.setLevel(logging.WARNING)
 
 
+def _join_process_group(env) -> None:
+    """DeepSpeed needs a process group even in one process (single-GPU ZeRO / offload), and its
+    own comm layer set up *before* the model is built: ZeRO-3's zero.Init (transformers'
+    from_pretrained / from_config) otherwise reads world size 1 and rejects the batch sizes."""
+    from deepspeed import comm as ds_comm
+
+    from tokentrain.distributed.env import ensure_process_group
+
+    ensure_process_group(env)
+    ds_comm.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False, verbose=False)
+
+
 class DeepSpeedStrategy(LocalStrategy):
     name = "deepspeed"
 
     def __init__(self, env, ds_config: dict):
         super().__init__(env)
         _quiet_deepspeed()
+        _join_process_group(env)
         self.ds_config = ds_config
         self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self._hf_ds_config = None
