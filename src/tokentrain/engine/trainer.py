@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from tokentrain.checkpoint.hf_export import export_hf
-from tokentrain.checkpoint.manager import CheckpointError, CheckpointManager, resolve_resume, set_rng_state, step_of
+from tokentrain.checkpoint.manager import CheckpointManager, resolve_resume, set_rng_state, step_of
 from tokentrain.config.schema import TrainConfig
 from tokentrain.engine.data_stream import StepStream
 from tokentrain.engine.evaluation import generate_samples, validation_loss
 from tokentrain.engine.schedule import WarmupCosine
-from tokentrain.engine.strategy import make_strategy
-from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, DataError, TokentrainError
+from tokentrain.engines.base import as_step_result
+from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, CheckpointError, DataError, TokentrainError
 from tokentrain.metrics.flops import FlopCounter, peak_tflops
 from tokentrain.metrics.logger import MetricsLogger
 from tokentrain.utils import faults
@@ -122,10 +122,10 @@ class Trainer:
         cfg, env = self.cfg, self.env
         seed_everything(cfg.seed, env.rank)
         self._setup_data()
-        self.strategy = self._make_strategy()  # before the model: ZeRO-3 builds it partitioned
+        self.engine = self._make_engine()  # before the model: ZeRO-3 builds it partitioned
         self._setup_model()
         self._setup_optimization()
-        self.ckpt = CheckpointManager(self.work_dir / "checkpoints", env, self.strategy, cfg.save_total_limit)
+        self.ckpt = CheckpointManager(self.work_dir / "checkpoints", env, self.engine, cfg.save_total_limit)
         self.flops = FlopCounter.for_model(self.hf_model)
         self.peak, self.peak_source = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
         resume_from = self._resolve_resume()
@@ -149,7 +149,7 @@ class Trainer:
             except TokentrainError as e:
                 error = e
         code = -2.0 if error else (-1.0 if found is None else float(step_of(found)))
-        (code,) = self.strategy.all_reduce_sum([code if self.env.is_main else 0.0])
+        (code,) = self.engine.all_reduce_sum([code if self.env.is_main else 0.0])
         if error:
             raise error
         if code == -2:
@@ -215,7 +215,7 @@ class Trainer:
         self.hf_model = load_model(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, impl, env.device, cfg.seed)
         emb = self.hf_model.get_input_embeddings()
         self.vocab_size = int(getattr(emb, "num_embeddings", 0) or self.hf_model.config.vocab_size)
-        with self.strategy.full_parameters(self.hf_model):  # the probes run the model (ZeRO-3: gathered for them)
+        with self.engine.full_parameters(self.hf_model):  # the probes run the model (ZeRO-3: gathered for them)
             masking = select_masking(self.hf_model, impl, cfg.doc_masking, env.device, self.compute_dtype)
             self.module = CausalLMWithLoss(self.hf_model, masking, self.compute_dtype, cfg.loss_chunk_tokens)
         if cfg.gradient_checkpointing:
@@ -233,39 +233,14 @@ class Trainer:
                 "fused chunked" if self.module.fused else "chunked from logits",
             )
 
-    def _make_strategy(self):
-        from tokentrain.model.lm import autocast_dtype
+    def _make_engine(self):
+        from tokentrain.engines.registry import build_engine, choose
 
-        cfg, env = self.cfg, self.env
-        if self.deepspeed is None:
-            return make_strategy(env)
-        from transformers import AutoConfig
-
-        from tokentrain.distributed.deepspeed_config import fill_auto
-        from tokentrain.distributed.deepspeed_strategy import DeepSpeedStrategy
-
-        compute = autocast_dtype(cfg.dtype, env.device)
-        hidden = getattr(
-            AutoConfig.from_pretrained(cfg.pretrained_model_name_or_path, trust_remote_code=cfg.trust_remote_code),
-            "hidden_size",
-            None,
-        )
-        ds = fill_auto(
-            self.deepspeed,
-            micro_batch_size=cfg.batch_size,
-            accumulation=cfg.accumulative_counts,
-            world_size=env.world_size,
-            max_norm=cfg.max_norm,
-            dtype=str(compute or torch.float32).replace("torch.", ""),
-            hidden_size=hidden,
-        )
-        if env.is_main:
-            log.info(
-                "engine: DeepSpeed ZeRO stage %d%s",
-                ds.get("zero_optimization", {}).get("stage", 0),
-                " with CPU offload" if "offload_optimizer" in ds.get("zero_optimization", {}) else "",
-            )
-        return DeepSpeedStrategy(env, ds)
+        name = choose(self.cfg.engine, deepspeed=self.deepspeed is not None, world_size=self.env.world_size)
+        engine = build_engine(name, self.cfg, self.env, self.deepspeed)
+        if self.env.is_main:
+            log.info("engine: %s", getattr(engine, "description", name))
+        return engine
 
     def _setup_optimization(self) -> None:
         cfg = self.cfg
@@ -278,7 +253,7 @@ class Trainer:
             weight_decay=cfg.weight_decay,
             **({"fused": True} if fused else {"foreach": True}),
         )
-        self.model = self.strategy.prepare(self.module, optimizer)
+        self.model = self.engine.prepare(self.module, optimizer)
         self.optimizer = optimizer
         self.scheduler = WarmupCosine(optimizer, self.total_steps, cfg.warm_up_ratio, cfg.min_lr_ratio)
 
@@ -326,9 +301,9 @@ class Trainer:
         out = {}
         with torch.random.fork_rng(devices=[self.env.device] if self.env.device.type == "cuda" else []):
             if val and self.val_set is not None:
-                out["val_loss"] = validation_loss(self.strategy, self.val_set, self.env, self.cfg.batch_size, 0)
+                out["val_loss"] = validation_loss(self.engine, self.val_set, self.env, self.cfg.batch_size, 0)
             # ZeRO-3 gathers parameters in every forward: all ranks generate together then.
-            everyone = self.strategy.partitioned_params
+            everyone = self.engine.partitioned_params
             if generate and self.cfg.evaluation_inputs and (self.env.is_main or everyone):
                 try:
                     samples = generate_samples(
@@ -356,7 +331,7 @@ class Trainer:
 
     # ================================================================== the loop
     def fit(self) -> int:
-        cfg, env, strategy = self.cfg, self.env, self.strategy
+        cfg, env, engine = self.cfg, self.env, self.engine
         self.preemption.install()
         self.t_start = time.perf_counter()
         try:
@@ -377,7 +352,7 @@ class Trainer:
 
                 real = sum(r for _, r, _ in micro)
                 sq = sum(s for _, _, s in micro)
-                total_loss, stop, real, sq = strategy.all_reduce_sum(
+                total_loss, stop, real, sq = engine.all_reduce_sum(
                     [float(loss_sum), float(self.preemption.requested), float(real), float(sq)]
                 )
                 loss = total_loss / global_targets if global_targets else 0.0
@@ -416,7 +391,7 @@ class Trainer:
                     window.reset_clock()
             if self.step > saved_at:
                 self.save()
-            with strategy.full_parameters():  # ZeRO-3: gathered on every rank; main writes
+            with engine.full_parameters():  # ZeRO-3: gathered on every rank; main writes
                 if env.is_main:
                     export_hf(self.hf_model, self.tokenizer, self.work_dir / "hf", cfg.export_dtype)
             if env.is_main:
@@ -424,7 +399,7 @@ class Trainer:
                     f"done: {self.step} steps ({self.skipped_steps} skipped); Hugging Face model in "
                     f"{self.work_dir / 'hf'}"
                 )
-            strategy.barrier()
+            engine.barrier()
             return EXIT_OK
         finally:
             if "steps" in locals():
@@ -434,31 +409,33 @@ class Trainer:
 
     def train_step(self, micro: list) -> tuple[torch.Tensor, float, float, float]:
         """One optimizer step on this rank's micro-batches: (loss sum, global target count, lr, grad norm)."""
-        strategy, device = self.strategy, self.env.device
+        engine, device = self.engine, self.env.device
         for batch, _, _ in micro:
             self._check_token_ids(batch)
         # Count the step's target tokens on all ranks before any backward.
         local_targets = sum(b.num_targets for b, _, _ in micro)
-        (global_targets,) = strategy.all_reduce_sum([float(local_targets)])
+        (global_targets,) = engine.all_reduce_sum([float(local_targets)])
         lr = self.scheduler.lr
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         if global_targets == 0:  # nothing to learn from: no forward, no backward, no update
             self.skipped_steps += 1
-            strategy.zero_grad()
+            engine.zero_grad()
             return loss_sum, 0.0, lr, 0.0
-        scale = strategy.loss_scale / global_targets
+        scale = engine.loss_scale / global_targets
         for i, (batch, _, _) in enumerate(micro):
             batch = batch.to(device)
-            with strategy.accumulate(is_last=i == len(micro) - 1):
-                part = strategy.forward(batch.input_ids, batch.labels, batch.position_ids)
+            with engine.accumulate(is_last=i == len(micro) - 1):
+                part = engine.forward(batch.input_ids, batch.labels, batch.position_ids)
                 if faults.FAULTS and faults.at_step("nan_loss_at_step", self.step + 1, self.env.rank):
                     part = part * math.nan
-                strategy.backward(part * scale)
+                engine.backward(part * scale)
             loss_sum += part.detach()
         if faults.FAULTS and faults.at_step("inf_grad_at_step", self.step + 1, self.env.rank):
-            next(p for p in strategy.unwrapped.parameters() if p.grad is not None).grad.fill_(math.inf)
-        grad_norm = strategy.step(self.cfg.max_norm)  # a non-finite gradient norm applies no update
-        return loss_sum, global_targets, lr, grad_norm
+            p = next((p for p in engine.unwrapped.parameters() if p.grad is not None), None)
+            if p is not None:  # (a ZeRO engine keeps its gradients in its own buffers)
+                p.grad.fill_(math.inf)
+        result = as_step_result(engine.step(self.cfg.max_norm))  # a non-finite gradient norm applies no update
+        return loss_sum, global_targets, lr, result.grad_norm
 
     def _non_finite(self, loss: float, grad_norm: float, micro: list) -> None:
         """A NaN/inf loss or gradient norm (the same on every rank): stop, naming the step and
