@@ -228,11 +228,38 @@ def resolve_resume(resume: str | None, ckpt_root: Path, verify: bool = True) -> 
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, env, engine, keep: int):
+    def __init__(self, root: Path, env, engine, keep: int, every: int = 1):
         self.root = Path(root)
         self.env = env
         self.engine = engine
         self.keep = keep  # -1: keep all
+        self.every = every  # save_steps
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """The checkpoint to resume from (`--resume`), chosen and its files verified by the main
+        rank; every rank takes the same one (a refusal on rank 0 stops every rank)."""
+        if self.env.world_size == 1:
+            return resolve_resume(resume, self.root)
+        error, found = None, None
+        if self.env.is_main:
+            try:
+                found = resolve_resume(resume, self.root)
+            except TokentrainError as e:
+                error = e
+        code = -2.0 if error else (-1.0 if found is None else float(step_of(found)))
+        (code,) = self.engine.all_reduce_sum([code if self.env.is_main else 0.0])
+        if error:
+            raise error
+        if code == -2:
+            raise CheckpointError(f"--resume {resume}: refused by rank 0 (see its message)")
+        if self.env.is_main or code == -1:
+            return found
+        mine = resolve_resume(resume, self.root, verify=False)  # the same folder, without reading it again
+        return mine.parent / f"step_{int(code)}"
+
+    def due(self, step: int, *, last: bool, stop: bool) -> bool:
+        """Whether to checkpoint after step `step`: every `save_steps`, at the end, on preemption."""
+        return step % self.every == 0 or last or stop
 
     def save(self, step: int, trainer_state: dict, config: dict) -> Path:
         final = self.root / f"step_{step}"

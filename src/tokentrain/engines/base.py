@@ -26,10 +26,12 @@ from torch import nn
 @dataclass(frozen=True)
 class StepResult:
     """What `Engine.step` did: the global gradient norm (before clipping) and whether the
-    optimizer update was applied (never with a non-finite norm)."""
+    optimizer update was applied (never with a non-finite norm). `loss_scale_overflow`: fp16
+    dynamic loss scaling skipped it (expected now and then; not a divergence)."""
 
     grad_norm: float
     applied: bool
+    loss_scale_overflow: bool = False
 
 
 def as_step_result(value: StepResult | float) -> StepResult:

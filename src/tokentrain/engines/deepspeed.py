@@ -165,7 +165,8 @@ class DeepSpeedEngine(LocalEngine):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = 0.0 if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
-        return StepResult(norm, bool(self.engine.was_step_applied()))
+        applied = bool(self.engine.was_step_applied())
+        return StepResult(norm, applied, loss_scale_overflow=not applied and self.engine.fp16_enabled())
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()

@@ -46,8 +46,17 @@ def format_record(r: dict) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, work_dir: Path, enabled: bool, total_steps: int, start_step: int, tensorboard: bool = True):
+    def __init__(
+        self,
+        work_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        tensorboard: bool = True,
+        interval: int = 1,
+    ):
         self.enabled = enabled
+        self.interval = interval
         self.bar = None
         self.tb = None
         self.jsonl = None
@@ -76,6 +85,11 @@ class MetricsLogger:
             disable=None,
             leave=True,
         )
+
+    def due(self, step: int, *, last: bool, forced: bool) -> bool:
+        """Whether step `step` gets a record: every `interval` steps, the last one, and any
+        step that evaluated or stops the run (`forced`)."""
+        return step % self.interval == 0 or last or forced
 
     def advance(self, n: int = 1, loss: float | None = None) -> None:
         if self.bar is not None:
@@ -111,3 +125,20 @@ class MetricsLogger:
             self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop their old records."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue
+    from tokentrain.utils.atomic import atomic_file
+
+    with atomic_file(path, "w") as f:
+        f.write("".join(k + "\n" for k in keep))
