@@ -13,9 +13,8 @@ pretrained_model_name_or_path = 'demo/tiny-llama'  # shipped: config + tokenizer
 trust_remote_code = False
 
 # Data
-dataset_folder = (
-    'demo_out/data'  # `tokentrain tokenize demo/data/chat.jsonl --tokenizer demo/tiny-llama --out demo_out/data`
-)
+# made by `tokentrain tokenize demo/data/chat.jsonl --tokenizer demo/tiny-llama --out demo_out/data`
+dataset_folder = 'demo_out/data'
 max_length = 512
 pack_to_max_length = True
 
