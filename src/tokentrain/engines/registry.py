@@ -85,38 +85,57 @@ def checkpoint_record(folder: Path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
+# format -> (module, "does this folder hold it" function, "HF state dict from it" function,
+# allow-list of pickled globals: a function or a list, or None for nothing beyond tensors)
+FORMATS = {
+    "plain": ("tokentrain.engines.local", "owns_checkpoint", "read_model_state", "SAFE_GLOBALS"),
+    "deepspeed": ("tokentrain.engines.deepspeed", "owns_checkpoint", "read_model_state", "safe_globals"),
+    "fsdp2": ("tokentrain.engines.fsdp2_checkpoint", "is_fsdp_checkpoint", "read_full_state_dict", None),
+}
+
+
+def _format_module(fmt: str):
+    module = FORMATS[fmt][0]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise ConfigError(f"checkpoint format {fmt!r} needs {module}, which is not in this installation") from e
+
+
 def checkpoint_format(folder: Path) -> str | None:
     """The format a checkpoint folder holds: recorded in COMPLETE, else told by its files."""
     fmt = checkpoint_record(folder).get("format")
-    if fmt:
+    if fmt in FORMATS:
         return fmt
-    for name in ("deepspeed", "local", "fsdp2"):
+    for name, (_, owns, _, _) in FORMATS.items():
         try:
-            owns = getattr(engine_module(name), "owns_checkpoint", None)
+            if getattr(_format_module(name), owns)(Path(folder)):
+                return name
         except ConfigError:
             continue
-        if owns is not None and owns(Path(folder)):
-            return FORMAT_OF[name]
     return None
 
 
-def _reader(fmt: str | None, folder: Path):
-    name = {"plain": "local", "deepspeed": "deepspeed", "fsdp2": "fsdp2"}.get(fmt or "")
-    if name is None:
-        raise ConfigError(f"{folder}: not a tokentrain checkpoint (no model.safetensors, ds/ or fsdp2 state in it)")
-    return engine_module(name)
+def _reader_module(folder: Path):
+    fmt = checkpoint_format(folder)
+    if fmt is None:
+        raise ConfigError(f"{folder}: not a tokentrain checkpoint (no model.safetensors, ds/ or fsdp/ in it)")
+    return fmt, _format_module(fmt)
 
 
 def read_model_state(folder: Path) -> dict:
     """The HF model's state dict from any engine's checkpoint, on the CPU, no process group."""
-    return _reader(checkpoint_format(folder), folder).read_model_state(Path(folder))
+    fmt, module = _reader_module(folder)
+    return getattr(module, FORMATS[fmt][2])(Path(folder))
 
 
 def safe_globals(folder: Path) -> list:
     """The pickled globals the `.pt` files of this checkpoint may hold (its engine's allow-list)."""
-    module = _reader(checkpoint_format(folder), folder)
-    names = getattr(module, "safe_globals", None)
-    return list(names()) if callable(names) else list(getattr(module, "SAFE_GLOBALS", []))
+    fmt, module = _reader_module(folder)
+    allowed = getattr(module, FORMATS[fmt][3], None) if FORMATS[fmt][3] else None
+    return list(allowed()) if callable(allowed) else list(allowed or [])
 
 
 def check_resumable(folder: Path, engine, world_size: int) -> None:
