@@ -24,3 +24,14 @@ class ConfigError(TokentrainError):
 
 class DataError(TokentrainError):
     exit_code = EXIT_DATA
+
+
+class CheckpointError(TokentrainError):
+    """A checkpoint could not be written, or one to resume from is damaged (exit 1)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds pickled objects outside its engine's allow-list: it is never
+    loaded (it could run code). Bad input, like bad data (exit 3)."""
+
+    exit_code = EXIT_DATA

@@ -140,9 +140,8 @@ def test_token_id_beyond_the_vocabulary_names_file_and_line(tiny_model, tmp_path
 @pytest.mark.slow
 def test_a_killed_rank_ends_a_deepspeed_job(tiny_model, tiny_data, tmp_path):
     """kill -9 of one of 2 DeepSpeed ZeRO-2 ranks under torchrun: every rank exits, non-zero,
-    within 60 s (the DDP variant, under torchrun and srun, is in tests/distributed)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
-    from test_engines import _alive, _rank_pids
+    within 60 s (the DDP variant, under torchrun and srun, is in tests/engines)."""
+    from tests.engines.test_engines import _alive, _rank_pids
 
     from tokentrain.distributed.spawn import _free_port
 

@@ -1,8 +1,9 @@
 """`tokentrain convert pth_to_hf`: a training checkpoint -> a Hugging Face model folder.
 
-Works on any checkpoint this trainer writes: plain (``model.safetensors``) or DeepSpeed of
-any ZeRO stage (``ds/``, consolidated to fp32 on the CPU from the partition files with
-DeepSpeed's own reader -- no process group, no GPU). The model is built once, on the
+Works on any checkpoint this trainer writes: the engine registry names the engine whose
+format the folder holds, and that engine's reader returns the fp32 state dict on the CPU
+(no process group, no GPU). The checkpoint's `.pt` files are checked first: nothing in
+them is unpickled as code (checkpoint/safety.py). The model is built once, on the
 meta device from the config, and the weights are assigned into it; the training data is
 not needed. The output (sharded safetensors + config + tokenizer) is written aside and
 renamed into place.
@@ -19,7 +20,18 @@ from tokentrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PREFIX = "model."  # the trainer's CausalLMWithLoss holds the HF model as `.model`
+
+def _fill_shared(model, state: dict) -> None:
+    """Names that share one parameter in the model (tied input/output embeddings) get the
+    tensor of whichever of them the checkpoint kept (writers store a shared tensor once)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():
+        present = [n for n in names if n in state]
+        for n in names:
+            if present and n not in state:
+                state[n] = state[present[0]]
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -29,28 +41,6 @@ def find_checkpoint(path: Path) -> Path:
     if found is None:
         raise ConfigError(f"{path}: no checkpoint found; give a step_N folder or a work dir")
     return found
-
-
-def load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    from tokentrain.engine.strategy import MODEL_FILE
-
-    if (ckpt / MODEL_FILE).is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(ckpt / MODEL_FILE))
-    from tokentrain.distributed.deepspeed_strategy import DS_TAG
-
-    if (ckpt / DS_TAG).is_dir():
-        import os
-
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
-        return {k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in state.items()}
-    raise ConfigError(
-        f"{ckpt}: neither {MODEL_FILE} nor a DeepSpeed {DS_TAG}/ folder; is this a tokentrain checkpoint?"
-    )
 
 
 def pth_to_hf(
@@ -66,11 +56,14 @@ def pth_to_hf(
     from tokentrain.checkpoint.hf_export import export_hf
 
     ckpt = find_checkpoint(Path(ckpt_dir))
-    state = load_state_dict(ckpt)
+    from tokentrain.engines.registry import read_model_state
+
+    state = read_model_state(ckpt)  # the engine that wrote it reads it; its files were checked first
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     expected = set(model.state_dict())
+    _fill_shared(model, state)
     tied = {k for k in expected - set(state) if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
     missing = expected - set(state) - tied
     unexpected = set(state) - expected

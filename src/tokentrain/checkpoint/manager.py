@@ -3,8 +3,8 @@
 Layout of one checkpoint::
 
     step_N/
-      model.safetensors     weights (fp32 master copy)           -- strategy.save
-      optimizer.pt          optimizer state (tensors only)       -- strategy.save
+      model.safetensors     weights (fp32 master copy)           -- engine.save (local, ddp)
+      optimizer.pt          optimizer state (tensors only)       -- engine.save (local, ddp)
       trainer_state.pt      step, scheduler, sampler, counters
       rng_rank{R}.pt        every rank's RNG states (torch, CUDA, numpy, python)
       config.json           the resolved config of the run
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokentrain.errors import ConfigError, TokentrainError
+from tokentrain.errors import CheckpointError, ConfigError, TokentrainError, UnsafeCheckpointError
 from tokentrain.utils import faults
 from tokentrain.utils.atomic import atomic_file
 
@@ -50,10 +50,6 @@ LATEST = "latest"
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.pt"
 STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(TokentrainError):
-    """A checkpoint could not be written, or one to resume from is damaged (exit 1)."""
 
 
 # ------------------------------------------------------------------ RNG
@@ -154,6 +150,19 @@ def damage(folder: Path) -> str | None:
     return None
 
 
+def unsafe(folder: Path) -> str | None:
+    """Why a checkpoint's `.pt` files must not be loaded (a pickle outside its engine's
+    allow-list, naming the file), or None."""
+    from tokentrain.checkpoint.safety import unsafe_file
+    from tokentrain.engines.registry import safe_globals
+
+    try:
+        allowed = safe_globals(folder)
+    except TokentrainError as e:
+        return str(e)
+    return unsafe_file(folder, allowed)
+
+
 def find_latest(root: Path, verify: bool = True) -> Path | None:
     """The newest complete checkpoint under `root` whose files are intact (`latest` first);
     a damaged one is skipped with a warning naming it and the one used instead."""
@@ -171,7 +180,7 @@ def find_latest(root: Path, verify: bool = True) -> Path | None:
             )
     skipped = []
     for c in candidates:
-        why = damage(c) if verify else None
+        why = (damage(c) or unsafe(c)) if verify else None
         if why is None:
             if skipped:
                 log.warning("checkpoint %s is damaged (%s); falling back to %s", skipped[0][0], skipped[0][1], c.name)
@@ -200,6 +209,9 @@ def resolve_resume(resume: str | None, ckpt_root: Path, verify: bool = True) -> 
         why = damage(p) if verify else None
         if why:
             raise CheckpointError(f"--resume {resume}: checkpoint is damaged: {why}; use another one or --resume auto")
+        why = unsafe(p) if verify else None
+        if why:
+            raise UnsafeCheckpointError(f"--resume {resume}: {why}")
         return p
     for root in (p / "checkpoints", p):
         found = find_latest(root, verify) if root.is_dir() else None
@@ -216,11 +228,38 @@ def resolve_resume(resume: str | None, ckpt_root: Path, verify: bool = True) -> 
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, env, strategy, keep: int):
+    def __init__(self, root: Path, env, engine, keep: int, every: int = 1):
         self.root = Path(root)
         self.env = env
-        self.strategy = strategy
+        self.engine = engine
         self.keep = keep  # -1: keep all
+        self.every = every  # save_steps
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """The checkpoint to resume from (`--resume`), chosen and its files verified by the main
+        rank; every rank takes the same one (a refusal on rank 0 stops every rank)."""
+        if self.env.world_size == 1:
+            return resolve_resume(resume, self.root)
+        error, found = None, None
+        if self.env.is_main:
+            try:
+                found = resolve_resume(resume, self.root)
+            except TokentrainError as e:
+                error = e
+        code = -2.0 if error else (-1.0 if found is None else float(step_of(found)))
+        (code,) = self.engine.all_reduce_sum([code if self.env.is_main else 0.0])
+        if error:
+            raise error
+        if code == -2:
+            raise CheckpointError(f"--resume {resume}: refused by rank 0 (see its message)")
+        if self.env.is_main or code == -1:
+            return found
+        mine = resolve_resume(resume, self.root, verify=False)  # the same folder, without reading it again
+        return mine.parent / f"step_{int(code)}"
+
+    def due(self, step: int, *, last: bool, stop: bool) -> bool:
+        """Whether to checkpoint after step `step`: every `save_steps`, at the end, on preemption."""
+        return step % self.every == 0 or last or stop
 
     def save(self, step: int, trainer_state: dict, config: dict) -> Path:
         final = self.root / f"step_{step}"
@@ -231,8 +270,8 @@ class CheckpointManager:
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 tmp.mkdir()
-            self.strategy.barrier()
-            self.strategy.save(tmp)
+            self.engine.barrier()
+            self.engine.save(tmp)
             if faults.at_step("save_enospc_at_step", step, self.env.rank):
                 raise OSError(28, os.strerror(28), str(tmp / "optimizer.pt"))
             torch.save(rng_state(), tmp / f"rng_rank{self.env.rank}.pt")
@@ -241,11 +280,11 @@ class CheckpointManager:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
             if faults.value("save_sleep"):
                 time.sleep(float(faults.value("save_sleep")))
-            self.strategy.barrier()
+            self.engine.barrier()
             if self.env.is_main:
                 # The manifest (size + CRC-32 of every file) lets a resume refuse a file that
                 # was truncated or corrupted after this point.
-                info = {"step": step, "world_size": self.env.world_size, "files": manifest(tmp)}
+                info = {"step": step, "world_size": self.env.world_size, **self.engine_record(), "files": manifest(tmp)}
                 (tmp / COMPLETE).write_text(json.dumps(info))
                 _fsync_tree(tmp)
         except Exception as e:
@@ -257,8 +296,17 @@ class CheckpointManager:
             with atomic_file(self.root / LATEST, "w") as f:
                 f.write(final.name + "\n")
             self.prune()
-        self.strategy.barrier()
+        self.engine.barrier()
         return final
+
+    def engine_record(self) -> dict:
+        """Which engine wrote the checkpoint, in what format: a resume with another engine is
+        refused naming it (engines.registry.check_resumable)."""
+        e = self.engine
+        record = {"engine": e.name, "format": getattr(e, "checkpoint_format", e.name)}
+        if getattr(e, "stage", None) is not None:
+            record["zero_stage"] = e.stage
+        return record
 
     def _write_failed(self, tmp: Path, e: Exception) -> CheckpointError:
         """Remove the partial folder; a one-line error naming it, the cause and what is still usable."""
@@ -305,7 +353,10 @@ class CheckpointManager:
         The caller applies the RNG state (`set_rng_state`) as the very last thing before
         training continues, so nothing in between can draw from it.
         """
-        self.strategy.load(folder)
+        from tokentrain.engines.registry import check_resumable
+
+        check_resumable(folder, self.engine, self.env.world_size)
+        self.engine.load(folder)
         state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
         rng = folder / f"rng_rank{self.env.rank}.pt"
         if rng.is_file():

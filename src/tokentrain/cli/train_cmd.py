@@ -39,6 +39,12 @@ def add_train_arguments(p) -> None:
         help="DeepSpeed ZeRO: a preset (deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload, "
         "deepspeed_zero3, deepspeed_zero3_offload) or a path to a DeepSpeed JSON; default: DDP",
     )
+    p.add_argument(
+        "--engine",
+        choices=("auto", "local", "ddp", "deepspeed", "fsdp2"),
+        help="overrides the config's `engine` (default auto: deepspeed with --deepspeed, ddp on several ranks, "
+        "else local)",
+    )
 
 
 def register(sub, common) -> None:
@@ -68,14 +74,11 @@ def default_work_dir(config_path: str) -> Path:
 
 
 def quiet_libraries() -> None:
-    import os
-
-    import torch
     import transformers
 
-    if not torch.cuda.is_available():  # transformers may import DeepSpeed, which then warns about "no GPU"
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from tokentrain.engines.deepspeed import set_accelerator
 
+    set_accelerator()  # before transformers imports DeepSpeed, which then probes (and warns about "no GPU")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -116,9 +119,11 @@ def preflight(args):
         from tokentrain.checkpoint.manager import resolve_resume
 
         resolve_resume(args.resume, Path(args.resume), verify=False)
+    if args.engine:
+        cfg = cfg.replace(engine=args.engine)
     deepspeed = None
     if args.deepspeed:
-        from tokentrain.distributed.deepspeed_config import load_deepspeed_config
+        from tokentrain.engines.deepspeed_config import load_deepspeed_config
 
         if not _importable("deepspeed"):  # the optional extra: a usage error, not ModuleNotFoundError later
             from tokentrain.errors import ConfigError
@@ -128,6 +133,9 @@ def preflight(args):
             )
 
         deepspeed = load_deepspeed_config(args.deepspeed)
+    from tokentrain.engines.registry import choose
+
+    choose(cfg.engine, deepspeed=deepspeed is not None, world_size=1)  # flag conflicts, before any rank starts
     return cfg, deepspeed
 
 

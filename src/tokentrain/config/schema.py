@@ -16,6 +16,7 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen", "flash_attention_2", "flash_attention_3")
 DOC_MASKING = ("auto", "positions", "mask4d", "varlen")
 NAN_POLICIES = ("stop", "skip")
+ENGINES = ("auto", "local", "ddp", "deepspeed", "fsdp2")  # engines.registry.CHOICES
 
 
 @dataclass
@@ -73,6 +74,7 @@ class TrainConfig:
     wandb: bool = False  # Weights & Biases (pip install tokentrain[wandb]); WANDB_PROJECT, WANDB_MODE=offline
     peak_tflops: float | None = None  # for MFU; None: known GPUs, or measured on CPU
     work_dir: str | None = None
+    engine: str = "auto"  # local | ddp | deepspeed | fsdp2; auto: deepspeed with --deepspeed, ddp on >1 rank
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -132,6 +134,7 @@ def check_values(cfg: TrainConfig) -> list[tuple[str, str]]:
         f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}",
     )
     need(cfg.doc_masking in DOC_MASKING, "doc_masking", f"must be one of {', '.join(DOC_MASKING)}")
+    need(cfg.engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}")
     need(cfg.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {', '.join(NAN_POLICIES)}")
     need(cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops", "must be > 0 (or None)")
     need(bool(cfg.file_type), "file_type", "must not be empty")

@@ -12,17 +12,26 @@ from __future__ import annotations
 
 import re
 import signal
+from dataclasses import dataclass
 
-from tokentrain.data.batch import collate
+from tokentrain.data.batch import Batch, collate
 from tokentrain.errors import DataError, TokentrainError
 from tokentrain.metrics.flops import sum_sq_doc_lengths
 
 
-def collate_with_stats(samples: list[dict]):
-    """(Batch, real tokens, sum of squared document lengths): padding is not a real token."""
+@dataclass
+class MicroBatch:
+    """One micro-batch of a step, with the counts the throughput and FLOP figures need."""
+
+    batch: Batch
+    real_tokens: int  # padding is not a real token
+    sq_doc_lengths: int  # sum of squared document lengths (attention FLOPs)
+
+
+def collate_with_stats(samples: list[dict]) -> MicroBatch:
     real = sum(len(s["input_ids"]) for s in samples)
     sq = sum(sum_sq_doc_lengths(s["cu_seqlens"]) for s in samples)
-    return collate(samples), real, sq
+    return MicroBatch(collate(samples), real, sq)
 
 
 def _worker_init(_worker_id: int) -> None:

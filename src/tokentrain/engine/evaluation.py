@@ -16,14 +16,14 @@ from tokentrain.data.batch import collate
 log = logging.getLogger(__name__)
 
 
-def validation_loss(strategy, dataset, env, batch_size: int, num_workers: int) -> float:
+def validation_loss(engine, dataset, env, batch_size: int, num_workers: int) -> float:
     from torch.utils.data import DataLoader
 
     from tokentrain.data.sampler import ResumableSampler
 
     sampler = ResumableSampler(len(dataset), env.rank, env.world_size, seed=0, shuffle=False)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers)
-    module = strategy.unwrapped  # no DDP hooks needed without backward
+    module = engine.unwrapped  # no DDP hooks needed without backward
     was = module.training
     module.eval()
     loss_sum, count = 0.0, 0
@@ -35,7 +35,7 @@ def validation_loss(strategy, dataset, env, batch_size: int, num_workers: int) -
                 count += batch.num_targets
     finally:
         module.train(was)
-    loss_sum, count = strategy.all_reduce_sum([loss_sum, float(count)])
+    loss_sum, count = engine.all_reduce_sum([loss_sum, float(count)])
     return loss_sum / count if count else 0.0
 
 
@@ -88,3 +88,51 @@ def generate_samples(
     finally:
         model.train(was)
     return results
+
+
+class Evaluator:
+    """Validation loss and sample generations, every `evaluation_freq` steps and at the end."""
+
+    def __init__(self, cfg, env, engine, val_set, hf_model, tokenizer, compute_dtype, work_dir, metrics):
+        self.cfg, self.env, self.engine, self.val_set = cfg, env, engine, val_set
+        self.hf_model, self.tokenizer, self.compute_dtype = hf_model, tokenizer, compute_dtype
+        self.path = work_dir / "generations.jsonl"
+        self.metrics = metrics
+
+    def due(self, step: int, *, last: bool) -> bool:
+        return step % self.cfg.evaluation_freq == 0 or last
+
+    def run(self, step: int, *, val: bool = True, generate: bool = True) -> dict:
+        """{"val_loss": ...} (when there is a validation set); samples go to generations.jsonl.
+        The RNG is forked: evaluating never changes the training run."""
+        import json
+
+        cfg, env = self.cfg, self.env
+        out = {}
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+            if val and self.val_set is not None:
+                out["val_loss"] = validation_loss(self.engine, self.val_set, env, cfg.batch_size, 0)
+            everyone = self.engine.partitioned_params  # ZeRO-3 / FSDP: all ranks generate together
+            if not (generate and cfg.evaluation_inputs and (env.is_main or everyone)):
+                return out
+            try:
+                samples = generate_samples(
+                    self.hf_model,
+                    self.tokenizer,
+                    cfg.evaluation_inputs,
+                    cfg.SYSTEM,
+                    cfg.evaluation_max_new_tokens,
+                    env.device,
+                    self.compute_dtype,
+                    synced=everyone,
+                )
+            except Exception as e:  # a sample to read is not worth a crashed run
+                self.metrics.message(f"generation at step {step} failed: {type(e).__name__}: {e}")
+                samples = []
+            if not env.is_main:
+                return out
+            with open(self.path, "a") as f:
+                for prompt, text in samples:
+                    self.metrics.message(f"sample at step {step}: {prompt!r} -> {text!r}")
+                    f.write(json.dumps({"step": step, "input": prompt, "output": text}, ensure_ascii=False) + "\n")
+        return out

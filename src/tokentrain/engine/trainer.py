@@ -1,81 +1,82 @@
 """The training loop. Read `Trainer.fit` top to bottom: that is what one run does.
 
-One optimizer step:
+One optimizer step (`train_step`):
 
 1. take the step's micro-batches (batch_size x accumulative_counts samples per rank);
 2. count their target tokens and sum the count over all ranks -- *before* any backward;
 3. for each micro-batch: forward -> fp32 sum of CE over its targets -> backward of
-   ``loss_sum * loss_scale / global_count`` (DDP syncs gradients on the last one only);
-4. clip, optimizer step, lr schedule step.
+   ``loss_sum * loss_scale / global_count`` (the engine reduces gradients on the last one);
+4. the engine clips and applies the update (never with a non-finite gradient norm); lr step.
 
 So every target token of the global batch weighs the same, and the parameters after a
 step do not depend on how the global batch is split across micro-batches, accumulation
 and ranks. A step whose global batch has no target token does no forward, no backward
 and no optimizer update (loss 0, counted as skipped).
+
+When to checkpoint, evaluate and log is decided by their owners (`CheckpointManager.due`,
+`Evaluator.due`, `MetricsLogger.due`); the loop only asks.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
-import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tokentrain.checkpoint.hf_export import export_hf
-from tokentrain.checkpoint.manager import CheckpointError, CheckpointManager, resolve_resume, set_rng_state, step_of
+from tokentrain.checkpoint.manager import CheckpointManager, set_rng_state
 from tokentrain.config.schema import TrainConfig
-from tokentrain.engine.data_stream import StepStream
-from tokentrain.engine.evaluation import generate_samples, validation_loss
+from tokentrain.engine.batch_checks import check_token_ids, describe_samples
+from tokentrain.engine.data_stream import MicroBatch, StepStream
+from tokentrain.engine.evaluation import Evaluator
+from tokentrain.engine.preemption import Preemption
 from tokentrain.engine.schedule import WarmupCosine
-from tokentrain.engine.strategy import make_strategy
-from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, DataError, TokentrainError
+from tokentrain.engines.base import as_step_result
+from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, TokentrainError
 from tokentrain.metrics.flops import FlopCounter, peak_tflops
 from tokentrain.metrics.logger import MetricsLogger
 from tokentrain.metrics.sources import SourceTokens
-from tokentrain.metrics.window import Window
+from tokentrain.metrics.window import Window, memory_gb
 from tokentrain.utils import faults
 
 log = logging.getLogger("tokentrain.train")
-
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingDiverged(TokentrainError):
     """The loss or the gradients became NaN/inf (with nan_policy = 'stop')."""
 
 
-class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits 75."""
+@dataclass
+class StepOutcome:
+    """One optimizer step on this rank (`train_step`), before the sums over ranks."""
 
-    def __init__(self):
-        self.signal: int | None = None
-        self._old = {}
-
-    def install(self) -> None:
-        """Idempotent; installed from the start of setup, so a signal during model loading
-        also ends in a checkpoint (after the first step) rather than a kill."""
-        if self._old:
-            return
-        for s in PREEMPT_SIGNALS:
-            self._old[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.signal = signum
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old = {}
+    loss_sum: torch.Tensor  # fp32 CE summed over this rank's targets
+    global_targets: float  # target tokens of the step on all ranks
+    lr: float
+    grad_norm: float
+    applied: bool  # the optimizer update was made
+    loss_scale_overflow: bool = False  # fp16 loss scaling skipped it
 
     @property
-    def requested(self) -> bool:
-        return self.signal is not None
+    def empty(self) -> bool:
+        return self.global_targets == 0
+
+
+@dataclass
+class StepTotals:
+    """A step summed over ranks: what the metrics and the non-finite rule read."""
+
+    loss: float  # global loss sum / global target count
+    loss_sum: float  # the global loss sum (the log window's token-weighted mean adds these up)
+    real_tokens: int
+    sq_doc_lengths: int
+    stop: bool  # a preemption signal reached some rank
 
 
 def enable_checkpointing(model) -> None:
@@ -91,14 +92,6 @@ def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)
-
-
-def memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class Trainer:
@@ -124,43 +117,49 @@ class Trainer:
         cfg, env = self.cfg, self.env
         seed_everything(cfg.seed, env.rank)
         self._setup_data()
-        self.strategy = self._make_strategy()  # before the model: ZeRO-3 builds it partitioned
+        self.engine = self._make_engine()  # before the model: ZeRO-3 / FSDP2 build it sharded
         self._setup_model()
         self._setup_optimization()
-        self.ckpt = CheckpointManager(self.work_dir / "checkpoints", env, self.strategy, cfg.save_total_limit)
+        self.ckpt = CheckpointManager(
+            self.work_dir / "checkpoints", env, self.engine, cfg.save_total_limit, every=cfg.save_steps
+        )
         self.flops = FlopCounter.for_model(self.hf_model)
         self.peak, self.peak_source = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
-        resume_from = self._resolve_resume()
+        resume_from = self.ckpt.resolve(self.resume)
         rng = self._load(resume_from) if resume_from is not None else None
         # (the JSONL sink drops the records after a resumed step itself)
         self.metrics = MetricsLogger(
-            self.work_dir, env.is_main, self.total_steps, self.step, cfg.tensorboard, cfg.wandb, cfg.to_dict()
+            self.work_dir,
+            env.is_main,
+            self.total_steps,
+            self.step,
+            cfg.tensorboard,
+            cfg.wandb,
+            cfg.to_dict(),
+            interval=cfg.log_interval,
+        )
+        self.evaluator = Evaluator(
+            cfg,
+            env,
+            self.engine,
+            self.val_set,
+            self.hf_model,
+            self.tokenizer,
+            self.compute_dtype,
+            self.work_dir,
+            self.metrics,
         )
         if rng is not None:
             set_rng_state(rng)  # last: nothing may draw from the RNG between here and the loop
 
-    def _resolve_resume(self) -> Path | None:
-        """The checkpoint to resume from, chosen (and its files verified) by the main rank; every
-        rank takes the same one."""
-        root = self.work_dir / "checkpoints"
-        if self.env.world_size == 1:
-            return resolve_resume(self.resume, root)
-        error, found = None, None
+    def _make_engine(self):
+        from tokentrain.engines.registry import build_engine, choose
+
+        name = choose(self.cfg.engine, deepspeed=self.deepspeed is not None, world_size=self.env.world_size)
+        engine = build_engine(name, self.cfg, self.env, self.deepspeed)
         if self.env.is_main:
-            try:
-                found = resolve_resume(self.resume, root)
-            except TokentrainError as e:
-                error = e
-        code = -2.0 if error else (-1.0 if found is None else float(step_of(found)))
-        (code,) = self.strategy.all_reduce_sum([code if self.env.is_main else 0.0])
-        if error:
-            raise error
-        if code == -2:
-            raise CheckpointError(f"--resume {self.resume}: refused by rank 0 (see its message)")
-        if self.env.is_main or code == -1:
-            return found
-        mine = resolve_resume(self.resume, root, verify=False)  # the same folder, without reading it again
-        return mine.parent / f"step_{int(code)}"
+            log.info("engine: %s", getattr(engine, "description", name))
+        return engine
 
     def _setup_data(self) -> None:
         from tokentrain.data.dataset import build_dataset, build_train_data, settings_for
@@ -213,7 +212,7 @@ class Trainer:
         impl = self.hf_model.config._attn_implementation
         emb = self.hf_model.get_input_embeddings()
         self.vocab_size = int(getattr(emb, "num_embeddings", 0) or self.hf_model.config.vocab_size)
-        with self.strategy.full_parameters(self.hf_model):  # the probes run the model (ZeRO-3: gathered for them)
+        with self.engine.full_parameters(self.hf_model):  # the probes run the model (ZeRO-3: gathered for them)
             masking = select_masking(self.hf_model, impl, cfg.doc_masking, env.device, self.compute_dtype)
             self.module = CausalLMWithLoss(self.hf_model, masking, self.compute_dtype, cfg.loss_chunk_tokens)
         if cfg.gradient_checkpointing:
@@ -231,40 +230,6 @@ class Trainer:
                 "fused chunked" if self.module.fused else "chunked from logits",
             )
 
-    def _make_strategy(self):
-        from tokentrain.model.lm import autocast_dtype
-
-        cfg, env = self.cfg, self.env
-        if self.deepspeed is None:
-            return make_strategy(env)
-        from transformers import AutoConfig
-
-        from tokentrain.distributed.deepspeed_config import fill_auto
-        from tokentrain.distributed.deepspeed_strategy import DeepSpeedStrategy
-
-        compute = autocast_dtype(cfg.dtype, env.device)
-        hidden = getattr(
-            AutoConfig.from_pretrained(cfg.pretrained_model_name_or_path, trust_remote_code=cfg.trust_remote_code),
-            "hidden_size",
-            None,
-        )
-        ds = fill_auto(
-            self.deepspeed,
-            micro_batch_size=cfg.batch_size,
-            accumulation=cfg.accumulative_counts,
-            world_size=env.world_size,
-            max_norm=cfg.max_norm,
-            dtype=str(compute or torch.float32).replace("torch.", ""),
-            hidden_size=hidden,
-        )
-        if env.is_main:
-            log.info(
-                "engine: DeepSpeed ZeRO stage %d%s",
-                ds.get("zero_optimization", {}).get("stage", 0),
-                " with CPU offload" if "offload_optimizer" in ds.get("zero_optimization", {}) else "",
-            )
-        return DeepSpeedStrategy(env, ds)
-
     def _setup_optimization(self) -> None:
         cfg = self.cfg
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -276,7 +241,7 @@ class Trainer:
             weight_decay=cfg.weight_decay,
             **({"fused": True} if fused else {"foreach": True}),
         )
-        self.model = self.strategy.prepare(self.module, optimizer)
+        self.model = self.engine.prepare(self.module, optimizer)
         self.optimizer = optimizer
         self.scheduler = WarmupCosine(optimizer, self.total_steps, cfg.warm_up_ratio, cfg.min_lr_ratio)
 
@@ -291,6 +256,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "source_tokens": self.source_tokens.state_dict(),
             "world_size": self.env.world_size,
+            "engine": self.engine.name,
         }
 
     def _load(self, folder: Path) -> dict | None:
@@ -321,152 +287,129 @@ class Trainer:
         path = self.ckpt.save(self.step, self.trainer_state(), self.cfg.to_dict())
         self.metrics.message(f"checkpoint {path}")
 
-    # ================================================================== evaluation
-    def evaluate(self, val: bool, generate: bool) -> dict:
-        out = {}
-        with torch.random.fork_rng(devices=[self.env.device] if self.env.device.type == "cuda" else []):
-            if val and self.val_set is not None:
-                out["val_loss"] = validation_loss(self.strategy, self.val_set, self.env, self.cfg.batch_size, 0)
-            # ZeRO-3 gathers parameters in every forward: all ranks generate together then.
-            everyone = self.strategy.partitioned_params
-            if generate and self.cfg.evaluation_inputs and (self.env.is_main or everyone):
-                try:
-                    samples = generate_samples(
-                        self.hf_model,
-                        self.tokenizer,
-                        self.cfg.evaluation_inputs,
-                        self.cfg.SYSTEM,
-                        self.cfg.evaluation_max_new_tokens,
-                        self.env.device,
-                        self.compute_dtype,
-                        synced=everyone,
-                    )
-                except Exception as e:  # a sample to read is not worth a crashed run
-                    self.metrics.message(f"generation at step {self.step} failed: {type(e).__name__}: {e}")
-                    samples = []
-                if not self.env.is_main:
-                    samples = []
-                with open(self.work_dir / "generations.jsonl", "a") as f:
-                    for prompt, text in samples:
-                        self.metrics.message(f"sample at step {self.step}: {prompt!r} -> {text!r}")
-                        f.write(
-                            json.dumps({"step": self.step, "input": prompt, "output": text}, ensure_ascii=False) + "\n"
-                        )
-        return out
-
     # ================================================================== the loop
     def fit(self) -> int:
-        cfg, env, strategy = self.cfg, self.env, self.strategy
         self.preemption.install()
         self.t_start = time.perf_counter()
+        steps = None
         try:
             if self.step == 0:
-                self.evaluate(val=False, generate=True)
+                self.evaluator.run(self.step, val=False)
             steps = iter(self.stream)
-            window = Window()
-            saved_at = self.step
+            window, saved_at = Window(), self.step
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 micro = next(steps)
                 t_data = time.perf_counter() - t0
 
-                loss_sum, global_targets, lr, grad_norm = self.train_step(micro)
+                outcome = self.train_step(micro)
                 self.scheduler.step()
                 self.sampler.advance(self.stream.samples_per_step)
                 self.step += 1
-
-                real = sum(r for _, r, _ in micro)
-                sq = sum(s for _, _, s in micro)
-                total_loss, stop, real, sq, *per_source = strategy.all_reduce_sum(
-                    [float(loss_sum), float(self.preemption.requested), float(real), float(sq)]
-                    + self.source_tokens.local(micro)
-                )
-                self.source_tokens.add(per_source)
-                loss = total_loss / global_targets if global_targets else 0.0
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    self._non_finite(loss, grad_norm, micro)
-                self.tokens_seen += int(real)
+                totals = self._sum_over_ranks(outcome, micro)
+                self._account(outcome, totals, micro)
                 window.add(
                     time.perf_counter() - t0,
                     t_data,
-                    int(real),
-                    int(global_targets),
-                    self.flops.step_flops(int(real), int(sq)),
-                    total_loss,
+                    totals.real_tokens,
+                    int(outcome.global_targets),
+                    self.flops.step_flops(totals.real_tokens, totals.sq_doc_lengths),
+                    totals.loss_sum,
                 )
-                self.metrics.advance(1, loss)
+                self.metrics.advance(1, totals.loss)
 
                 last = self.step == self.total_steps
-                evaluating = self.step % cfg.evaluation_freq == 0 or last
-                extra = self.evaluate(val=True, generate=True) if evaluating else {}
-                if self.step % cfg.log_interval == 0 or last or evaluating or stop:
-                    self.metrics.write(self._record(loss, lr, grad_norm, int(global_targets), window, extra))
+                evaluating = self.evaluator.due(self.step, last=last)
+                extra = self.evaluator.run(self.step) if evaluating else {}
+                if self.metrics.due(self.step, last=last, forced=evaluating or totals.stop):
+                    self.metrics.write(self._record(outcome, totals, window, extra))
                     window = Window()
-                if self.step % cfg.save_steps == 0 or last or stop:
+                if self.ckpt.due(self.step, last=last, stop=totals.stop):
                     self.save()
                     saved_at = self.step
-                if stop:
-                    sig = (
-                        signal.Signals(self.preemption.signal).name
-                        if self.preemption.signal
-                        else "a signal on another rank"
-                    )
+                if totals.stop:
                     self.metrics.message(
-                        f"stopped by {sig} after step {self.step}; checkpoint written, resume with --resume auto"
+                        f"stopped by {self.preemption.describe()} after step {self.step}; checkpoint written, "
+                        "resume with --resume auto"
                     )
                     return EXIT_PREEMPTED
                 if evaluating or self.step == saved_at:
                     window.reset_clock()
             if self.step > saved_at:
                 self.save()
-            with strategy.full_parameters():  # ZeRO-3: gathered on every rank; main writes
-                if env.is_main:
-                    export_hf(self.hf_model, self.tokenizer, self.work_dir / "hf", cfg.export_dtype)
-            if env.is_main:
-                self.metrics.message(
-                    f"done: {self.step} steps ({self.skipped_steps} skipped); Hugging Face model in "
-                    f"{self.work_dir / 'hf'}"
-                )
-            strategy.barrier()
+            self._export()
             return EXIT_OK
         finally:
-            if "steps" in locals():
+            if steps is not None:
                 steps.close()  # stops DataLoader workers now, also when training stops on an error
             self.preemption.restore()
             self.metrics.close()
 
-    def train_step(self, micro: list) -> tuple[torch.Tensor, float, float, float]:
-        """One optimizer step on this rank's micro-batches: (loss sum, global target count, lr, grad norm)."""
-        strategy, device = self.strategy, self.env.device
-        for batch, _, _ in micro:
-            self._check_token_ids(batch)
+    def _export(self) -> None:
+        """The final Hugging Face folder, WORK_DIR/hf."""
+        with self.engine.full_parameters():  # ZeRO-3 / FSDP: gathered on every rank; main writes
+            if self.env.is_main:
+                export_hf(self.hf_model, self.tokenizer, self.work_dir / "hf", self.cfg.export_dtype)
+        if self.env.is_main:
+            self.metrics.message(
+                f"done: {self.step} steps ({self.skipped_steps} skipped); Hugging Face model in {self.work_dir / 'hf'}"
+            )
+        self.engine.barrier()
+
+    def train_step(self, micro: list[MicroBatch]) -> StepOutcome:
+        """One optimizer step on this rank's micro-batches."""
+        engine, device = self.engine, self.env.device
+        for m in micro:
+            check_token_ids(m.batch, self.vocab_size, self.train_set)
         # Count the step's target tokens on all ranks before any backward.
-        local_targets = sum(b.num_targets for b, _, _ in micro)
-        (global_targets,) = strategy.all_reduce_sum([float(local_targets)])
+        (global_targets,) = engine.all_reduce_sum([float(sum(m.batch.num_targets for m in micro))])
         lr = self.scheduler.lr
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         if global_targets == 0:  # nothing to learn from: no forward, no backward, no update
-            self.skipped_steps += 1
-            strategy.zero_grad()
-            return loss_sum, 0.0, lr, 0.0
-        scale = strategy.loss_scale / global_targets
-        for i, (batch, _, _) in enumerate(micro):
-            batch = batch.to(device)
-            with strategy.accumulate(is_last=i == len(micro) - 1):
-                part = strategy.forward(batch.input_ids, batch.labels, batch.position_ids, batch.cu_seqlens)
+            engine.zero_grad()
+            return StepOutcome(loss_sum, 0.0, lr, 0.0, applied=False)
+        scale = engine.loss_scale / global_targets
+        for i, m in enumerate(micro):
+            batch = m.batch.to(device)
+            with engine.accumulate(is_last=i == len(micro) - 1):
+                part = engine.forward(batch.input_ids, batch.labels, batch.position_ids, batch.cu_seqlens)
                 if faults.FAULTS and faults.at_step("nan_loss_at_step", self.step + 1, self.env.rank):
                     part = part * math.nan
-                strategy.backward(part * scale)
+                engine.backward(part * scale)
             loss_sum += part.detach()
         if faults.FAULTS and faults.at_step("inf_grad_at_step", self.step + 1, self.env.rank):
-            next(p for p in strategy.unwrapped.parameters() if p.grad is not None).grad.fill_(math.inf)
-        grad_norm = strategy.step(self.cfg.max_norm)  # a non-finite gradient norm applies no update
-        return loss_sum, global_targets, lr, grad_norm
+            p = next((p for p in engine.unwrapped.parameters() if p.grad is not None), None)
+            if p is not None:  # (a ZeRO engine keeps its gradients in its own buffers)
+                p.grad.fill_(math.inf)
+        result = as_step_result(engine.step(self.cfg.max_norm))  # a non-finite gradient norm applies no update
+        return StepOutcome(loss_sum, global_targets, lr, result.grad_norm, result.applied, result.loss_scale_overflow)
 
-    def _non_finite(self, loss: float, grad_norm: float, micro: list) -> None:
+    def _sum_over_ranks(self, outcome: StepOutcome, micro: list[MicroBatch]) -> StepTotals:
+        real = sum(m.real_tokens for m in micro)
+        sq = sum(m.sq_doc_lengths for m in micro)
+        total_loss, stop, real, sq, *per_source = self.engine.all_reduce_sum(
+            [float(outcome.loss_sum), float(self.preemption.requested), float(real), float(sq)]
+            + self.source_tokens.local(micro)
+        )
+        self.source_tokens.add(per_source)
+        loss = total_loss / outcome.global_targets if outcome.global_targets else 0.0
+        return StepTotals(loss, total_loss, int(real), int(sq), bool(stop))
+
+    def _account(self, outcome: StepOutcome, totals: StepTotals, micro: list[MicroBatch]) -> None:
+        """Count the step: tokens, and a skipped update (empty step, fp16 overflow, non-finite)."""
+        self.tokens_seen += totals.real_tokens
+        if outcome.empty:
+            self.skipped_steps += 1
+        elif outcome.loss_scale_overflow and math.isfinite(totals.loss):
+            self.skipped_steps += 1
+            self.metrics.message(f"step {self.step}: fp16 loss scale overflow; update skipped (the scale is lowered)")
+        elif not (math.isfinite(totals.loss) and math.isfinite(outcome.grad_norm)):
+            self._non_finite(totals.loss, outcome.grad_norm, micro)
+
+    def _non_finite(self, loss: float, grad_norm: float, micro: list[MicroBatch]) -> None:
         """A NaN/inf loss or gradient norm (the same on every rank): stop, naming the step and
         this rank's samples, or (nan_policy = 'skip') count the step as skipped. No update was
-        applied either way (the engine skips the optimizer step on a non-finite norm)."""
+        applied either way (every engine skips the optimizer step on a non-finite norm)."""
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
         if self.cfg.nan_policy == "skip":
             self.skipped_steps += 1
@@ -476,73 +419,26 @@ class Trainer:
             )
             return
         raise TrainingDiverged(
-            f"non-finite {what} at step {self.step}; batch of rank {self.env.rank}: {self._describe_samples(micro)}; "
-            f"no checkpoint was written for it (last: {self.work_dir / 'checkpoints'}); lower lr, check those lines, "
-            f"or set nan_policy = 'skip'"
+            f"non-finite {what} at step {self.step}; batch of rank {self.env.rank}: "
+            f"{describe_samples(self.train_set, micro)}; no checkpoint was written for it "
+            f"(last: {self.work_dir / 'checkpoints'}); lower lr, check those lines, or set nan_policy = 'skip'"
         )
 
-    def _describe_samples(self, micro: list, limit: int = 8) -> str:
-        """'sample K (file:line, ...)' for the samples of a step, on one line."""
-        parts = []
-        ks = [k for b, _, _ in micro for k in b.indices]
-        for k in ks[:limit]:
-            try:
-                src = self.train_set.sources(k)
-            except Exception:  # a message must not fail
-                src = []
-            where = ", ".join(f"{f}:{line}" for f, line in src[:4]) + (
-                f", +{len(src) - 4} more" if len(src) > 4 else ""
-            )
-            parts.append(f"sample {k} ({where})")
-        return "; ".join(parts) + (f"; +{len(ks) - limit} more samples" if len(ks) > limit else "")
-
-    def _check_token_ids(self, batch) -> None:
-        """Token ids must be < the model's vocabulary size (else the embedding fails, or worse)."""
-        if int(batch.input_ids.max()) < self.vocab_size and int(batch.labels.max()) < self.vocab_size:
-            return
-        for row, k in enumerate(batch.indices):
-            ids, labels = batch.input_ids[row], batch.labels[row]
-            bad = torch.nonzero((ids >= self.vocab_size) | (labels >= self.vocab_size))
-            if not len(bad):
-                continue
-            pos = int(bad[0])
-            token = int(max(ids[pos], labels[pos]))
-            src = self.train_set.sources(k)
-            cu = [int(c) for c in batch.cu_seqlens[row]]
-            frag = sum(
-                1 for c in cu[1:] if c <= pos
-            )  # the document (fragment) holding the position; a label is its own document's next token
-            where = f"{src[frag][0]}:{src[frag][1]}" if frag < len(src) else ", ".join(f"{f}:{line}" for f, line in src)
-            raise DataError(
-                f"{where}: token id {token} >= the model's vocabulary size {self.vocab_size} "
-                f"(sample {k}); fix the data or use the tokenizer it was made with"
-            )
-
-    def _record(self, loss, lr, grad_norm, targets, window: Window, extra: dict) -> dict:
-        ws = self.env.world_size
+    def _record(self, outcome: StepOutcome, totals: StepTotals, window: Window, extra: dict) -> dict:
         r = {
             "step": self.step,
             "total_steps": self.total_steps,
             "epoch": round(self.stream.epoch_progress(), 4),
             "loss": window.mean_loss,  # token-weighted over the steps since the last record
-            "loss_last": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "target_tokens": targets,
+            "loss_last": totals.loss,
+            "lr": outcome.lr,
+            "grad_norm": outcome.grad_norm,
+            "target_tokens": int(outcome.global_targets),
             "tokens": self.tokens_seen,
             **self.source_tokens.record(),
         }
         r.update(extra)
-        if window.steps:
-            wall = max(window.wall, 1e-9)
-            tflops = window.flops / wall / 1e12 / ws  # per device
-            r.update(
-                tokens_per_s=window.tokens / wall,
-                step_time=window.step_time / window.steps,
-                data_time=window.data_time / window.steps,
-                tflops=tflops,
-                mfu=(tflops / self.peak) if self.peak else None,
-            )
+        r.update(window.summary(self.env.world_size, self.peak))
         r["memory_gb"] = memory_gb(self.env.device)
         r["elapsed"] = time.perf_counter() - self.t_start  # seconds since this process started training
         r["skipped_steps"] = self.skipped_steps

@@ -107,8 +107,10 @@ class MetricsLogger:
         tensorboard: bool = True,
         wandb: bool = False,
         config: dict | None = None,
+        interval: int = 1,
     ):
         self.enabled = enabled
+        self.interval = interval
         self.bar = None
         self.sinks: list[Sink] = []
         if not enabled:
@@ -136,6 +138,11 @@ class MetricsLogger:
             disable=None,  # no bar outside a terminal: the log lines (with ETA) say it all
             leave=True,
         )
+
+    def due(self, step: int, *, last: bool, forced: bool) -> bool:
+        """Whether step `step` gets a record: every `interval` steps, the last one, and any
+        step that evaluated or stops the run (`forced`)."""
+        return step % self.interval == 0 or last or forced
 
     def advance(self, n: int = 1, loss: float | None = None) -> None:
         if self.bar is not None:

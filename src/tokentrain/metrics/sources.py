@@ -17,8 +17,8 @@ class SourceTokens:
         if not self.names:
             return []
         acc = dict.fromkeys(self.names, 0)
-        for batch, *_ in micro:
-            for name, n in (batch.source_tokens or {}).items():
+        for m in micro:
+            for name, n in (m.batch.source_tokens or {}).items():
                 acc[name] += n
         return [float(acc[n]) for n in self.names]
 

@@ -11,6 +11,16 @@ from __future__ import annotations
 import math
 import time
 
+import torch
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
 
 class Window:
     def __init__(self):
@@ -49,3 +59,17 @@ class Window:
     @property
     def wall(self) -> float:
         return getattr(self, "last", time.perf_counter()) - self.start - self.paused
+
+    def summary(self, world_size: int, peak_tflops: float | None) -> dict:
+        """tokens/s, mean step and data time, TFLOP/s per device and MFU; {} for no steps."""
+        if not self.steps:
+            return {}
+        wall = max(self.wall, 1e-9)
+        tflops = self.flops / wall / 1e12 / world_size
+        return dict(
+            tokens_per_s=self.tokens / wall,
+            step_time=self.step_time / self.steps,
+            data_time=self.data_time / self.steps,
+            tflops=tflops,
+            mfu=(tflops / peak_tflops) if peak_tflops else None,
+        )

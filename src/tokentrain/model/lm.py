@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tokentrain.errors import ConfigError
+from tokentrain.errors import ConfigError, TokentrainError
 from tokentrain.model.attention import DocMasking
 from tokentrain.model.loss import linear_cross_entropy_sum, logits_cross_entropy_sum
 
@@ -33,6 +33,15 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "float16" and device.type == "cpu":
         raise ConfigError("dtype = 'float16' is not supported on CPU; use 'bfloat16' or 'float32'")
     return None if name == "float32" else DTYPES[name]
+
+
+def _raised_by_engine(e: BaseException) -> bool:
+    """Whether an error came from inside an engine library (DeepSpeed's zero.Init, torch's
+    distributed layer) rather than from reading the model folder."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    return any(("/deepspeed/" in f.filename or "/torch/distributed/" in f.filename) for f in frames)
 
 
 def _first_line(e: BaseException) -> str:
@@ -125,6 +134,10 @@ def _load_model(path: str, trust_remote_code: bool, attn_implementation: str, de
                     trust_remote_code=trust_remote_code,
                 )
     except Exception as e:
+        if _raised_by_engine(e):  # not the folder's fault: say so, exit 1 (not a usage error)
+            raise TokentrainError(
+                f"the training engine failed while building the model of {path!r}: {_first_line(e)}"
+            ) from None
         raise ConfigError(
             f"pretrained_model_name_or_path = {path!r}: cannot load the model: {_first_line(e)}"
         ) from None

@@ -1,4 +1,4 @@
-"""DeepSpeed configs: shipped presets by name, or a user's JSON; "auto" values filled from ours.
+"""DeepSpeed configs (engine `deepspeed`): shipped presets by name, or a user's JSON; "auto" values filled from ours.
 
 Presets live in ``tokentrain/configs/deepspeed/<name>.json``. "auto" keys are resolved from
 the training config so there is one source of truth for micro batch, accumulation,
@@ -106,3 +106,25 @@ def _walk(d: dict, prefix: str = ""):
 
 def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def resolve_for_run(ds: dict, cfg, env) -> dict:
+    """The DeepSpeed config of this run: "auto" values from the training config, the world
+    size and the model's hidden size (read from its config.json)."""
+    import torch
+    from transformers import AutoConfig
+
+    from tokentrain.model.lm import autocast_dtype
+
+    compute = autocast_dtype(cfg.dtype, env.device)
+    path, remote = cfg.pretrained_model_name_or_path, cfg.trust_remote_code
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    return fill_auto(
+        ds,
+        micro_batch_size=cfg.batch_size,
+        accumulation=cfg.accumulative_counts,
+        world_size=env.world_size,
+        max_norm=cfg.max_norm,
+        dtype=str(compute or torch.float32).replace("torch.", ""),
+        hidden_size=getattr(model_config, "hidden_size", None),
+    )

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from tokentrain.config.loader import build_config
-from tokentrain.distributed.deepspeed_config import load_deepspeed_config
 from tokentrain.distributed.env import destroy_distributed, init_distributed
 from tokentrain.engine.trainer import Trainer
+from tokentrain.engines.deepspeed_config import load_deepspeed_config
 
 SETTINGS = dict(
     max_length=128,
@@ -41,10 +41,8 @@ def train(cfg, env, work: Path, engine: str, resume=None) -> None:
     t = Trainer(cfg.replace(work_dir=str(work)), env, work, resume, ds)
     t.setup()
     assert t.fit() == 0
-    if ds is not None and t.strategy.stage == 3:
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()  # the next engine builds its model whole again
+    if hasattr(t.engine, "close"):
+        t.engine.close()  # ZeRO-3: the next engine builds its model whole again
 
 
 def main() -> None:

@@ -1,0 +1,83 @@
+"""The seam between the trainer and an engine: every member the trainer uses, typed.
+
+An engine is one process (`local`), DistributedDataParallel (`ddp`), DeepSpeed ZeRO
+(`deepspeed`) or FSDP2 (`fsdp2`). The loss rule (token sum / global target count) is the
+trainer's and never changes; an engine only says by how much the loss must be scaled so
+that its gradient reduction produces that rule (`loss_scale`).
+
+Each engine also owns its checkpoint format: what `save(folder)` writes, `load(folder)`
+reads back, `read_model_state(folder)` (a module-level function of the engine's module,
+used by `convert` without a process group) and the pickled globals its `.pt` files may hold
+(`SAFE_GLOBALS`, checked before anything is loaded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What `Engine.step` did: the global gradient norm (before clipping) and whether the
+    optimizer update was applied (never with a non-finite norm). `loss_scale_overflow`: fp16
+    dynamic loss scaling skipped it (expected now and then; not a divergence)."""
+
+    grad_norm: float
+    applied: bool
+    loss_scale_overflow: bool = False
+
+
+def as_step_result(value: StepResult | float) -> StepResult:
+    """An engine may return its grad norm alone: then the update was applied iff it is finite."""
+    if isinstance(value, StepResult):
+        return value
+    norm = float(value)
+    return StepResult(norm, math.isfinite(norm))
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str  # "local", "ddp", "deepspeed", "fsdp2"
+    checkpoint_format: str  # what save() writes: "plain", "deepspeed", "fsdp2"; recorded in COMPLETE
+    resumes_on_other_world_size: bool  # can load() read a checkpoint written by another world size?
+
+    @property
+    def partitioned_params(self) -> bool:
+        """True when a forward needs every rank (parameters gathered on the fly: ZeRO-3, FSDP)."""
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The CausalLMWithLoss module, without the engine's wrapper."""
+
+    @property
+    def loss_scale(self) -> float:
+        """Factor on ``loss_sum / global_count`` so the engine's gradient reduction yields the rule."""
+
+    def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module: ...
+
+    def accumulate(self, is_last: bool) -> contextlib.AbstractContextManager: ...
+
+    def forward(self, *args) -> torch.Tensor: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self, max_norm: float) -> StepResult | float: ...
+
+    def zero_grad(self) -> None: ...
+
+    def full_parameters(self, module: nn.Module | None = None) -> contextlib.AbstractContextManager: ...
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]: ...
+
+    def barrier(self) -> None: ...
+
+    def save(self, folder: Path) -> None: ...
+
+    def load(self, folder: Path) -> None: ...

@@ -1,0 +1,57 @@
+"""DistributedDataParallel: the local engine with the gradient all-reduce of DDP.
+
+DDP *averages* gradients over the world, but the loss we want is the sum over all ranks'
+tokens divided by the global target count, so each rank back-propagates
+``world_size * loss_sum / global_count`` (`loss_scale`). Gradients are all-reduced on the
+last micro-batch of a step only (`no_sync` before). Checkpoints: the plain format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tokentrain.engines.local import SAFE_GLOBALS, LocalEngine, owns_checkpoint, read_model_state
+
+__all__ = ["SAFE_GLOBALS", "DDPEngine", "owns_checkpoint", "read_model_state"]
+
+
+class DDPEngine(LocalEngine):
+    name = "ddp"
+
+    def __init__(self, env):
+        super().__init__(env)
+        from tokentrain.distributed.env import ensure_process_group
+
+        ensure_process_group(env)  # --engine ddp in one process: a 1-rank group
+
+    def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        self.inner = module
+        self.module = DDP(module, device_ids=device_ids, broadcast_buffers=False)
+        self.optimizer = optimizer
+        return self.module
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.inner
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.env.world_size)
+
+    def accumulate(self, is_last: bool):
+        return contextlib.nullcontext() if is_last else self.module.no_sync()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        dist.barrier()

@@ -1,0 +1,206 @@
+"""DeepSpeed ZeRO (stages 1, 2, 3, CPU offload) behind the engine seam.
+
+The loss rule is the trainer's: every rank back-propagates ``world_size * loss_sum /
+global_count``. DeepSpeed would also divide by the accumulation steps (``scale_wrt_gas``)
+-- we switch that off -- and averages gradients over data-parallel ranks, which the
+``world_size`` factor undoes, exactly as for DDP.
+
+DeepSpeed counts micro-steps itself and only applies the optimizer on the accumulation
+boundary, so ``backward`` advances its counter on every micro-batch but the last, and
+``step`` closes the window. DeepSpeed skips the update when the gradient norm is not
+finite (its overflow check); `step` reports that (`was_step_applied`).
+
+DeepSpeed wants a process group even in one process, and its comm layer set up before the
+model is built (ZeRO-3's ``zero.Init`` reads the world size from it): both happen when the
+engine is made, which is before the model.
+
+Checkpoint format "deepspeed": DeepSpeed's own files in ``step_N/ds/`` written by every
+rank (module states, optimizer partitions). They are read back at the world size they were
+written with; `read_model_state` consolidates them to fp32 on the CPU with DeepSpeed's
+reader (no process group) for `convert`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tokentrain.engines.base import StepResult
+from tokentrain.engines.deepspeed_config import zero_stage
+from tokentrain.engines.local import LocalEngine
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "ds"
+PREFIX = "model."  # the trainer's CausalLMWithLoss holds the HF model as `.model`
+# The non-tensor globals DeepSpeed pickles into its files (found in ZeRO-1/2/3 and offload
+# checkpoints); by "module.name", imported only when a checkpoint is checked.
+SAFE_GLOBAL_NAMES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def set_accelerator() -> None:
+    """The one place that picks DeepSpeed's accelerator: before anything imports DeepSpeed
+    (transformers does), else it probes for one and warns about a missing GPU."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def safe_globals() -> list:
+    import importlib
+
+    out = []
+    for name in SAFE_GLOBAL_NAMES:
+        module, _, attr = name.rpartition(".")
+        out.append(getattr(importlib.import_module(module), attr))
+    return out
+
+
+def owns_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / DS_TAG).is_dir()
+
+
+def read_model_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The HF model's fp32 state dict from any ZeRO stage's files, on the CPU."""
+    _quiet_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
+    return {k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in state.items()}
+
+
+def _quiet_deepspeed() -> None:
+    """On CPU, DeepSpeed's first init JIT-compiles a shared-memory comm op (~1 min) that
+    gloo training does not need; and its INFO logs drown ours."""
+    set_accelerator()
+    import deepspeed.ops
+    from deepspeed.utils import logger as ds_logger
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    ds_logger.setLevel(logging.WARNING)
+
+
+def _join_process_group(env) -> None:
+    """A process group even in one process (single-GPU ZeRO / offload), and DeepSpeed's comm
+    layer on top of it *before* the model is built: ZeRO-3's zero.Init (transformers'
+    from_pretrained / from_config) otherwise reads world size 1 and rejects the batch sizes."""
+    from deepspeed import comm as ds_comm
+
+    from tokentrain.distributed.env import ensure_process_group
+
+    ensure_process_group(env)
+    ds_comm.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False, verbose=False)
+
+
+class DeepSpeedEngine(LocalEngine):
+    name = "deepspeed"
+    checkpoint_format = "deepspeed"
+    resumes_on_other_world_size = False
+
+    def __init__(self, env, ds_config: dict):
+        super().__init__(env)
+        _quiet_deepspeed()
+        _join_process_group(env)
+        self.ds_config = ds_config
+        self.stage = zero_stage(ds_config)
+        self.inner = None
+        self._hf_ds_config = None
+        if self.stage == 3:
+            # Keeps transformers' ZeRO-3 hooks live: from_pretrained / from_config then build
+            # the model already partitioned (zero.Init) instead of whole on every rank.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+
+    @property
+    def description(self) -> str:
+        offload = "offload_optimizer" in self.ds_config.get("zero_optimization", {})
+        return f"DeepSpeed ZeRO stage {self.stage}" + (" with CPU offload" if offload else "")
+
+    def close(self) -> None:
+        """Forget the ZeRO-3 hooks, so a later model in this process is built whole again."""
+        if self._hf_ds_config is not None:
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._hf_ds_config = None
+
+    def prepare(self, module, optimizer):
+        import deepspeed
+
+        self.inner, self.optimizer = module, optimizer
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+        )
+        self.module = self.engine
+        return self.engine
+
+    @property
+    def unwrapped(self):
+        return self.inner
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.env.world_size)
+
+    @property
+    def partitioned_params(self) -> bool:
+        """ZeRO-3: every forward needs every rank (parameters are gathered on the fly)."""
+        return self.stage == 3
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only advances DeepSpeed's micro-step count
+
+    def step(self, max_norm: float) -> StepResult:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = 0.0 if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
+        applied = bool(self.engine.was_step_applied())
+        return StepResult(norm, applied, loss_scale_overflow=not applied and self.engine.fp16_enabled())
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    @contextlib.contextmanager
+    def full_parameters(self, module=None):
+        """Whole parameters of `module` (default: the prepared one) on every rank for the
+        duration: ZeRO-3 gathers them (all ranks must enter); other stages hold them whole."""
+        module = module if module is not None else self.inner
+        if self.stage != 3 or module is None:
+            yield
+            return
+        from deepspeed.runtime.zero import GatheredParameters
+
+        with GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield
+
+    # ------------------------------------------------------------------ state
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(folder), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+        )
+        if path is None:
+            from tokentrain.errors import CheckpointError
+
+            raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint in {DS_TAG}/")

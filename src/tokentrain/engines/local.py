@@ -1,0 +1,128 @@
+"""One process: the module as it is, plain backward, clip and AdamW step.
+
+Checkpoint format "plain": ``model.safetensors`` (fp32 weights of the HF model) and
+``optimizer.pt`` (the optimizer state dict, tensors and plain containers only). The same
+files at any world size: a plain checkpoint resumes on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tokentrain.engines.base import StepResult
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SAFE_GLOBALS: list = []  # optimizer.pt holds tensors, numbers and containers only
+
+
+def owns_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / MODEL_FILE).is_file()
+
+
+def read_model_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The HF model's state dict (names as in the HF model) from a plain checkpoint, on the CPU.
+
+    safetensors stores a tensor shared by two names (tied embeddings) once and records the
+    dropped name in the file's metadata ({dropped: kept}); both names come back here."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = str(Path(folder) / MODEL_FILE)
+    state = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        aliases = f.metadata() or {}
+    for dropped, kept in aliases.items():
+        if dropped not in state and kept in state:
+            state[dropped] = state[kept]
+    return state
+
+
+def grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """The global L2 norm of the gradients; clipped in place to `max_norm` when > 0."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if not params:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+
+
+class LocalEngine:
+    name = "local"
+    checkpoint_format = "plain"
+    resumes_on_other_world_size = True
+    partitioned_params = False
+
+    def __init__(self, env):
+        self.env = env
+        self.module: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # -------------------------------------------------------------- setup
+    def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        self.module, self.optimizer = module, optimizer
+        return module
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.module
+
+    # -------------------------------------------------------------- one step
+    @property
+    def loss_scale(self) -> float:
+        return 1.0
+
+    def accumulate(self, is_last: bool):
+        return contextlib.nullcontext()
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, max_norm: float) -> StepResult:
+        """Clip (if max_norm > 0), apply and clear the gradients. A non-finite norm applies
+        nothing: it would poison the weights and the Adam moments."""
+        norm = grad_norm([p for p in self.unwrapped.parameters() if p.grad is not None], max_norm)
+        applied = math.isfinite(norm)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(norm, applied)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def full_parameters(self, module=None):
+        """Whole parameters for the duration (a sharding engine gathers them; here: as is)."""
+        yield
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def barrier(self) -> None:
+        pass
+
+    # -------------------------------------------------------------- state
+    def save(self, folder: Path) -> None:
+        """Model weights (safetensors) and optimizer state; only the main rank writes."""
+        if not self.env.is_main:
+            return
+        from safetensors.torch import save_model
+
+        save_model(self.unwrapped.model, str(folder / MODEL_FILE))
+        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.unwrapped.model, str(folder / MODEL_FILE), strict=True, device=str(self.env.device))
+        state = torch.load(folder / OPTIMIZER_FILE, map_location=self.env.device, weights_only=True)
+        self.optimizer.load_state_dict(state)

@@ -1,0 +1,92 @@
+"""Shared by the engine tests: a child run's environment, configs, the CLI, reading results back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+TT = [sys.executable, "-m", "tokentrain"]
+
+SETTINGS = dict(
+    max_length=128,
+    batch_size=1,
+    accumulative_counts=2,
+    max_iters=4,
+    lr=1e-3,
+    warm_up_ratio=0.25,
+    save_steps=2,
+    save_total_limit=-1,
+    evaluation_freq=1000,
+    evaluation_inputs=[],
+    log_interval=1,
+    tensorboard=False,
+    dtype="float32",
+    seed=7,
+)
+
+
+def clean_env(**extra) -> dict:
+    """No launcher variables from the outside, one thread per rank, DeepSpeed on the CPU."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            (
+                "SLURM_",
+                "MASTER_",
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_",
+                "TORCHELASTIC",
+                "NPROC_PER_NODE",
+                "TOKENTRAIN_FAULT_INJECT",
+                "TOKENTRAIN_EXIT_DIR",
+            )
+        )
+    }
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def write_cfg(path: Path, model, data, **over) -> Path:
+    settings = dict(SETTINGS, pretrained_model_name_or_path=str(model), dataset_folder=str(data))
+    settings.update(over)
+    path.write_text("".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+    return path
+
+
+def tokentrain(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*TT, *map(str, args)], env=env or clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [x for x in stderr.splitlines() if x.startswith("tokentrain:")]
+
+
+def weights(work: Path) -> dict:
+    return load_file(str(Path(work) / "hf" / "model.safetensors"))
+
+
+def losses(work: Path) -> list[float]:
+    return [json.loads(r)["loss"] for r in (Path(work) / "metrics.jsonl").read_text().splitlines() if r.strip()]
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).norm() / max(b[k].double().norm(), 1e-12)) for k in a)
+
+
+def logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(ids).logits
