@@ -33,7 +33,10 @@ def find_checkpoint(path: Path) -> Path:
 
 def load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     from tokentrain.engine.strategy import MODEL_FILE
+    from tokentrain.engines.fsdp2_checkpoint import is_fsdp_checkpoint, read_full_state_dict
 
+    if is_fsdp_checkpoint(ckpt):  # FSDP2: DCP shards of any world size, read whole on the CPU
+        return read_full_state_dict(ckpt)
     if (ckpt / MODEL_FILE).is_file():
         from safetensors.torch import load_file
 

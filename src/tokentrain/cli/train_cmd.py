@@ -39,6 +39,9 @@ def add_train_arguments(p) -> None:
         help="DeepSpeed ZeRO: a preset (deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload, "
         "deepspeed_zero3, deepspeed_zero3_offload) or a path to a DeepSpeed JSON; default: DDP",
     )
+    p.add_argument(
+        "--engine", choices=("auto", "ddp", "fsdp2"), help="fsdp2: FSDP2 sharding; overrides the config's engine"
+    )
 
 
 def register(sub, common) -> None:
@@ -108,6 +111,12 @@ def preflight(args):
     from tokentrain.config.loader import load_config
 
     cfg = load_config(args.config, args.cfg_options, seed=args.seed)
+    if getattr(args, "engine", None):
+        cfg = cfg.replace(engine=args.engine)
+    if args.deepspeed and cfg.engine == "fsdp2":
+        from tokentrain.errors import ConfigError
+
+        raise ConfigError("--deepspeed and engine fsdp2 exclude each other; drop one of them")
     check_local_model(cfg.pretrained_model_name_or_path)
     if args.resume and args.resume != "auto":
         from tokentrain.checkpoint.manager import resolve_resume

@@ -16,6 +16,7 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
 DOC_MASKING = ("auto", "positions", "mask4d", "varlen")
 NAN_POLICIES = ("stop", "skip")
+ENGINES = ("auto", "ddp", "fsdp2")  # auto/ddp: one process or DDP (DeepSpeed with --deepspeed)
 
 
 @dataclass
@@ -68,6 +69,8 @@ class TrainConfig:
     loss_chunk_tokens: int = 0  # 0: chosen from the vocabulary size
     log_interval: int = 10
     tensorboard: bool = True
+    engine: str = "auto"  # 'fsdp2': FSDP2 (torch fully_shard); --engine overrides it
+    fsdp_cpu_offload: bool = False  # FSDP2: parameter shards and optimizer state in host memory
     peak_tflops: float | None = None  # for MFU; None: known GPUs, or measured on CPU
     work_dir: str | None = None
 
@@ -128,6 +131,7 @@ def check_values(cfg: TrainConfig) -> list[tuple[str, str]]:
     )
     need(cfg.doc_masking in DOC_MASKING, "doc_masking", f"must be one of {', '.join(DOC_MASKING)}")
     need(cfg.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {', '.join(NAN_POLICIES)}")
+    need(cfg.engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}")
     need(cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops", "must be > 0 (or None)")
     need(bool(cfg.file_type), "file_type", "must not be empty")
     return bad

@@ -212,7 +212,8 @@ class Trainer:
         self.compute_dtype = autocast_dtype(cfg.dtype, env.device)
         impl = choose_attn_implementation(cfg.attn_implementation, env.device, cfg.use_varlen_attn)
         self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
-        self.hf_model = load_model(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, impl, env.device, cfg.seed)
+        load = getattr(self.strategy, "load_model", load_model)  # FSDP2 builds the model sharded
+        self.hf_model = load(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, impl, env.device, cfg.seed)
         emb = self.hf_model.get_input_embeddings()
         self.vocab_size = int(getattr(emb, "num_embeddings", 0) or self.hf_model.config.vocab_size)
         with self.strategy.full_parameters(self.hf_model):  # the probes run the model (ZeRO-3: gathered for them)
@@ -237,6 +238,10 @@ class Trainer:
         from tokentrain.model.lm import autocast_dtype
 
         cfg, env = self.cfg, self.env
+        if cfg.engine == "fsdp2":
+            from tokentrain.engines.fsdp2 import FSDP2Engine
+
+            return FSDP2Engine(env, autocast_dtype(cfg.dtype, env.device), cfg.fsdp_cpu_offload)
         if self.deepspeed is None:
             return make_strategy(env)
         from transformers import AutoConfig
@@ -279,7 +284,7 @@ class Trainer:
             **({"fused": True} if fused else {"foreach": True}),
         )
         self.model = self.strategy.prepare(self.module, optimizer)
-        self.optimizer = optimizer
+        self.optimizer = optimizer = self.strategy.optimizer  # an engine may rebuild it over its shards
         self.scheduler = WarmupCosine(optimizer, self.total_steps, cfg.warm_up_ratio, cfg.min_lr_ratio)
 
     # ================================================================== checkpoint state
