@@ -276,3 +276,25 @@ def test_crafted_pickles_in_an_fsdp2_checkpoint_never_run(job, tmp_path):
 def test_deepspeed_and_fsdp2_together_is_a_usage_error(job):
     r = tokentrain("train", job.cfg, "--engine", "fsdp2", "--deepspeed", "deepspeed_zero2")
     assert r.returncode == 2 and "exclude each other" in r.stderr.strip().splitlines()[-1]
+
+
+def test_cpu_offload_trains_the_same_and_a_nonfinite_gradient_on_one_rank_skips_on_all(job, tmp_path):
+    work = job.run("offload_1", job.cfg, "--engine", "fsdp2", "--cfg-options", "fsdp_cpu_offload=True")
+    assert rel_diff(weights(work), weights(job.reference)) <= 1e-5
+
+    # An inf in rank 1's gradient shard only: the norm is global, so both ranks skip step 2.
+    from tokentrain.engines.fsdp2_checkpoint import read_full_state_dict
+
+    work = tmp_path / "inf"
+    r = subprocess.run(
+        [sys.executable, "-m", "tokentrain", "train", str(job.cfg), "--work-dir", str(work), "--engine", "fsdp2",
+         "--cfg-options", "accumulative_counts=1", "max_iters=2", "save_steps=1", "nan_policy=skip"],
+        env=clean_env(TOKENTRAIN_CACHE=job.cache, NPROC_PER_NODE="2",
+                      TOKENTRAIN_FAULT_INJECT="inf_grad_at_step=2,rank=1"),
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    ok(r)
+    assert "step 2: non-finite gradient norm inf; update skipped" in r.stderr
+    a, b = (read_full_state_dict(work / "checkpoints" / f"step_{s}") for s in (1, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rel_diff(weights(work), b) == 0.0
