@@ -48,14 +48,15 @@ LOSS_METHOD = "tokentrain_loss"  # the loss module's forward, registered on the 
 
 
 def ensure_process_group(env) -> bool:
-    """FSDP needs a process group even on one rank: a 1-rank gloo group on a free loopback
-    port when the launcher made none. True when this call created it."""
+    """FSDP needs a process group even on one rank: a 1-rank group (gloo on CPU, NCCL on a
+    GPU) on a free loopback port when the launcher made none. True when this call created it."""
     if dist.is_initialized():
         return False
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    backend = getattr(env, "backend", None) or ("nccl" if env.device.type == "cuda" else "gloo")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     return True
 
 
@@ -83,6 +84,13 @@ class FSDP2Engine:
         self.optimizer: torch.optim.Optimizer | None = None
         self.applied = True  # whether the last step() updated the weights
         self._mesh = None
+        if env.is_main:
+            log.info(
+                "engine: FSDP2 over %d rank(s), compute %s%s",
+                self.world_size,
+                str(compute_dtype or torch.float32).replace("torch.", ""),
+                ", parameters and optimizer state offloaded to the CPU" if cpu_offload else "",
+            )
 
     # -------------------------------------------------------------- setup
     @property
@@ -218,6 +226,9 @@ class FSDP2Engine:
         export): every rank takes part in gathering the full state dict, and on the main
         rank `hf_model.state_dict()` returns it (CPU, full tensors) for the duration."""
         root = self.hf_model
+        if root is None:  # not sharded yet: whole already
+            yield
+            return
         if module is not None:
             root.unshard()
             try:
