@@ -35,6 +35,7 @@ import logging
 import math
 import socket
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,7 @@ def ensure_process_group(env) -> bool:
     return True
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: Any) -> list[nn.Module]:
     """The repeated blocks to shard one by one: the classes HF names in `_no_split_modules`."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
@@ -79,11 +80,12 @@ class FSDP2Engine:
         self.cpu_offload = cpu_offload
         self.owns_group = ensure_process_group(env)
         self.world_size = dist.get_world_size()
-        self.hf_model: nn.Module | None = None
-        self.module: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        # FSDP swaps classes and parameters at run time: typed loosely on purpose.
+        self.hf_model: Any = None  # the HF model, FSDP root after shard()
+        self.module: Any = None  # the trainer's loss module around it
+        self.optimizer: Any = None  # over the sharded parameters
         self.applied = True  # whether the last step() updated the weights
-        self._mesh = None
+        self._mesh: Any = None
         if env.is_main:
             log.info(
                 "engine: FSDP2 over %d rank(s), compute %s%s",
@@ -168,7 +170,7 @@ class FSDP2Engine:
         from torch.distributed.fsdp import register_fsdp_forward_method
 
         before = {id(p): n for n, p in module.named_parameters()}
-        self.shard(module.model)
+        self.shard(module.get_submodule("model"))
         setattr(self.hf_model, LOSS_METHOD, module.forward)
         register_fsdp_forward_method(self.hf_model, LOSS_METHOD)
         module.forward = getattr(self.hf_model, LOSS_METHOD)  # module(...) now gathers the root first
@@ -272,7 +274,7 @@ def _full(norm) -> float:
     return float(norm)
 
 
-def _materialize(model: nn.Module, modules: list[nn.Module], device) -> None:
+def _materialize(model: Any, modules: list[nn.Module], device) -> None:
     """Allocate the (meta) parameters and buffers owned directly by `modules` on `device`
     and initialise them with the model's own `_init_weights`; shared (tied) parameters
     stay shared."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import pickle
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -130,7 +131,7 @@ def load(model, optimizer, folder: Path) -> None:
         raise ConfigError(f"{folder}: no FSDP2 checkpoint in it ({FSDP_DIR}/); was it written without --engine fsdp2?")
     read_metadata(path)  # refuses a foreign index before DCP unpickles it
     msd, osd = get_state_dict(model, optimizer)  # the current shards: DCP fills them in place
-    state = {MODEL: msd, OPTIM: {"state": osd["state"]}}
+    state: dict[str, Any] = {MODEL: msd, OPTIM: {"state": osd["state"]}}
     _dcp_load(state, path)
     set_state_dict(
         model,
