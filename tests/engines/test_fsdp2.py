@@ -130,6 +130,17 @@ class Job:
             self._runs[name] = work
         return self._runs[name]
 
+    def config_only_cfg(self) -> Path:
+        """The config-only folder, engine chosen by the config key, with validation and generation."""
+        return self.config(
+            self.config_only,
+            "config_only.py",
+            engine="fsdp2",
+            val_dataset_folder=str(self.data),
+            evaluation_inputs=["hello"],
+            evaluation_max_new_tokens=4,
+        )
+
     @property
     def reference(self) -> Path:
         """One process, no FSDP: the run every engine must reproduce."""
@@ -150,7 +161,7 @@ def test_one_rank_fsdp2_trains_from_weights_and_from_a_config_only_folder(job):
     assert torch.allclose(logits(work / "hf"), logits(ref / "hf"), rtol=1e-5, atol=1e-6)
 
     # The engine chosen by the config key; the model built sharded from config.json alone.
-    cfg = job.config(job.config_only, "config_only.py", engine="fsdp2")
+    cfg = job.config_only_cfg()
     r = tokentrain("train", cfg, "--work-dir", job.root / "config_only_1", cache=job.cache)
     ok(r)
     assert "building it sharded" in r.stderr
@@ -170,9 +181,16 @@ def test_two_ranks_fsdp2_match_one_process_and_the_sharded_build_does_not_depend
         "__1_0.distcp",
     ]
     # Config-only, 2 ranks: each unit initialised whole from one seeded stream, then sharded.
-    one = job.run("config_only_1", job.config(job.config_only, "config_only.py", engine="fsdp2"))
-    two = job.run("config_only_2", job.root / "config_only.py", nproc=2)
+    one = job.run("config_only_1", job.config_only_cfg())
+    two = job.run("config_only_2", job.config_only_cfg(), nproc=2)
     assert rel_diff(weights(two), weights(one)) <= 1e-5
+    # Validation and generation run through the sharded model on every rank.
+    last = [json.loads(r) for r in (two / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["val_loss"] == pytest.approx(
+        [json.loads(r) for r in (one / "metrics.jsonl").read_text().splitlines()][-1]["val_loss"], rel=1e-5
+    )
+    samples = [json.loads(r) for r in (two / "generations.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 6] and all(s["input"] == "hello" for s in samples)
 
 
 def test_resume_two_ranks_then_one_then_two_reproduces_the_uninterrupted_run(job):
@@ -273,9 +291,13 @@ def test_crafted_pickles_in_an_fsdp2_checkpoint_never_run(job, tmp_path):
     assert not marker.exists()
 
 
-def test_deepspeed_and_fsdp2_together_is_a_usage_error(job):
+def test_deepspeed_and_fsdp2_together_is_a_usage_error_and_a_plain_checkpoint_is_refused(job, tmp_path):
     r = tokentrain("train", job.cfg, "--engine", "fsdp2", "--deepspeed", "deepspeed_zero2")
     assert r.returncode == 2 and "exclude each other" in r.stderr.strip().splitlines()[-1]
+    plain = job.reference / "checkpoints" / "step_2"
+    r = tokentrain("train", job.cfg, "--work-dir", tmp_path / "w", "--engine", "fsdp2", "--resume", plain)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "no FSDP2 checkpoint in it" in last and "--engine fsdp2" in last, last
 
 
 def test_cpu_offload_trains_the_same_and_a_nonfinite_gradient_on_one_rank_skips_on_all(job, tmp_path):
