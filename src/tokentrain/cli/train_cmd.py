@@ -114,13 +114,17 @@ def preflight(args):
     from tokentrain.config.loader import load_config
 
     cfg = load_config(args.config, args.cfg_options, seed=args.seed)
+    if getattr(args, "engine", None):
+        cfg = cfg.replace(engine=args.engine)
+    if args.deepspeed and cfg.engine not in ("auto", "deepspeed"):
+        from tokentrain.errors import ConfigError
+
+        raise ConfigError(f"--deepspeed and engine {cfg.engine!r} exclude each other; drop one of them")
     check_local_model(cfg.pretrained_model_name_or_path)
     if args.resume and args.resume != "auto":
         from tokentrain.checkpoint.manager import resolve_resume
 
         resolve_resume(args.resume, Path(args.resume), verify=False)
-    if args.engine:
-        cfg = cfg.replace(engine=args.engine)
     deepspeed = None
     if args.deepspeed:
         from tokentrain.engines.deepspeed_config import load_deepspeed_config

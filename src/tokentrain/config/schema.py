@@ -72,6 +72,7 @@ class TrainConfig:
     log_interval: int = 10
     tensorboard: bool = True
     wandb: bool = False  # Weights & Biases (pip install tokentrain[wandb]); WANDB_PROJECT, WANDB_MODE=offline
+    fsdp_cpu_offload: bool = False  # FSDP2: parameter shards and optimizer state in host memory
     peak_tflops: float | None = None  # for MFU; None: known GPUs, or measured on CPU
     work_dir: str | None = None
     engine: str = "auto"  # local | ddp | deepspeed | fsdp2; auto: deepspeed with --deepspeed, ddp on >1 rank

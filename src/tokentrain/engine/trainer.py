@@ -206,7 +206,8 @@ class Trainer:
         impl = choose_attn_implementation(cfg.attn_implementation, env.device, cfg.use_varlen_attn)
         self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
         fallback = "eager" if cfg.attn_implementation == "auto" else None  # a model without `impl` (gemma2: sdpa)
-        self.hf_model = load_model(
+        load = getattr(self.engine, "load_model", load_model)  # FSDP2 builds the model sharded
+        self.hf_model = load(
             cfg.pretrained_model_name_or_path, cfg.trust_remote_code, impl, env.device, cfg.seed, fallback
         )
         impl = self.hf_model.config._attn_implementation
@@ -242,7 +243,7 @@ class Trainer:
             **({"fused": True} if fused else {"foreach": True}),
         )
         self.model = self.engine.prepare(self.module, optimizer)
-        self.optimizer = optimizer
+        self.optimizer = optimizer = self.engine.optimizer  # an engine may rebuild it over its shards
         self.scheduler = WarmupCosine(optimizer, self.total_steps, cfg.warm_up_ratio, cfg.min_lr_ratio)
 
     # ================================================================== checkpoint state

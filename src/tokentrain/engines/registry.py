@@ -69,7 +69,10 @@ def build_engine(name: str, cfg, env, deepspeed: dict | None = None):
 
         return DeepSpeedEngine(env, resolve_for_run(deepspeed, cfg, env))
     if name == "fsdp2":
-        return engine_module("fsdp2").FSDP2Engine(env)
+        from tokentrain.model.lm import autocast_dtype
+
+        compute = autocast_dtype(cfg.dtype, env.device)
+        return engine_module("fsdp2").FSDP2Engine(env, compute, cfg.fsdp_cpu_offload)
     raise ConfigError(f"engine {name!r}: unknown; choose one of {', '.join(ENGINES)}")
 
 

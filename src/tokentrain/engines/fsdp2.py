@@ -1,0 +1,327 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) behind the trainer's engine seam.
+
+Sharding: every decoder layer is one FSDP unit, the HF model is the root (embeddings,
+final norm, lm_head). Parameters are DTensors sharded on dim 0 over all ranks; a forward
+all-gathers one unit at a time. `MixedPrecisionPolicy`: gathered parameters in the compute
+dtype, gradients reduced in fp32; the fp32 shards are the master weights. `CPUOffloadPolicy`
+(`fsdp_cpu_offload = True`) keeps the shards and optimizer state in host memory.
+
+The trainer's loss module (`CausalLMWithLoss`) calls the decoder and `lm_head.weight`
+directly, not the HF model's forward, so its forward is registered as an FSDP forward
+method of the root (`register_fsdp_forward_method`): the root's parameters are gathered
+for exactly that call, and backward reduce-scatters them as usual.
+
+Building: `load_model` builds a model folder *sharded*. Without weights (config only) the
+model is created on the meta device and materialised one FSDP unit at a time -- a unit is
+allocated whole, initialised by the model's own `_init_weights` from one seeded stream,
+then sharded -- so the whole model never exists on one rank, and the initial weights are
+the same at any world size. With weights, the model is loaded (whole, on the host) and
+then sharded. The optimizer the trainer builds afterwards already holds the shards; one
+built earlier is rebuilt over them (same class, same param-group hyperparameters).
+
+Loss scaling and accumulation as for DDP: FSDP averages gradients over ranks, so
+`loss_scale` is the world size; gradient sync is off on all but the last micro-batch.
+The gradient norm is the global one (DTensor norms are reduced over the mesh); a
+non-finite norm applies no update on any rank (`applied` says whether it did).
+
+Checkpoints and their safe reading are in `fsdp2_checkpoint` (DCP, any world size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tokentrain.engines import fsdp2_checkpoint as ckpt
+from tokentrain.engines.base import StepResult
+
+log = logging.getLogger(__name__)
+
+LOSS_METHOD = "tokentrain_loss"  # the loss module's forward, registered on the FSDP root
+
+
+def ensure_process_group(env) -> bool:
+    """FSDP needs a process group even on one rank: a 1-rank group (gloo on CPU, NCCL on a
+    GPU) on a free loopback port when the launcher made none. True when this call created it."""
+    if dist.is_initialized():
+        return False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = getattr(env, "backend", None) or ("nccl" if env.device.type == "cuda" else "gloo")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return True
+
+
+def decoder_layers(model: Any) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: the classes HF names in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        layers = list(getattr(decoder, "layers", []))
+    return layers
+
+
+class FSDP2Engine:
+    name = "fsdp2"
+    checkpoint_format = "fsdp2"  # step_N/fsdp/: DCP shards, resharded on load
+    resumes_on_other_world_size = True
+
+    def __init__(self, env, compute_dtype: torch.dtype | None = None, cpu_offload: bool = False):
+        self.env = env
+        self.compute_dtype = compute_dtype
+        self.cpu_offload = cpu_offload
+        self.owns_group = ensure_process_group(env)
+        self.world_size = dist.get_world_size()
+        # FSDP swaps classes and parameters at run time: typed loosely on purpose.
+        self.hf_model: Any = None  # the HF model, FSDP root after shard()
+        self.module: Any = None  # the trainer's loss module around it
+        self.optimizer: Any = None  # over the sharded parameters
+        self.applied = True  # whether the last step() updated the weights
+        self._mesh: Any = None
+        compute = str(compute_dtype or torch.float32).replace("torch.", "")
+        offload = ", parameters and optimizer state offloaded to the CPU" if cpu_offload else ""
+        self.description = f"FSDP2 over {self.world_size} rank(s), compute {compute}{offload}"
+
+    # -------------------------------------------------------------- setup
+    @property
+    def partitioned_params(self) -> bool:
+        """Every forward all-gathers: with several ranks, all of them run it (generation too)."""
+        return self.world_size > 1
+
+    @property
+    def mesh(self):
+        if self._mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh = init_device_mesh(self.env.device.type, (self.world_size,))
+        return self._mesh
+
+    def _policies(self) -> dict:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+        kw = {
+            "mesh": self.mesh,
+            "mp_policy": MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32),
+        }
+        if self.cpu_offload:
+            kw["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type == "cuda")
+        return kw
+
+    def load_model(
+        self,
+        path: str,
+        trust_remote_code: bool,
+        attn_implementation: str,
+        device,
+        seed: int = 0,
+        fallback: str | None = None,
+    ):
+        """The HF model of `path`, sharded (see the module docstring); the trainer's build hook.
+        `fallback`: the attention implementation to use when the model refuses the chosen one."""
+        from tokentrain.model.lm import has_weights, load_model
+
+        if has_weights(path):
+            model = load_model(path, trust_remote_code, attn_implementation, torch.device("cpu"), seed, fallback)
+            self.shard(model)
+            return model
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        log.info("%s has a config but no weights: building it sharded (seeded init %d)", path, seed)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            try:
+                model = AutoModelForCausalLM.from_config(
+                    config,
+                    dtype=torch.float32,
+                    attn_implementation=attn_implementation,
+                    trust_remote_code=trust_remote_code,
+                )
+            except ValueError:  # the model refuses the implementation (gemma2: sdpa)
+                if fallback is None:
+                    raise
+                log.info("%s refuses attn_implementation %r; building it with %r", path, attn_implementation, fallback)
+                model = AutoModelForCausalLM.from_config(
+                    config, dtype=torch.float32, attn_implementation=fallback, trust_remote_code=trust_remote_code
+                )
+        model.config.use_cache = False
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.shard(model, materialize=True)
+        return model
+
+    def shard(self, model: nn.Module, materialize: bool = False) -> None:
+        """fully_shard each decoder layer, then the root; `materialize`: the model is on the
+        meta device, each unit is allocated and initialised (whole) just before sharding."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(model, FSDPModule):
+            self.hf_model = model
+            return
+        kw, dev = self._policies(), self.env.device
+        layers = decoder_layers(model)
+        for layer in layers:
+            if materialize:
+                _materialize(model, list(layer.modules()), dev)
+            fully_shard(layer, **kw)
+        if materialize:
+            inside = {id(m) for layer in layers for m in layer.modules()}
+            _materialize(model, [m for m in model.modules() if id(m) not in inside], dev)
+        fully_shard(model, **kw)
+        self.hf_model = model
+
+    def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """Shard `module.model` (if `load_model` did not), route the loss module's forward
+        through the root's FSDP hooks, and make sure the optimizer holds the shards."""
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        before = {id(p): n for n, p in module.named_parameters()}
+        self.shard(module.get_submodule("model"))
+        setattr(self.hf_model, LOSS_METHOD, module.forward)
+        register_fsdp_forward_method(self.hf_model, LOSS_METHOD)
+        module.forward = getattr(self.hf_model, LOSS_METHOD)  # module(...) now gathers the root first
+        self.module = module
+        self.optimizer = _rebuild_optimizer(optimizer, before, dict(module.named_parameters()))
+        return module
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.module
+
+    # -------------------------------------------------------------- one step
+    @property
+    def loss_scale(self) -> float:
+        return float(self.world_size)
+
+    @contextlib.contextmanager
+    def accumulate(self, is_last: bool):
+        """Reduce-scatter gradients only on the step's last micro-batch."""
+        self.hf_model.set_requires_gradient_sync(is_last)
+        try:
+            yield
+        finally:
+            self.hf_model.set_requires_gradient_sync(True)
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, max_norm: float) -> StepResult:
+        """Clip (if max_norm > 0) by the global norm, apply unless it is non-finite, clear."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            norm = 0.0
+        elif max_norm > 0:
+            norm = _full(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        else:
+            norm = _full(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        self.applied = math.isfinite(norm)
+        if self.applied:  # a NaN/inf gradient would poison the weights and the Adam moments
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(norm, self.applied)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def full_parameters(self, module: nn.Module | None = None):
+        """`module` given (the probes on the freshly built model): the root's parameters
+        (embeddings, norm, lm_head) are gathered for the duration, so code may call them
+        directly; the layers gather themselves in their forwards. No module (the final
+        export): every rank takes part in gathering the full state dict, and on the main
+        rank `hf_model.state_dict()` returns it (CPU, full tensors) for the duration."""
+        root = self.hf_model
+        if root is None:  # not sharded yet: whole already
+            yield
+            return
+        if module is not None:
+            root.unshard()
+            try:
+                yield
+            finally:
+                root.reshard()
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        root.state_dict = lambda *a, **k: full  # instance attribute: shadows nn.Module.state_dict
+        try:
+            yield
+        finally:
+            del root.state_dict
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # -------------------------------------------------------------- state
+    def save(self, folder: Path) -> None:
+        """Model and optimizer shards of every rank into `folder/fsdp/` (DCP; all ranks write)."""
+        ckpt.save(self.hf_model, self.optimizer, Path(folder))
+
+    def load(self, folder: Path) -> None:
+        """Restore from a checkpoint written on any number of ranks (DCP reshards)."""
+        ckpt.load(self.hf_model, self.optimizer, Path(folder))
+
+
+def _full(norm) -> float:
+    """A norm over DTensor gradients is itself a DTensor: its full value is the global norm."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _materialize(model: Any, modules: list[nn.Module], device) -> None:
+    """Allocate the (meta) parameters and buffers owned directly by `modules` on `device`
+    and initialise them with the model's own `_init_weights`; shared (tied) parameters
+    stay shared."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in modules:
+        for name, p in m._parameters.items():
+            if p is not None and p.is_meta:
+                owners.setdefault(id(p), []).append((m, name))
+    for m in modules:
+        m.to_empty(device=device, recurse=False)
+    for places in owners.values():
+        first = getattr(*places[0])
+        for m, name in places[1:]:
+            setattr(m, name, first)
+    with torch.no_grad():
+        for m in modules:
+            model._init_weights(m)
+
+
+def _rebuild_optimizer(optimizer, before: dict[int, str], now: dict[str, nn.Parameter]):
+    """The same optimizer over the sharded parameters, when sharding replaced the ones it
+    was built with (same class, same hyperparameters per param group)."""
+    groups = [g["params"] for g in optimizer.param_groups]
+    if all(now.get(before.get(id(p), "")) is p for ps in groups for p in ps):
+        return optimizer
+    if optimizer.state:
+        raise RuntimeError("an optimizer with state cannot be moved onto FSDP shards; prepare() before training")
+    new_groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [now[before[id(p)]] for p in g["params"]]}
+        for g in optimizer.param_groups
+    ]
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    return type(optimizer)(new_groups, **defaults)
