@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from tokentrain.utils.atomic import make_temp_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,7 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_shard_size: str = "5GB") -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = make_temp_dir(f".{out.name}.", out.parent)  # umask permissions, not mkdtemp's 0700
     try:
         dtype = DTYPES.get(export_dtype)  # None for "auto": the dtype the model was published in
         if dtype is None:

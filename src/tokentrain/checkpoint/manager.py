@@ -221,6 +221,8 @@ class CheckpointManager:
         self.env = env
         self.strategy = strategy
         self.keep = keep  # -1: keep all
+        self.fingerprint: dict | None = None  # the run fingerprint, saved with every checkpoint
+        self.written: list[str] = []  # this run's checkpoints, in the order written (pruning keeps the newest)
 
     def save(self, step: int, trainer_state: dict, config: dict) -> Path:
         final = self.root / f"step_{step}"
@@ -239,6 +241,10 @@ class CheckpointManager:
             if self.env.is_main:
                 torch.save(trainer_state, tmp / TRAINER_STATE)
                 (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+                if self.fingerprint is not None:
+                    from tokentrain.checkpoint.fingerprint import save as save_fingerprint
+
+                    save_fingerprint(tmp, self.fingerprint)
             if faults.value("save_sleep"):
                 time.sleep(float(faults.value("save_sleep")))
             self.strategy.barrier()
@@ -251,12 +257,18 @@ class CheckpointManager:
         except Exception as e:
             raise self._write_failed(tmp, e) from e
         if self.env.is_main:
+            old = None
             if final.exists():  # the same step saved again (a resumed run that re-reached it)
-                shutil.rmtree(final)
+                old = self.root / f".{final.name}.replaced"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
             os.rename(tmp, final)
             with atomic_file(self.root / LATEST, "w") as f:
                 f.write(final.name + "\n")
-            self.prune()
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            self.written = [w for w in self.written if w != final.name] + [final.name]
+            self.prune(final)
         self.strategy.barrier()
         return final
 
@@ -291,11 +303,25 @@ class CheckpointManager:
         )
         return CheckpointError(f"cannot write checkpoint {tmp}: {cause}{room}; {keep}")
 
-    def prune(self) -> None:
+    def prune(self, just_written: Path) -> None:
+        """Keep the `keep` most recent checkpoints: by recency, not step number, so that a run
+        resumed from an earlier step never deletes what it has just written (another run's
+        higher steps go first), and `latest` (the one just written) always exists."""
         if self.keep < 0:
             return
-        found = list_checkpoints(self.root)
+
+        def recency(p: Path):
+            mine = self.written.index(p.name) if p.name in self.written else -1
+            try:
+                when = (p / COMPLETE).stat().st_mtime_ns
+            except OSError:
+                when = 0
+            return (mine, when, step_of(p))
+
+        found = sorted(list_checkpoints(self.root), key=recency)
         for old in found[: max(0, len(found) - self.keep)]:
+            if old.name == just_written.name:
+                continue
             shutil.rmtree(old, ignore_errors=True)
             log.debug("removed old checkpoint %s", old)
 

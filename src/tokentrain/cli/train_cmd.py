@@ -3,7 +3,11 @@
 `train` loads and validates the config (one-line errors, before anything heavy), joins
 the launcher's process group, and runs the trainer. With NPROC_PER_NODE set (and not
 already under a launcher) it starts torchrun itself. Exit codes: 0 done, 1 failure,
-2 bad command line or config, 3 bad data, 75 preempted (checkpoint written; resume).
+2 bad command line or config, 3 bad data, 75 preempted (checkpoint written; resume),
+130 aborted by a second Ctrl-C (or Ctrl-C during start-up).
+
+A work dir belongs to one run (tokentrain.run.workdir): the main rank locks it, and a
+start without --resume on one that holds checkpoints is refused (or --overwrite).
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ def add_train_arguments(p) -> None:
     )
     p.add_argument(
         "--resume", metavar="auto|PATH", help="auto: newest complete checkpoint in the work dir; or a step_N folder"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a work dir that holds an earlier run: delete its checkpoints, metrics and export first",
     )
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings")
@@ -102,13 +111,26 @@ def check_local_model(path: str) -> None:
         )
 
 
-def preflight(args):
-    """Every usage error of `train` (config, DeepSpeed config, model folder, --resume PATH), before
-    anything heavy or anything is written: (config, DeepSpeed config or None)."""
+def work_dir_of(args, cfg) -> Path:
+    return Path(args.work_dir or cfg.work_dir or default_work_dir(args.config))
+
+
+def preflight(args, probe_lock: bool = False):
+    """Every usage error of `train` (config, DeepSpeed config, model folder, --resume PATH, work
+    dir), before anything heavy or anything is written: (config, DeepSpeed config or None).
+    `probe_lock`: also refuse a work dir another run holds (the launcher's parent process)."""
+    from tokentrain.checkpoint.fingerprint import check_ignore_keys
     from tokentrain.config.loader import load_config
+    from tokentrain.run import workdir
 
     cfg = load_config(args.config, args.cfg_options, seed=args.seed)
+    check_ignore_keys(cfg.resume_ignore)
     check_local_model(cfg.pretrained_model_name_or_path)
+    work_dir = work_dir_of(args, cfg)
+    workdir.check_usable(work_dir)
+    if probe_lock:
+        workdir.WorkDirLock(work_dir).probe()
+    workdir.check_start(work_dir, args.resume, args.overwrite)
     if args.resume and args.resume != "auto":
         from tokentrain.checkpoint.manager import resolve_resume
 
@@ -127,18 +149,25 @@ def cmd_train(args) -> int:
     cfg, deepspeed = preflight(args)
     if args.launcher == "none" and wants_spawn():
         return spawn_torchrun(_train_argv())
-    work_dir = Path(args.work_dir or cfg.work_dir or default_work_dir(args.config))
+    work_dir = work_dir_of(args, cfg)
     cfg = cfg.replace(work_dir=str(work_dir))
 
     from tokentrain.distributed.env import destroy_distributed, init_distributed
+    from tokentrain.run import workdir
 
     env = init_distributed(args.launcher)
+    lock = None
     try:
         if not env.is_main:
             logging.getLogger().setLevel(logging.WARNING)
+        if env.is_main:
+            lock = workdir.WorkDirLock(work_dir).acquire()  # held until this function returns
+            workdir.check_start(work_dir, args.resume, args.overwrite)  # again, now that no one else can write
+            if args.overwrite:
+                workdir.clear_previous_run(work_dir)
+            workdir.drop_stale_outputs(work_dir)
         quiet_libraries()
         if env.is_main:
-            work_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(args.config, work_dir / Path(args.config).name) if Path(args.config).resolve() != (
                 work_dir / Path(args.config).name
             ).resolve() else None
@@ -155,6 +184,8 @@ def cmd_train(args) -> int:
         _keep_exit_code(env)
         raise
     finally:
+        if lock is not None:
+            lock.release()
         destroy_distributed()
 
 

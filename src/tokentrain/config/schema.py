@@ -70,6 +70,7 @@ class TrainConfig:
     tensorboard: bool = True
     peak_tflops: float | None = None  # for MFU; None: known GPUs, or measured on CPU
     work_dir: str | None = None
+    resume_ignore: list[str] = field(default_factory=list)  # fingerprint keys a resume may differ in (logged)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)

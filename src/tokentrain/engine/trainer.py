@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokentrain.checkpoint.fingerprint import check_resume, run_fingerprint  # [runs]
 from tokentrain.checkpoint.hf_export import export_hf
 from tokentrain.checkpoint.manager import CheckpointError, CheckpointManager, resolve_resume, set_rng_state, step_of
 from tokentrain.config.schema import TrainConfig
+from tokentrain.data.checks import build_named, check_datasets  # [runs]
 from tokentrain.engine.data_stream import StepStream
 from tokentrain.engine.evaluation import generate_samples, validation_loss
 from tokentrain.engine.schedule import WarmupCosine
@@ -37,11 +39,12 @@ from tokentrain.engine.strategy import make_strategy
 from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, DataError, TokentrainError
 from tokentrain.metrics.flops import FlopCounter, peak_tflops
 from tokentrain.metrics.logger import MetricsLogger
+from tokentrain.run import signals as run_signals  # [runs]
 from tokentrain.utils import faults
 
 log = logging.getLogger("tokentrain.train")
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # [runs] SIGINT stops like SIGTERM
 
 
 class TrainingDiverged(TokentrainError):
@@ -64,6 +67,9 @@ class Preemption:
             self._old[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGINT and self.signal is not None:  # [runs] a second Ctrl-C: abort now (130)
+            run_signals.abort_now(signum)
+        run_signals.notice_stop(signum)  # [runs]
         self.signal = signum
 
     def restore(self) -> None:
@@ -124,11 +130,14 @@ class Trainer:
         self._setup_data()
         self.strategy = self._make_strategy()  # before the model: ZeRO-3 builds it partitioned
         self._setup_model()
+        check_datasets(self.train_set, self.val_set, self.vocab_size, cfg.dataset_folder, cfg.val_dataset_folder)  # [runs]
         self._setup_optimization()
         self.ckpt = CheckpointManager(self.work_dir / "checkpoints", env, self.strategy, cfg.save_total_limit)
         self.flops = FlopCounter.for_model(self.hf_model)
         self.peak, self.peak_source = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
         resume_from = self._resolve_resume()
+        self.ckpt.fingerprint = run_fingerprint(cfg, self.hf_model.config, self.vocab_size, env.world_size)  # [runs]
+        check_resume(resume_from, self.ckpt.fingerprint, cfg.resume_ignore)  # [runs] refuse a changed run
         rng = self._load(resume_from) if resume_from is not None else None
         if env.is_main and resume_from is not None:
             _truncate_metrics(self.work_dir / "metrics.jsonl", self.step)
@@ -160,7 +169,7 @@ class Trainer:
         return mine.parent / f"step_{int(code)}"
 
     def _setup_data(self) -> None:
-        from tokentrain.data.dataset import DataSettings, build_dataset
+        from tokentrain.data.dataset import DataSettings
         from tokentrain.data.sampler import ResumableSampler
 
         cfg, env = self.cfg, self.env
@@ -178,8 +187,9 @@ class Trainer:
                 zero_is_target=cfg.zero_is_target,
             )
 
-        self.train_set = build_dataset(settings(cfg.dataset_folder))
-        self.val_set = build_dataset(settings(cfg.val_dataset_folder)) if cfg.val_dataset_folder else None
+        self.train_set = build_named(settings(cfg.dataset_folder), "dataset_folder")  # [runs] names the set
+        val = cfg.val_dataset_folder
+        self.val_set = build_named(settings(val), "val_dataset_folder") if val else None  # [runs]
         self.sampler = ResumableSampler(len(self.train_set), env.rank, env.world_size, seed=cfg.seed, shuffle=True)
         self.stream = StepStream(
             self.train_set,
@@ -395,13 +405,13 @@ class Trainer:
 
                 last = self.step == self.total_steps
                 evaluating = self.step % cfg.evaluation_freq == 0 or last
+                if self.step % cfg.save_steps == 0 or last or stop:  # [runs] saved before evaluating: an
+                    self.save()  # evaluation failure never loses the step's checkpoint
+                    saved_at = self.step
                 extra = self.evaluate(val=True, generate=True) if evaluating else {}
                 if self.step % cfg.log_interval == 0 or last or evaluating or stop:
                     self.metrics.write(self._record(loss, lr, grad_norm, int(global_targets), window, extra))
                     window = _Window()
-                if self.step % cfg.save_steps == 0 or last or stop:
-                    self.save()
-                    saved_at = self.step
                 if stop:
                     sig = (
                         signal.Signals(self.preemption.signal).name
