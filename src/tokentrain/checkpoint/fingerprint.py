@@ -175,6 +175,6 @@ def check_resume(folder: Path | None, fingerprint: dict, ignore: list[str]) -> N
         key, what = refused[0]
         more = f" (and {len(refused) - 1} more: {', '.join(k for k, _ in refused[1:])})" if len(refused) > 1 else ""
         raise ConfigError(
-            f"--resume {folder}: {what}{more}; resuming would train on something else. Restore the setting, "
+            f"cannot resume from {folder}: {what}{more}; resuming would train on something else. Restore it, "
             f"start a new --work-dir, or set resume_ignore = {[k for k, _ in refused]!r} to go on anyway"
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tokentrain.utils.atomic import make_temp_dir
+from tokentrain.utils.atomic import make_temp_dir, with_umask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,6 +41,8 @@ def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_sh
             model.config.use_cache, model.config.dtype = use_cache, saved_dtype
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for p in tmp.rglob("*"):  # safetensors writes 0600: readable by colleagues like any output
+            with_umask(p, folder=p.is_dir())
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old")

@@ -42,7 +42,7 @@ import torch
 
 from tokentrain.errors import ConfigError, TokentrainError
 from tokentrain.utils import faults
-from tokentrain.utils.atomic import atomic_file
+from tokentrain.utils.atomic import atomic_file, with_umask
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,8 @@ class CheckpointManager:
             if self.env.is_main:
                 # The manifest (size + CRC-32 of every file) lets a resume refuse a file that
                 # was truncated or corrupted after this point.
+                for p in tmp.rglob("*"):  # safetensors writes 0600; checkpoints are shared outputs too
+                    with_umask(p, folder=p.is_dir())
                 info = {"step": step, "world_size": self.env.world_size, "files": manifest(tmp)}
                 (tmp / COMPLETE).write_text(json.dumps(info))
                 _fsync_tree(tmp)

@@ -130,7 +130,9 @@ class Trainer:
         self._setup_data()
         self.strategy = self._make_strategy()  # before the model: ZeRO-3 builds it partitioned
         self._setup_model()
-        check_datasets(self.train_set, self.val_set, self.vocab_size, cfg.dataset_folder, cfg.val_dataset_folder)  # [runs]
+        check_datasets(
+            self.train_set, self.val_set, self.vocab_size, cfg.dataset_folder, cfg.val_dataset_folder
+        )  # [runs]
         self._setup_optimization()
         self.ckpt = CheckpointManager(self.work_dir / "checkpoints", env, self.strategy, cfg.save_total_limit)
         self.flops = FlopCounter.for_model(self.hf_model)
