@@ -172,7 +172,7 @@ def check_resume(folder: Path | None, fingerprint: dict, ignore: list[str]) -> N
         log.warning("resuming from %s although %s (resume_ignore)", folder, what)
     refused = [(k, w) for k, w in diffs if k not in ignore]
     if refused:
-        key, what = refused[0]
+        _, what = refused[0]
         more = f" (and {len(refused) - 1} more: {', '.join(k for k, _ in refused[1:])})" if len(refused) > 1 else ""
         raise ConfigError(
             f"cannot resume from {folder}: {what}{more}; resuming would train on something else. Restore it, "
