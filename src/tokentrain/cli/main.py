@@ -16,7 +16,7 @@ import sys
 
 from tokentrain import __version__
 from tokentrain.errors import EXIT_FAILURE, EXIT_USAGE, TokentrainError
-from tokentrain.run.signals import EXIT_INTERRUPTED, StartupSignal, install_startup_handlers
+from tokentrain.run.signals import EXIT_INTERRUPTED, install_startup_handlers, restore_handlers
 
 # Each module defines `register(subparsers, parent)`, which adds its commands and sets
 # `func` on them (a callable taking the parsed args and returning an exit code).
@@ -56,14 +56,18 @@ def setup_logging(debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # `train`: a signal before the trainer's own handling ends it at once, 75/130, one line (see
+    # run/signals.py); installed first thing, restored on return (the CLI may run in-process).
+    saved = install_startup_handlers() if "train" in argv[:3] else None
     try:
-        code = _run(sys.argv[1:] if argv is None else argv)
+        code = _run(argv)
     except KeyboardInterrupt:  # Ctrl-C before or after the command's own handling
         print("tokentrain: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
-    except StartupSignal as e:
-        print(f"tokentrain: {e}", file=sys.stderr)
-        code = e.exit_code
+    finally:
+        if saved:
+            restore_handlers(saved)
     from tokentrain.distributed.spawn import record_exit_code
 
     record_exit_code(code)
@@ -78,8 +82,6 @@ def _run(argv: list[str]) -> int:
         return EXIT_USAGE
     setup_logging(args.debug)
     try:
-        if args.command == "train":
-            install_startup_handlers()  # SIGTERM/SIGUSR1 before the trainer's own handling: exit 75, one line
         from tokentrain.distributed import spawn
 
         if args.command == "train" and spawn.wants_spawn():
@@ -88,9 +90,6 @@ def _run(argv: list[str]) -> int:
             preflight(args, probe_lock=True)  # a usage error: one line here, not one per rank plus torchrun's
             return spawn.spawn_torchrun(argv[argv.index("train") + 1 :])
         return int(args.func(args) or 0)
-    except StartupSignal as e:
-        print(f"tokentrain: {e}", file=sys.stderr)
-        return e.exit_code
     except TokentrainError as e:
         if args.debug:
             raise

@@ -154,6 +154,7 @@ def cmd_train(args) -> int:
 
     from tokentrain.distributed.env import destroy_distributed, init_distributed
     from tokentrain.run import workdir
+    from tokentrain.run.signals import ignore_while_ending
 
     env = init_distributed(args.launcher)
     lock = None
@@ -177,6 +178,7 @@ def cmd_train(args) -> int:
         from tokentrain.engine.trainer import run
 
         code = run(cfg, env, work_dir, args.resume, deepspeed)
+        ignore_while_ending()
         if code:  # preempted: the checkpoint is written, every rank is on its way out with 75
             _keep_exit_code(env)
         return code

@@ -2,7 +2,8 @@
 
 * During start-up (config, imports, process group; before the trainer's setup) nothing has
   been written yet: SIGTERM/SIGUSR1 end the process at once with 75 (preempted: start it
-  again), SIGINT (Ctrl-C) with 130; one line each, no traceback.
+  again), SIGINT (Ctrl-C) with 130; one line each, no traceback. Once the run has its exit
+  code, signals are ignored while the process ends.
 * From the trainer's setup on, SIGTERM, SIGUSR1 and SIGINT all mean "stop after this step":
   a checkpoint is written, exit 75 (`--resume auto` continues). A second SIGINT aborts at
   once (exit 130, nothing saved since the last checkpoint).
@@ -13,35 +14,39 @@ from __future__ import annotations
 import os
 import signal
 
+from tokentrain.distributed.spawn import record_exit_code  # loaded before any handler can need it
 from tokentrain.errors import EXIT_PREEMPTED
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
-class StartupSignal(BaseException):
-    """SIGTERM/SIGUSR1 before training set up (a BaseException: no `except Exception` swallows it)."""
-
-    exit_code = EXIT_PREEMPTED
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-    def __str__(self) -> str:
-        return (
-            f"stopped by {signal.Signals(self.signum).name} during start-up, before training began; nothing was "
-            "written; start it again (with --resume auto it continues from the last checkpoint, if any)"
-        )
+def _exit_at_start_up(signum, _frame) -> None:
+    """Nothing to save yet: say so and leave now. Not by raising an exception: one raised in the
+    middle of importing torch (a C extension's init) can abort the interpreter (SIGABRT)."""
+    code = EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
+    _say(
+        f"tokentrain: stopped by {signal.Signals(signum).name} during start-up, before training began; nothing "
+        "was written; start it again (with --resume auto it continues from the last checkpoint, if any)"
+    )
+    record_exit_code(code)
+    os._exit(code)
 
 
-def _raise_startup(signum, _frame):
-    raise StartupSignal(signum)
+def install_startup_handlers() -> dict:
+    """From the CLI's start until the trainer installs its own (and again once it is done);
+    returns the handlers they replace."""
+    return {s: signal.signal(s, _exit_at_start_up) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
 
 
-def install_startup_handlers() -> None:
-    """SIGTERM/SIGUSR1 -> StartupSignal; SIGINT keeps Python's KeyboardInterrupt."""
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, _raise_startup)
+def restore_handlers(saved: dict) -> None:
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def ignore_while_ending() -> None:
+    """The run has its exit code: a signal while the process group is torn down must not change it."""
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def notice_stop(signum: int) -> None:
