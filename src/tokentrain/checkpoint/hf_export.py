@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tokentrain.errors import TokentrainError
 from tokentrain.utils.atomic import make_temp_dir, with_umask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,7 +53,22 @@ def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_sh
         os.rename(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and _no_space(e, out.parent):
+            raise TokentrainError(
+                f"cannot write the Hugging Face export {out}: no space left on device; the checkpoints are intact: "
+                "free space, then export the last one with `tokentrain convert pth_to_hf CFG WORK_DIR OUT`"
+            ) from e
         raise
     return out
+
+
+def _no_space(e: Exception, where: Path) -> bool:
+    """safetensors reports a full disk as its own error type, not OSError: trust the free space too."""
+    if getattr(e, "errno", None) in (28, 122) or "No space left" in str(e) or "os error 28" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(where).free < (1 << 20)
+    except OSError:
+        return False

@@ -139,9 +139,13 @@ def damage(folder: Path) -> str | None:
         info = json.loads((folder / COMPLETE).read_text())
     except (OSError, ValueError) as e:
         return f"{folder / COMPLETE}: unreadable ({e})"
-    files = info.get("files") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or "step" not in info:
+        return f"{folder / COMPLETE}: not a checkpoint manifest (no step); the checkpoint cannot be trusted"
+    files = info.get("files")
     if files is None:
         return None
+    if not isinstance(files, dict) or not all(isinstance(v, list) and len(v) == 2 for v in files.values()):
+        return f"{folder / COMPLETE}: not a checkpoint manifest (bad file list); the checkpoint cannot be trusted"
     for rel, (size, crc) in files.items():
         p = folder / rel
         if not p.is_file():

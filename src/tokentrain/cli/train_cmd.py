@@ -12,6 +12,7 @@ start without --resume on one that holds checkpoints is refused (or --overwrite)
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import signal
@@ -135,12 +136,30 @@ def preflight(args, probe_lock: bool = False):
         from tokentrain.checkpoint.manager import resolve_resume
 
         resolve_resume(args.resume, Path(args.resume), verify=False)
+    from tokentrain.data.checks import check_cache_root
+
+    check_cache_root()
     deepspeed = None
     if args.deepspeed:
         from tokentrain.distributed.deepspeed_config import load_deepspeed_config
 
-        deepspeed = load_deepspeed_config(args.deepspeed)
+        deepspeed = check_deepspeed(args.deepspeed, load_deepspeed_config(args.deepspeed))
     return cfg, deepspeed
+
+
+def check_deepspeed(source: str, ds) -> dict:
+    """The shape of a user's DeepSpeed JSON, before DeepSpeed meets it."""
+    from tokentrain.errors import ConfigError
+
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--deepspeed {source}: must be a JSON object {{...}}, got a {type(ds).__name__}")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"--deepspeed {source}: zero_optimization must be an object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ConfigError(f"--deepspeed {source}: zero_optimization.stage = {stage!r}: must be 0, 1, 2 or 3")
+    return ds
 
 
 def cmd_train(args) -> int:
@@ -185,10 +204,31 @@ def cmd_train(args) -> int:
     except TokentrainError:
         _keep_exit_code(env)
         raise
+    except OSError as e:  # the work dir's disk is full or became unwritable (metrics, logs, export)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        _keep_exit_code(env)
+        raise disk_error(e, work_dir) from e
     finally:
         if lock is not None:
             lock.release()
         destroy_distributed()
+
+
+def disk_error(e: OSError, work_dir: Path) -> TokentrainError:
+    from tokentrain.checkpoint.manager import find_latest
+
+    what = "no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+    try:
+        free = f" ({shutil.disk_usage(work_dir).free / 2**20:.1f} MiB free)"
+    except OSError:
+        free = ""
+    last = find_latest(work_dir / "checkpoints", verify=False)
+    keep = f"the last checkpoint {last} is intact" if last else "no checkpoint was written yet"
+    return TokentrainError(
+        f"{e.filename or work_dir}: {what}{free} while writing the run's outputs; {keep}: fix it, then "
+        "resume with --resume auto"
+    )
 
 
 def _keep_exit_code(env) -> None:

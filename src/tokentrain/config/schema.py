@@ -16,6 +16,7 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3")
 DOC_MASKING = ("auto", "positions", "mask4d", "varlen")
 NAN_POLICIES = ("stop", "skip")
+MAX_LENGTH_LIMIT = 1 << 24
 
 
 @dataclass
@@ -96,6 +97,8 @@ def check_values(cfg: TrainConfig) -> list[tuple[str, str]]:
     for key in REQUIRED:
         need(bool(getattr(cfg, key)), key, "must be set")
     need(cfg.max_length > 0, "max_length", "must be > 0")
+    need(cfg.max_length <= MAX_LENGTH_LIMIT, "max_length", f"must be <= {MAX_LENGTH_LIMIT} (16M tokens)")
+    need(cfg.seed >= 0, "seed", "must be >= 0")
     need(cfg.min_length >= 0, "min_length", "must be >= 0")
     need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
     need(cfg.accumulative_counts >= 1, "accumulative_counts", "must be >= 1")

@@ -9,15 +9,51 @@ training), a validation set smaller than one pack.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 
 from tokentrain.data.format import IGNORE_INDEX
-from tokentrain.errors import DataError
+from tokentrain.errors import ConfigError, DataError, TokentrainError
+
+
+def _cache_name() -> str:
+    from tokentrain.data.index import cache_root
+
+    root = cache_root()
+    return f"TOKENTRAIN_CACHE={root}" if os.environ.get("TOKENTRAIN_CACHE") else f"the cache folder {root}"
+
+
+def check_cache_root() -> None:
+    """The index cache must be a folder we can write in: a usage error (exit 2) otherwise, before any work."""
+    from tokentrain.data.index import cache_root
+
+    root, name = cache_root(), _cache_name()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{name}: is a file; point TOKENTRAIN_CACHE at a folder")
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tokentrain-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(
+            f"{name}: not writable ({e.strerror}); point TOKENTRAIN_CACHE at a folder you can write in"
+        ) from None
 
 
 def build_named(settings, key: str):
-    """build_dataset, with the set's config key and folder in any error that does not name it."""
+    """build_dataset, with the set's config key and folder in any error that does not name it,
+    and a full or unwritable disk (index cache, metas) as one line."""
     from tokentrain.data.dataset import build_dataset
+    from tokentrain.data.index import cache_root
 
     try:
         return build_dataset(settings)
@@ -25,6 +61,19 @@ def build_named(settings, key: str):
         if str(settings.folder) in str(e):
             raise
         raise DataError(f"{key} = {settings.folder!r}: {e}") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        in_cache = e.filename is not None and Path(e.filename).resolve().is_relative_to(cache_root().resolve())
+        if e.filename is None:
+            with contextlib.suppress(OSError):
+                in_cache = shutil.disk_usage(cache_root()).free < (1 << 20)
+        where = _cache_name() if in_cache else f"{key} = {settings.folder!r}"
+        what = "no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+        raise TokentrainError(
+            f"{where}: {what} while writing the data index or a meta{f' ({e.filename})' if e.filename else ''}; "
+            "free space or point TOKENTRAIN_CACHE elsewhere"
+        ) from None
 
 
 def _has_target(dataset) -> bool:
