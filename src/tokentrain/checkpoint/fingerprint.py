@@ -75,6 +75,21 @@ def dataset_fingerprint(folder: str, file_type: str, data_order_path: str | None
     return out
 
 
+def train_data_fingerprint(cfg) -> dict:
+    """The training files: of `dataset_folder`, or of each source of a `datasets = [...]` mixture
+    (files prefixed with the source's name, and its weight)."""
+    sources = getattr(cfg, "datasets", None)
+    if not sources:
+        return dataset_fingerprint(cfg.dataset_folder, cfg.file_type, cfg.data_order_path)
+    out = {}
+    for d in sources:
+        name = d.get("name") or Path(d["folder"]).name
+        out[f"{name} (weight)"] = [d.get("weight"), None, None]
+        for rel, v in dataset_fingerprint(d["folder"], cfg.file_type, cfg.data_order_path).items():
+            out[f"{name}/{rel}"] = v
+    return out
+
+
 def run_fingerprint(cfg, model_config, vocab_size: int, world_size: int) -> dict:
     """Everything the checkpoint's training depended on, as plain JSON."""
     order = None
@@ -86,7 +101,7 @@ def run_fingerprint(cfg, model_config, vocab_size: int, world_size: int) -> dict
         "version": VERSION,
         "settings": {k: getattr(cfg, k) for k in DATA_SETTINGS},
         "data_order": order,
-        "dataset": dataset_fingerprint(cfg.dataset_folder, cfg.file_type, cfg.data_order_path),
+        "dataset": train_data_fingerprint(cfg),
         "val_dataset": dataset_fingerprint(cfg.val_dataset_folder, cfg.file_type, cfg.data_order_path)
         if cfg.val_dataset_folder
         else None,
@@ -118,7 +133,7 @@ def _dataset_change(old: dict, new: dict) -> str:
         return "the files' order changed"
     for n, (o, w) in ((n, (old[n], new[n])) for n in old):
         if o[0] != w[0]:
-            return f"{n} is {w[0]} bytes, {o[0]} then"
+            return f"{n} is {w[0]}, {o[0]} then" if n.endswith(" (weight)") else f"{n} is {w[0]} bytes, {o[0]} then"
         if o[1:] != w[1:]:
             return f"{n} has other contents (same size)"
     return ""
