@@ -111,7 +111,9 @@ def test_steps_without_target_tokens_are_skipped_not_nan(tiny_model, tmp_path):
     data = tmp_path / "prompts_only"
     data.mkdir()
     g = torch.Generator().manual_seed(0)
-    write_file(data / "a.bin", [(-torch.randint(3, 500, (50,), generator=g)).numpy() for _ in range(20)])
+    docs = [(-torch.randint(3, 500, (50,), generator=g)).numpy() for _ in range(200)]
+    # One document with targets: a set with none at all is refused before step 1 (tests/reliability).
+    write_file(data / "a.bin", [*docs, torch.randint(3, 500, (50,), generator=g).numpy()])
     cfg = make_config(tiny_model, data, batch_size=2, max_iters=3)
     before = checkpoint_weights_from_model(tiny_model)
     assert train(cfg, tmp_path / "w") == 0

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from tokentrain.errors import TokentrainError
+from tokentrain.utils.atomic import make_temp_dir, with_umask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,7 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_shard_size: str = "5GB") -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = make_temp_dir(f".{out.name}.", out.parent)  # umask permissions, not mkdtemp's 0700
     try:
         dtype = DTYPES.get(export_dtype)  # None for "auto": the dtype the model was published in
         if dtype is None:
@@ -41,6 +43,8 @@ def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_sh
         _record_dtype(tmp / "config.json", dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for p in tmp.rglob("*"):  # safetensors writes 0600: readable by colleagues like any output
+            with_umask(p, folder=p.is_dir())
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old")
@@ -50,8 +54,13 @@ def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_sh
         os.rename(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and _no_space(e, out.parent):
+            raise TokentrainError(
+                f"cannot write the Hugging Face export {out}: no space left on device; the checkpoints are intact: "
+                "free space, then export the last one with `tokentrain convert pth_to_hf CFG WORK_DIR OUT`"
+            ) from e
         raise
     return out
 
@@ -67,3 +76,13 @@ def _record_dtype(config_json: Path, dtype: torch.dtype) -> None:
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = name
     config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _no_space(e: Exception, where: Path) -> bool:
+    """safetensors reports a full disk as its own error type, not OSError: trust the free space too."""
+    if getattr(e, "errno", None) in (28, 122) or "No space left" in str(e) or "os error 28" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(where).free < (1 << 20)
+    except OSError:
+        return False

@@ -42,7 +42,7 @@ import torch
 
 from tokentrain.errors import CheckpointError, ConfigError, TokentrainError, UnsafeCheckpointError
 from tokentrain.utils import faults
-from tokentrain.utils.atomic import atomic_file
+from tokentrain.utils.atomic import atomic_file, with_umask
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,13 @@ def damage(folder: Path) -> str | None:
         info = json.loads((folder / COMPLETE).read_text())
     except (OSError, ValueError) as e:
         return f"{folder / COMPLETE}: unreadable ({e})"
-    files = info.get("files") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or "step" not in info:
+        return f"{folder / COMPLETE}: not a checkpoint manifest (no step); the checkpoint cannot be trusted"
+    files = info.get("files")
     if files is None:
         return None
+    if not isinstance(files, dict) or not all(isinstance(v, list) and len(v) == 2 for v in files.values()):
+        return f"{folder / COMPLETE}: not a checkpoint manifest (bad file list); the checkpoint cannot be trusted"
     for rel, (size, crc) in files.items():
         p = folder / rel
         if not p.is_file():
@@ -234,6 +238,8 @@ class CheckpointManager:
         self.engine = engine
         self.keep = keep  # -1: keep all
         self.every = every  # save_steps
+        self.fingerprint: dict | None = None  # the run fingerprint, saved with every checkpoint
+        self.written: list[str] = []  # this run's checkpoints, in the order written (pruning keeps the newest)
 
     def resolve(self, resume: str | None) -> Path | None:
         """The checkpoint to resume from (`--resume`), chosen and its files verified by the main
@@ -278,24 +284,36 @@ class CheckpointManager:
             if self.env.is_main:
                 torch.save(trainer_state, tmp / TRAINER_STATE)
                 (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+                if self.fingerprint is not None:
+                    from tokentrain.checkpoint.fingerprint import save as save_fingerprint
+
+                    save_fingerprint(tmp, self.fingerprint)
             if faults.value("save_sleep"):
                 time.sleep(float(faults.value("save_sleep")))
             self.engine.barrier()
             if self.env.is_main:
                 # The manifest (size + CRC-32 of every file) lets a resume refuse a file that
                 # was truncated or corrupted after this point.
+                for p in tmp.rglob("*"):  # safetensors writes 0600; checkpoints are shared outputs too
+                    with_umask(p, folder=p.is_dir())
                 info = {"step": step, "world_size": self.env.world_size, **self.engine_record(), "files": manifest(tmp)}
                 (tmp / COMPLETE).write_text(json.dumps(info))
                 _fsync_tree(tmp)
         except Exception as e:
             raise self._write_failed(tmp, e) from e
         if self.env.is_main:
+            old = None
             if final.exists():  # the same step saved again (a resumed run that re-reached it)
-                shutil.rmtree(final)
+                old = self.root / f".{final.name}.replaced"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
             os.rename(tmp, final)
             with atomic_file(self.root / LATEST, "w") as f:
                 f.write(final.name + "\n")
-            self.prune()
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            self.written = [w for w in self.written if w != final.name] + [final.name]
+            self.prune(final)
         self.engine.barrier()
         return final
 
@@ -339,11 +357,25 @@ class CheckpointManager:
         )
         return CheckpointError(f"cannot write checkpoint {tmp}: {cause}{room}; {keep}")
 
-    def prune(self) -> None:
+    def prune(self, just_written: Path) -> None:
+        """Keep the `keep` most recent checkpoints: by recency, not step number, so that a run
+        resumed from an earlier step never deletes what it has just written (another run's
+        higher steps go first), and `latest` (the one just written) always exists."""
         if self.keep < 0:
             return
-        found = list_checkpoints(self.root)
+
+        def recency(p: Path):
+            mine = self.written.index(p.name) if p.name in self.written else -1
+            try:
+                when = (p / COMPLETE).stat().st_mtime_ns
+            except OSError:
+                when = 0
+            return (mine, when, step_of(p))
+
+        found = sorted(list_checkpoints(self.root), key=recency)
         for old in found[: max(0, len(found) - self.keep)]:
+            if old.name == just_written.name:
+                continue
             shutil.rmtree(old, ignore_errors=True)
             log.debug("removed old checkpoint %s", old)
 

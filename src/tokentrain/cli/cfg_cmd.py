@@ -11,6 +11,7 @@ def register(sub, common) -> None:
     p = sub.add_parser("copy-cfg", help="copy a config template to DIR/NAME_copy.py", parents=[common])
     p.add_argument("name", metavar="NAME")
     p.add_argument("dest", metavar="DIR")
+    p.add_argument("--force", action="store_true", help="overwrite DIR/NAME_copy.py if it exists")
     p.set_defaults(func=cmd_copy)
 
 
@@ -24,7 +25,14 @@ def cmd_list(args) -> int:
 
 
 def cmd_copy(args) -> int:
-    from tokentrain.config.templates import copy_template
+    """Never overwrites an (edited) earlier copy unless --force."""
+    from pathlib import Path
 
+    from tokentrain.config.templates import copy_template, template_path
+    from tokentrain.errors import ConfigError
+
+    dest = Path(args.dest) / f"{template_path(args.name).stem}_copy.py"
+    if dest.exists() and not args.force:
+        raise ConfigError(f"{dest} exists (an earlier copy, maybe edited); remove it, copy elsewhere, or pass --force")
     print(f"Copied to {copy_template(args.name, args.dest)}")
     return 0

@@ -16,6 +16,7 @@ import sys
 
 from tokentrain import __version__
 from tokentrain.errors import EXIT_FAILURE, EXIT_USAGE, TokentrainError
+from tokentrain.run.signals import EXIT_INTERRUPTED, install_startup_handlers, restore_handlers
 
 # Each module defines `register(subparsers, parent)`, which adds its commands and sets
 # `func` on them (a callable taking the parsed args and returning an exit code).
@@ -55,7 +56,18 @@ def setup_logging(debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _run(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # `train`: a signal before the trainer's own handling ends it at once, 75/130, one line (see
+    # run/signals.py); installed first thing, restored on return (the CLI may run in-process).
+    saved = install_startup_handlers() if "train" in argv[:3] else None
+    try:
+        code = _run(argv)
+    except KeyboardInterrupt:  # Ctrl-C before or after the command's own handling
+        print("tokentrain: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    finally:
+        if saved:
+            restore_handlers(saved)
     from tokentrain.distributed.spawn import record_exit_code
 
     record_exit_code(code)
@@ -69,13 +81,13 @@ def _run(argv: list[str]) -> int:
         parser.print_help()
         return EXIT_USAGE
     setup_logging(args.debug)
-    from tokentrain.distributed import spawn
-
     try:
+        from tokentrain.distributed import spawn
+
         if args.command == "train" and spawn.wants_spawn():
             from tokentrain.cli.train_cmd import preflight
 
-            preflight(args)  # a config error: one line here, not one per rank plus torchrun's report
+            preflight(args, probe_lock=True)  # a usage error: one line here, not one per rank plus torchrun's
             return spawn.spawn_torchrun(argv[argv.index("train") + 1 :])
         return int(args.func(args) or 0)
     except TokentrainError as e:
@@ -84,8 +96,12 @@ def _run(argv: list[str]) -> int:
         print(f"tokentrain: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("tokentrain: interrupted", file=sys.stderr)
-        return 130
+        print(
+            "tokentrain: interrupted; nothing was saved since the last checkpoint (if any): "
+            "continue with --resume auto",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `tokentrain data show ... | head`
         return 0
     except Exception as e:

@@ -3,11 +3,16 @@
 `train` loads and validates the config (one-line errors, before anything heavy), joins
 the launcher's process group, and runs the trainer. With NPROC_PER_NODE set (and not
 already under a launcher) it starts torchrun itself. Exit codes: 0 done, 1 failure,
-2 bad command line or config, 3 bad data, 75 preempted (checkpoint written; resume).
+2 bad command line or config, 3 bad data, 75 preempted (checkpoint written; resume),
+130 aborted by a second Ctrl-C (or Ctrl-C during start-up).
+
+A work dir belongs to one run (tokentrain.run.workdir): the main rank locks it, and a
+start without --resume on one that holds checkpoints is refused (or --overwrite).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import signal
@@ -30,6 +35,11 @@ def add_train_arguments(p) -> None:
     )
     p.add_argument(
         "--resume", metavar="auto|PATH", help="auto: newest complete checkpoint in the work dir; or a step_N folder"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a work dir that holds an earlier run: delete its checkpoints, metrics and export first",
     )
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings")
@@ -108,12 +118,20 @@ def check_local_model(path: str) -> None:
         )
 
 
-def preflight(args):
-    """Every usage error of `train` (config, DeepSpeed config, model folder, --resume PATH), before
-    anything heavy or anything is written: (config, DeepSpeed config or None)."""
+def work_dir_of(args, cfg) -> Path:
+    return Path(args.work_dir or cfg.work_dir or default_work_dir(args.config))
+
+
+def preflight(args, probe_lock: bool = False):
+    """Every usage error of `train` (config, DeepSpeed config, model folder, --resume PATH, work
+    dir), before anything heavy or anything is written: (config, DeepSpeed config or None).
+    `probe_lock`: also refuse a work dir another run holds (the launcher's parent process)."""
+    from tokentrain.checkpoint.fingerprint import check_ignore_keys
     from tokentrain.config.loader import load_config
+    from tokentrain.run import workdir
 
     cfg = load_config(args.config, args.cfg_options, seed=args.seed)
+    check_ignore_keys(cfg.resume_ignore)
     if getattr(args, "engine", None):
         cfg = cfg.replace(engine=args.engine)
     if args.deepspeed and cfg.engine not in ("auto", "deepspeed"):
@@ -121,10 +139,18 @@ def preflight(args):
 
         raise ConfigError(f"--deepspeed and engine {cfg.engine!r} exclude each other; drop one of them")
     check_local_model(cfg.pretrained_model_name_or_path)
+    work_dir = work_dir_of(args, cfg)
+    workdir.check_usable(work_dir)
+    if probe_lock:
+        workdir.WorkDirLock(work_dir).probe()
+    workdir.check_start(work_dir, args.resume, args.overwrite)
     if args.resume and args.resume != "auto":
         from tokentrain.checkpoint.manager import resolve_resume
 
         resolve_resume(args.resume, Path(args.resume), verify=False)
+    from tokentrain.data.checks import check_cache_root
+
+    check_cache_root()
     deepspeed = None
     if args.deepspeed:
         from tokentrain.engines.deepspeed_config import load_deepspeed_config
@@ -136,7 +162,7 @@ def preflight(args):
                 f"--deepspeed {args.deepspeed}: DeepSpeed is not installed; pip install 'tokentrain[deepspeed]'"
             )
 
-        deepspeed = load_deepspeed_config(args.deepspeed)
+        deepspeed = check_deepspeed(args.deepspeed, load_deepspeed_config(args.deepspeed))
     from tokentrain.engines.registry import choose
 
     choose(cfg.engine, deepspeed=deepspeed is not None, world_size=1)  # flag conflicts, before any rank starts
@@ -151,24 +177,47 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def check_deepspeed(source: str, ds) -> dict:
+    """The shape of a user's DeepSpeed JSON, before DeepSpeed meets it."""
+    from tokentrain.errors import ConfigError
+
+    if not isinstance(ds, dict):
+        raise ConfigError(f"--deepspeed {source}: must be a JSON object {{...}}, got a {type(ds).__name__}")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"--deepspeed {source}: zero_optimization must be an object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ConfigError(f"--deepspeed {source}: zero_optimization.stage = {stage!r}: must be 0, 1, 2 or 3")
+    return ds
+
+
 def cmd_train(args) -> int:
     from tokentrain.distributed.spawn import spawn_torchrun, wants_spawn
 
     cfg, deepspeed = preflight(args)
     if args.launcher == "none" and wants_spawn():
         return spawn_torchrun(_train_argv())
-    work_dir = Path(args.work_dir or cfg.work_dir or default_work_dir(args.config))
+    work_dir = work_dir_of(args, cfg)
     cfg = cfg.replace(work_dir=str(work_dir))
 
     from tokentrain.distributed.env import destroy_distributed, init_distributed
+    from tokentrain.run import workdir
+    from tokentrain.run.signals import ignore_while_ending
 
     env = init_distributed(args.launcher)
+    lock = None
     try:
         if not env.is_main:
             logging.getLogger().setLevel(logging.WARNING)
+        if env.is_main:
+            lock = workdir.WorkDirLock(work_dir).acquire()  # held until this function returns
+            workdir.check_start(work_dir, args.resume, args.overwrite)  # again, now that no one else can write
+            if args.overwrite:
+                workdir.clear_previous_run(work_dir)
+            workdir.drop_stale_outputs(work_dir)
         quiet_libraries()
         if env.is_main:
-            work_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(args.config, work_dir / Path(args.config).name) if Path(args.config).resolve() != (
                 work_dir / Path(args.config).name
             ).resolve() else None
@@ -178,14 +227,38 @@ def cmd_train(args) -> int:
         from tokentrain.engine.trainer import run
 
         code = run(cfg, env, work_dir, args.resume, deepspeed)
+        ignore_while_ending()
         if code:  # preempted: the checkpoint is written, every rank is on its way out with 75
             _keep_exit_code(env)
         return code
     except TokentrainError:
         _keep_exit_code(env)
         raise
+    except OSError as e:  # the work dir's disk is full or became unwritable (metrics, logs, export)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        _keep_exit_code(env)
+        raise disk_error(e, work_dir) from e
     finally:
+        if lock is not None:
+            lock.release()
         destroy_distributed()
+
+
+def disk_error(e: OSError, work_dir: Path) -> TokentrainError:
+    from tokentrain.checkpoint.manager import find_latest
+
+    what = "no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+    try:
+        free = f" ({shutil.disk_usage(work_dir).free / 2**20:.1f} MiB free)"
+    except OSError:
+        free = ""
+    last = find_latest(work_dir / "checkpoints", verify=False)
+    keep = f"the last checkpoint {last} is intact" if last else "no checkpoint was written yet"
+    return TokentrainError(
+        f"{e.filename or work_dir}: {what}{free} while writing the run's outputs; {keep}: fix it, then "
+        "resume with --resume auto"
+    )
 
 
 def _keep_exit_code(env) -> None:

@@ -240,6 +240,10 @@ def read_settings(path: str | os.PathLike) -> dict:
         namespace = runpy.run_path(str(p), run_name="__tokentrain_config__")
     except SyntaxError as e:
         raise ConfigError(f"{p}:{e.lineno}: syntax error in config: {e.msg}") from None
+    except SystemExit as e:  # a config that exits would otherwise end the run with its code, having done nothing
+        raise ConfigError(
+            f"{p}: the config called sys.exit({e.code!r}); a config only sets values, remove the call"
+        ) from None
     except Exception as e:
         raise ConfigError(f"{p}: executing the config failed: {type(e).__name__}: {e}") from None
     return _settings_of(namespace)

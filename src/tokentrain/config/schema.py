@@ -17,6 +17,7 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen", "flash_attention_2", 
 DOC_MASKING = ("auto", "positions", "mask4d", "varlen")
 NAN_POLICIES = ("stop", "skip")
 ENGINES = ("auto", "local", "ddp", "deepspeed", "fsdp2")  # engines.registry.CHOICES
+MAX_LENGTH_LIMIT = 1 << 24
 
 
 @dataclass
@@ -76,6 +77,7 @@ class TrainConfig:
     peak_tflops: float | None = None  # for MFU; None: known GPUs, or measured on CPU
     work_dir: str | None = None
     engine: str = "auto"  # local | ddp | deepspeed | fsdp2; auto: deepspeed with --deepspeed, ddp on >1 rank
+    resume_ignore: list[str] = field(default_factory=list)  # fingerprint keys a resume may differ in (logged)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -103,6 +105,8 @@ def check_values(cfg: TrainConfig) -> list[tuple[str, str]]:
     need(bool(cfg.dataset_folder) or bool(cfg.datasets), "dataset_folder", "must be set (or datasets = [...])")
     need(not (cfg.dataset_folder and cfg.datasets), "datasets", "set either dataset_folder or datasets, not both")
     need(cfg.max_length > 0, "max_length", "must be > 0")
+    need(cfg.max_length <= MAX_LENGTH_LIMIT, "max_length", f"must be <= {MAX_LENGTH_LIMIT} (16M tokens)")
+    need(cfg.seed >= 0, "seed", "must be >= 0")
     need(cfg.min_length >= 0, "min_length", "must be >= 0")
     need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
     need(cfg.accumulative_counts >= 1, "accumulative_counts", "must be >= 1")

@@ -81,7 +81,9 @@ def build_train_data(cfg, rank: int = 0, world_size: int = 1):
     from tokentrain.data.sampler import ResumableSampler, StreamSampler
 
     if not getattr(cfg, "datasets", None):
-        ds = build_dataset(settings_for(cfg, cfg.dataset_folder))
+        from tokentrain.data.checks import build_named  # errors name the config key
+
+        ds = build_named(settings_for(cfg, cfg.dataset_folder), "dataset_folder")
         return ds, ResumableSampler(len(ds), rank, world_size, seed=cfg.seed, shuffle=True)
     mix = build_mixture(cfg)
     return mix, StreamSampler(len(mix), rank, world_size, seed=cfg.seed, fingerprint=mixture_fingerprint(mix))

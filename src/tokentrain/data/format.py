@@ -93,17 +93,25 @@ def _files_from_order(root: Path, order: Path) -> list[Path]:
         text = order.read_text()
     except OSError as e:
         raise DataError(f"{order}: cannot read data order file ({e.strerror})") from None
-    files = []
+    files, seen = [], {}
     for lineno, line in enumerate(text.splitlines(), 1):
         rel = line.strip()
         if not rel:
             continue
         p = root / rel
+        if not p.resolve().is_relative_to(root.resolve()):
+            raise DataError(f"{order}:{lineno}: {rel!r} is outside the dataset folder {root}; list only files under it")
         if not p.is_file():
             raise DataError(
                 f"{order}:{lineno}: listed file {rel!r} does not exist under {root}; fix the list or "
                 "regenerate it with `tokentrain data order`"
             )
+        if p.resolve() in seen:
+            raise DataError(
+                f"{order}:{lineno}: {rel!r} is listed twice (first on line {seen[p.resolve()]}); each file once, "
+                "or regenerate the list with `tokentrain data order`"
+            )
+        seen[p.resolve()] = lineno
         files.append(p)
     if not files:
         raise DataError(f"{order}: data order file lists no files")
@@ -131,10 +139,21 @@ def read_meta(path: Path, data_path: Path, data_size: int) -> np.ndarray:
     """
     try:
         raw = np.load(path, allow_pickle=False)
+    except OSError as e:
+        if e.errno is None:  # numpy's own "not a .npy file" (no errno): a damaged meta
+            raise DataError(
+                f"{path}: not a readable numpy .npy meta file ({e}); rebuild it with `tokentrain data index --rebuild`"
+            ) from None
+        raise DataError(f"{path}: cannot read the meta file ({e.strerror}); check its permissions") from None
     except Exception as e:  # numpy raises ValueError/OSError/EOFError/UnpicklingError...
         raise DataError(
             f"{path}: not a readable numpy .npy meta file ({e}); rebuild it with `tokentrain data index --rebuild`"
         ) from None
+    if not isinstance(raw, np.ndarray):  # an .npz archive
+        raw.close()
+        raise DataError(
+            f"{path}: an .npz archive, not a .npy meta array; rebuild it with `tokentrain data index --rebuild`"
+        )
     if raw.ndim != 2 or raw.shape[1] < 2:
         raise DataError(
             f"{path}: meta must have shape (N, >=2) (offset, token count), got {raw.shape}; rebuild it with "
@@ -168,7 +187,8 @@ def read_meta(path: Path, data_path: Path, data_size: int) -> np.ndarray:
         raise DataError(f"{path}: last line offset {last} is past the end of {data_path} ({data_size} bytes); {fix}")
     # The last line must run to the end of the file: anything after it means lines were
     # appended (or the file rewritten) after the meta was written.
-    with open(data_path, "rb") as f:
+    _check_zero_counts(path, data_path, meta, data_size, fix)
+    with _open_data(data_path) as f:
         f.seek(last - 1 if last else 0)
         tail = f.read()
     if last and tail[0] != _NL:
@@ -187,15 +207,47 @@ def read_meta(path: Path, data_path: Path, data_size: int) -> np.ndarray:
     return meta
 
 
-def _blank_prefix(data_path: Path, nbytes: int, whole_file: bool = False, limit: int = 1 << 20) -> bool:
-    """Whether the first `nbytes` of the file are blank lines (build_meta skips those)."""
+def _open_data(data_path: Path):
+    try:
+        return open(data_path, "rb")
+    except OSError as e:
+        raise DataError(f"{data_path}: cannot read data file ({e.strerror}); check its permissions") from None
+
+
+def _check_zero_counts(path: Path, data_path: Path, meta: np.ndarray, data_size: int, fix: str) -> None:
+    """A row counting 0 tokens must be an empty document, not a real line a bad meta drops."""
+    zero = np.flatnonzero(meta[:, 1] == 0)[:10000]
+    if not len(zero):
+        return
+    ends = np.append(meta[1:, 0], data_size)
+    with _open_data(data_path) as f:
+        for i in zero.tolist():
+            f.seek(int(meta[i, 0]))
+            line = f.read(int(ends[i] - meta[i, 0]))
+            try:
+                n = len(parse_line(line, data_path, i + 1, int(meta[i, 0])))
+            except DataError:
+                n = -1
+            if n != 0:
+                got = f"{n} tokens" if n > 0 else "no valid document"
+                raise DataError(f"{path}: row {i}: 0 tokens, but line {i + 1} of {data_path} has {got}; {fix}")
+
+
+def _blank_prefix(data_path: Path, nbytes: int, whole_file: bool = False, chunk: int = 1 << 20) -> bool:
+    """Whether the first `nbytes` of the file are blank lines (build_meta skips those); read
+    in chunks, so a prefix of any length is accepted as build_meta accepts it."""
     if nbytes == 0:
         return True
-    if nbytes > limit:
-        return False
-    with open(data_path, "rb") as f:
-        head = f.read(nbytes)
-    return len(head) == nbytes and not head.strip() and (whole_file or head.endswith(b"\n"))
+    last = b""
+    with _open_data(data_path) as f:
+        left = nbytes
+        while left:
+            block = f.read(min(chunk, left))
+            if not block or block.strip():
+                return False
+            left -= len(block)
+            last = block
+    return whole_file or last.endswith(b"\n")
 
 
 def build_meta(data_path: Path) -> np.ndarray:

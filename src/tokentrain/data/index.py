@@ -98,6 +98,23 @@ def ensure_meta(data_path: Path, stats: IndexStats | None = None) -> Path:
         return cached
 
 
+def _check_empty(data_path: Path) -> None:
+    """A 0-byte data file is empty only if its meta (when it has one) lists no line: else the
+    file was truncated (a failed copy?), and skipping it would silently drop its documents."""
+    mp = fmt.meta_path(data_path)
+    if not mp.is_file():
+        return
+    try:
+        rows = len(np.load(mp, mmap_mode="r", allow_pickle=False))
+    except Exception:  # an unreadable meta of an empty file: the meta checks name it if it matters
+        return
+    if rows:
+        raise DataError(
+            f"{data_path}: empty, but its meta lists {rows} lines (truncated by a failed copy?); restore the "
+            f"file, or delete it and {mp.name}"
+        )
+
+
 def _cached_meta_path(data_path: Path) -> Path:
     h = hashlib.sha1(str(data_path.resolve()).encode()).hexdigest()[:16]
     return cache_root() / "meta" / f"{h}-{data_path.name}.meta"
@@ -140,6 +157,7 @@ def _layout(files: list[Path], min_length: int, shuffle: bool, seed: int) -> _La
     metas = []
     for p, size in zip(files, sizes):
         if size == 0:
+            _check_empty(p)
             stats.empty_files += 1
             metas.append(np.zeros((0, 2), np.int64))
         else:
@@ -221,6 +239,15 @@ def _cache_key(files: list[Path], min_length: int, shuffle: bool, seed: int) -> 
     return h.hexdigest()[:24]
 
 
+def _load_entry(target: Path):
+    info = json.loads((target / "info.json").read_text())
+    docs = np.load(target / "docs.npy", mmap_mode="r")
+    ends = np.load(target / "ends.npy", mmap_mode="r")
+    if docs.ndim != 2 or docs.shape != (len(ends), 4) or not isinstance(info.get("stats"), dict):
+        raise ValueError(f"docs {docs.shape} / ends {ends.shape} do not match")
+    return info, docs, ends
+
+
 def open_index(
     files: list[Path],
     min_length: int = 1,
@@ -228,6 +255,7 @@ def open_index(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     rebuild: bool = False,
+    _retried: bool = False,
 ) -> DocIndex:
     """The document table, from the cache when present (memory-mapped), else built and cached.
 
@@ -262,9 +290,16 @@ def open_index(
                 target,
             )
             del lay
-    info = json.loads((target / "info.json").read_text())
-    docs = np.load(target / "docs.npy", mmap_mode="r")
-    ends = np.load(target / "ends.npy", mmap_mode="r")
+    try:
+        info, docs, ends = _load_entry(target)
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:  # a damaged cache entry: rebuild it
+        if _retried:
+            raise DataError(
+                f"{target}: index cache entry unreadable right after it was rebuilt ({e}); check the disk of "
+                "TOKENTRAIN_CACHE (or point it elsewhere)"
+            ) from None
+        log.warning("index cache entry %s is damaged (%s: %s); rebuilding it", target, type(e).__name__, e)
+        return open_index(files, min_length, shuffle, seed, cache_dir, rebuild=True, _retried=True)
     # The key is made of resolved paths, so the cached table may have been built from another
     # working directory: name the files as this caller does, never by the stored (maybe relative) names.
     return DocIndex([str(p) for p in files], info["file_sizes"], docs, ends, IndexStats(**info["stats"]), target)

@@ -1,1 +1,1 @@
-"""The training engine: strategy (local / DDP), schedule, the trainer loop."""
+"""The training loop and its parts: data stream, schedule, evaluation, preemption, the trainer."""

@@ -1,10 +1,13 @@
-"""SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75 (the launcher retries)."""
+"""SIGTERM / SIGUSR1 / Ctrl-C: finish the step, checkpoint, exit 75 (the launcher retries);
+a second Ctrl-C aborts at once (130, no traceback)."""
 
 from __future__ import annotations
 
 import signal
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from tokentrain.run import signals as run_signals
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT (Ctrl-C) stops like SIGTERM
 
 
 class Preemption:
@@ -23,6 +26,9 @@ class Preemption:
             self._old[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGINT and self.signal is not None:  # a second Ctrl-C: abort now (130)
+            run_signals.abort_now(signum)
+        run_signals.notice_stop(signum)
         self.signal = signum
 
     def restore(self) -> None:

@@ -29,9 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokentrain.checkpoint.fingerprint import check_resume, run_fingerprint
 from tokentrain.checkpoint.hf_export import export_hf
 from tokentrain.checkpoint.manager import CheckpointManager, set_rng_state
 from tokentrain.config.schema import TrainConfig
+from tokentrain.data.checks import build_named, check_datasets
 from tokentrain.engine.batch_checks import check_token_ids, describe_samples
 from tokentrain.engine.data_stream import MicroBatch, StepStream
 from tokentrain.engine.evaluation import Evaluator
@@ -119,6 +121,7 @@ class Trainer:
         self._setup_data()
         self.engine = self._make_engine()  # before the model: ZeRO-3 / FSDP2 build it sharded
         self._setup_model()
+        check_datasets(self.train_set, self.val_set, self.vocab_size, cfg.dataset_folder, cfg.val_dataset_folder)
         self._setup_optimization()
         self.ckpt = CheckpointManager(
             self.work_dir / "checkpoints", env, self.engine, cfg.save_total_limit, every=cfg.save_steps
@@ -126,6 +129,8 @@ class Trainer:
         self.flops = FlopCounter.for_model(self.hf_model)
         self.peak, self.peak_source = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
         resume_from = self.ckpt.resolve(self.resume)
+        self.ckpt.fingerprint = run_fingerprint(cfg, self.hf_model.config, self.vocab_size, env.world_size)
+        check_resume(resume_from, self.ckpt.fingerprint, cfg.resume_ignore)  # refuse a changed run in one line
         rng = self._load(resume_from) if resume_from is not None else None
         # (the JSONL sink drops the records after a resumed step itself)
         self.metrics = MetricsLogger(
@@ -162,13 +167,14 @@ class Trainer:
         return engine
 
     def _setup_data(self) -> None:
-        from tokentrain.data.dataset import build_dataset, build_train_data, settings_for
+        from tokentrain.data.dataset import build_train_data, settings_for
 
         cfg, env = self.cfg, self.env
         # One dataset_folder, or a `datasets` mixture (data/mixture.py): the dataset and its sampler.
         self.train_set, self.sampler = build_train_data(cfg, env.rank, env.world_size)
         self.source_tokens = SourceTokens(getattr(self.train_set, "names", None))
-        self.val_set = build_dataset(settings_for(cfg, cfg.val_dataset_folder)) if cfg.val_dataset_folder else None
+        val = cfg.val_dataset_folder
+        self.val_set = build_named(settings_for(cfg, val), "val_dataset_folder") if val else None
         self.stream = StepStream(
             self.train_set,
             self.sampler,
@@ -321,13 +327,13 @@ class Trainer:
 
                 last = self.step == self.total_steps
                 evaluating = self.evaluator.due(self.step, last=last)
+                if self.ckpt.due(self.step, last=last, stop=totals.stop):  # saved before evaluating: an
+                    self.save()  # evaluation failure never loses the step's checkpoint
+                    saved_at = self.step
                 extra = self.evaluator.run(self.step) if evaluating else {}
                 if self.metrics.due(self.step, last=last, forced=evaluating or totals.stop):
                     self.metrics.write(self._record(outcome, totals, window, extra))
                     window = Window()
-                if self.ckpt.due(self.step, last=last, stop=totals.stop):
-                    self.save()
-                    saved_at = self.step
                 if totals.stop:
                     self.metrics.message(
                         f"stopped by {self.preemption.describe()} after step {self.step}; checkpoint written, "

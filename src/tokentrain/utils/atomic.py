@@ -1,4 +1,9 @@
-"""Write-aside-then-rename helpers: a reader sees the old file or the new one, never half."""
+"""Write-aside-then-rename helpers: a reader sees the old file or the new one, never half.
+
+`tempfile` creates its files 0600 and folders 0700 (private by design); what we write is
+output for others too (corpus shards, checkpoints, the exported model), so it gets the
+process umask's permissions, as `open()` and `mkdir` would give.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,38 @@ from pathlib import Path
 from typing import IO
 
 
+def current_umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no other way to read it: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def with_umask(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give a tempfile-made file (0600) or folder (0700) the permissions open()/mkdir would."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
+def make_temp_dir(prefix: str, dir: str | os.PathLike) -> Path:
+    """tempfile.mkdtemp beside the target, with umask permissions."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=dir))
+    with_umask(tmp, folder=True)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside `path`; on clean exit fsync it and rename it over `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -36,7 +67,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = make_temp_dir(f".{path.name}.", path.parent)
     try:
         yield tmp
         try:

@@ -1,0 +1,109 @@
+"""Checks of the training and validation sets before the first step.
+
+Each failure is a one-line `DataError` (exit 3) naming the set, found before any training
+time is spent and before anything is written: a set with no target token (every token
+negative: "training" would only skip steps and export the untrained model), validation
+token ids outside the vocabulary (else the first evaluation fails after hours of
+training), a validation set smaller than one pack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from tokentrain.data.format import IGNORE_INDEX
+from tokentrain.errors import ConfigError, DataError, TokentrainError
+
+
+def _cache_name() -> str:
+    from tokentrain.data.index import cache_root
+
+    root = cache_root()
+    return f"TOKENTRAIN_CACHE={root}" if os.environ.get("TOKENTRAIN_CACHE") else f"the cache folder {root}"
+
+
+def check_cache_root() -> None:
+    """The index cache must be a folder we can write in: a usage error (exit 2) otherwise, before any work."""
+    from tokentrain.data.index import cache_root
+
+    root, name = cache_root(), _cache_name()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{name}: is a file; point TOKENTRAIN_CACHE at a folder")
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tokentrain-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(
+            f"{name}: not writable ({e.strerror}); point TOKENTRAIN_CACHE at a folder you can write in"
+        ) from None
+
+
+def build_named(settings, key: str):
+    """build_dataset, with the set's config key and folder in any error that does not name it,
+    and a full or unwritable disk (index cache, metas) as one line."""
+    from tokentrain.data.dataset import build_dataset
+    from tokentrain.data.index import cache_root
+
+    try:
+        return build_dataset(settings)
+    except DataError as e:
+        if str(settings.folder) in str(e):
+            raise
+        raise DataError(f"{key} = {settings.folder!r}: {e}") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        in_cache = e.filename is not None and Path(e.filename).resolve().is_relative_to(cache_root().resolve())
+        if e.filename is None:
+            with contextlib.suppress(OSError):
+                in_cache = shutil.disk_usage(cache_root()).free < (1 << 20)
+        where = _cache_name() if in_cache else f"{key} = {settings.folder!r}"
+        what = "no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+        raise TokentrainError(
+            f"{where}: {what} while writing the data index or a meta{f' ({e.filename})' if e.filename else ''}; "
+            "free space or point TOKENTRAIN_CACHE elsewhere"
+        ) from None
+
+
+def _has_target(dataset) -> bool:
+    return any(bool((np.asarray(dataset[k]["labels"]) != IGNORE_INDEX).any()) for k in range(len(dataset)))
+
+
+def check_datasets(train_set, val_set, vocab_size: int, train_folder: str, val_folder: str | None) -> None:
+    """Every set has a target token; every validation id is < the vocabulary size."""
+    if not _has_target(train_set):  # stops at the first sample that has one
+        raise DataError(
+            f"dataset_folder = {train_folder!r}: no target token in any of its {len(train_set)} sample(s) (every "
+            "token negative, i.e. masked); training would learn nothing. Check the sign convention of the data"
+        )
+    if val_set is None:
+        return
+    found = False
+    for k in range(len(val_set)):
+        s = val_set[k]
+        labels = np.asarray(s["labels"])
+        found = found or bool((labels != IGNORE_INDEX).any())
+        top = max(int(np.asarray(s["input_ids"]).max(initial=0)), int(labels.max(initial=0)))
+        if top >= vocab_size:
+            src = val_set.sources(k)
+            where = ", ".join(f"{f}:{line}" for f, line in src[:3])
+            raise DataError(
+                f"val_dataset_folder = {val_folder!r}: token id {top} >= the model's vocabulary size {vocab_size} "
+                f"(validation sample {k}: {where}); fix the data or use the tokenizer it was made with"
+            )
+    if not found:
+        raise DataError(
+            f"val_dataset_folder = {val_folder!r}: no target token in any of its {len(val_set)} sample(s) (every "
+            "token negative, i.e. masked); its loss would be 0. Check the sign convention of the data"
+        )
