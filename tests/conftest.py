@@ -1,4 +1,17 @@
+"""Fixtures shared by every test folder: an isolated index cache per test, a tiny Llama
+folder (random weights, offline byte-level tokenizer), tiny synthetic InternLM-format
+datasets (built once per session), a real one-node Slurm; and the markers the folders get.
+
+Markers (all run in CI; `make test-fast` / `make check` leave some out):
+``slurm`` -- a test that uses the `slurm_cluster` fixture; ``deepspeed`` -- a test that
+builds a DeepSpeed engine (its id names deepspeed or a ZeRO stage); ``distributed`` and
+``slow`` -- set by the test modules themselves.
+"""
+
+from __future__ import annotations
+
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -6,6 +19,62 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 512
+_DEEPSPEED = re.compile(r"deepspeed|zero[123]|ZeRO", re.IGNORECASE)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+        if _DEEPSPEED.search(item.nodeid):
+            item.add_marker(pytest.mark.deepspeed)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test its own TOKENTRAIN_CACHE, and no fault injection from the outside."""
+    cache = tmp_path_factory.mktemp("tt_cache")
+    monkeypatch.setenv("TOKENTRAIN_CACHE", str(cache))
+    monkeypatch.delenv("TOKENTRAIN_FAULT_INJECT", raising=False)
+    return cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_and_small():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from tokentrain.model.tiny import make_tiny_model
+
+    return make_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-llama", vocab_size=VOCAB, hidden_size=32, layers=2, heads=4
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """~16k tokens in 2 files: 126 packs of 128 tokens, documents of ~40 tokens (several per pack)."""
+    from tokentrain.data.synth import synth_dataset
+
+    out = tmp_path_factory.mktemp("data") / "train"
+    synth_dataset(out, files=2, documents=400, seed=1, mean_length=40, vocab_size=VOCAB)
+    return out
+
+
+@pytest.fixture(scope="session")
+def val_data(tmp_path_factory):
+    from tokentrain.data.synth import synth_dataset
+
+    out = tmp_path_factory.mktemp("data") / "val"
+    synth_dataset(out, files=1, documents=40, seed=2, mean_length=40, vocab_size=VOCAB)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,10 @@
-"""Fixtures for the data-layer tests: every test gets its own TOKENTRAIN_CACHE."""
+"""Fixtures of the data-layer tests (the per-test TOKENTRAIN_CACHE is tests/conftest.py's)."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    cache = tmp_path_factory.mktemp("tt_cache")
-    monkeypatch.setenv("TOKENTRAIN_CACHE", str(cache))
-    return cache
 
 
 @pytest.fixture

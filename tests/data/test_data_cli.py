@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tt_data_helpers import as_lists, line_bytes, ref_packs, ref_unpacked, save_meta, write_bin
 
 from tokentrain.cli.main import main
 from tokentrain.data import format as fmt
 from tokentrain.data.dataset import DataSettings, build_dataset
+
+from .helpers import BAD_DATASETS, as_lists, line_bytes, make_bad_dataset, ref_packs, ref_unpacked, save_meta, write_bin
 
 REPO = Path(__file__).resolve().parents[2]
 EXE = REPO / ".venv" / "bin" / "tokentrain"
@@ -301,98 +302,9 @@ def test_synth_is_deterministic_and_valid(tmp_path, capsys):
 # --------------------------------------------------------------------------- bad input through the CLI
 
 
-def _bad(root: Path, case: str) -> tuple[Path, list[str], str]:
-    """Make a broken dataset; return (folder, extra args, regex the error must match)."""
-    a = root / "a.bin"
-    good = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
-    if case == "missing_folder":
-        return root / "nope", [], r"nope: dataset folder does not exist"
-    if case == "no_files":
-        (root / "x.txt").write_text("hi")
-        return root, [], r"no files ending with '.bin' found"
-    if case == "order_missing_entry":
-        write_bin(a, good)
-        (root / "order.txt").write_text("a.bin\ngone.bin\n")
-        return root, ["--data-order", str(root / "order.txt")], r"order.txt:2: listed file 'gone.bin' does not exist"
-    if case in ("malformed_json", "missing_tokens", "float", "string", "nested", "bool"):
-        bad = {
-            "malformed_json": b'{"tokens": [4, 5}',
-            "missing_tokens": b'{"ids": [4, 5]}',
-            "float": b'{"tokens": [4, 5.0]}',
-            "string": b'{"tokens": ["4", 5]}',
-            "nested": b'{"tokens": [[4], 5]}',
-            "bool": b'{"tokens": [4, false]}',
-        }[case]
-        write_bin(a, None, raw_lines=[line_bytes(good[0], b""), bad, line_bytes(good[2], b"")], meta=False)
-        return root, [], rf"a.bin: line 2 \(byte {len(line_bytes(good[0]))}\): "
-    write_bin(a, good)
-    mp, m = fmt.meta_path(a), np.load(fmt.meta_path(a))
-    if case == "meta_not_npy":
-        mp.write_bytes(b"garbage")
-        return root, [], r"a.bin.meta: not a readable numpy"
-    if case == "meta_1d":
-        np.save(mp.open("wb"), m[:, 0])
-        return root, [], r"a.bin.meta: meta must have shape \(N, >=2\)"
-    if case == "meta_one_column":
-        np.save(mp.open("wb"), m[:, :1])
-        return root, [], r"a.bin.meta: meta must have shape"
-    if case == "meta_decreasing":
-        np.save(mp.open("wb"), m[[0, 2, 1]])
-        return root, [], r"a.bin.meta: row 2: byte offset \d+ is not increasing"
-    if case == "meta_negative":
-        m[1, 0] = -3
-        np.save(mp.open("wb"), m)
-        return root, [], r"a.bin.meta: row 1: byte offset -3 is negative"
-    if case == "meta_int32_wrapped":
-        m[1, 0], m[2, 0] = 2**31 - 10, 2**31 + 10
-        np.save(mp.open("wb"), m.astype(np.int32))
-        return root, [], r"a.bin.meta: row 2: .*int32 offsets overflowed"
-    if case == "appended":
-        with a.open("ab") as f:
-            f.write(line_bytes([10, 11]))
-        return root, [], r"a.bin.meta: .*appended after indexing"
-    if case == "truncated":
-        a.write_bytes(a.read_bytes()[:-6])
-        return root, [], r"a.bin.meta: .*does not match the meta"
-    if case == "rewritten_same_size":  # the meta still fits the file's ends: caught line by line
-        a.write_bytes(line_bytes([1, 2, 3, 4]) + line_bytes([5]) + line_bytes([6, 7, 8, 9]))
-        return (
-            root,
-            ["--no-shuffle"],
-            r"a.bin: line 1 \(byte 0\)(:)? (runs on past|the line runs on past) where the meta says it ends",
-        )
-    if case == "rewritten":
-        a.write_bytes(line_bytes([1, 2, 3, 4, 5]) + line_bytes([6]) + line_bytes([7, 8, 9]))
-        return root, [], r"a.bin.meta: line 3 \(byte \d+\) of .*a.bin does not start a line"
-    raise AssertionError(case)
-
-
-BAD = [
-    "missing_folder",
-    "no_files",
-    "order_missing_entry",
-    "malformed_json",
-    "missing_tokens",
-    "float",
-    "string",
-    "nested",
-    "bool",
-    "meta_not_npy",
-    "meta_1d",
-    "meta_one_column",
-    "meta_decreasing",
-    "meta_negative",
-    "meta_int32_wrapped",
-    "appended",
-    "truncated",
-    "rewritten",
-    "rewritten_same_size",
-]
-
-
-@pytest.mark.parametrize("case", BAD)
+@pytest.mark.parametrize("case", BAD_DATASETS)
 def test_bad_input_one_line_exit_3(tmp_path, capsys, case):
-    folder, extra, pattern = _bad(tmp_path, case)
+    folder, extra, pattern = make_bad_dataset(tmp_path, case)
     stats_extra = [a for a in extra if a != "--no-shuffle"]
     for argv in (
         ["data", "show", folder, "--max-length", 3, "--json", *extra],

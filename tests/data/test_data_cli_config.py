@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from tt_data_helpers import write_bin
 
 from tokentrain.cli.main import main
 from tokentrain.config.loader import load_config
 from tokentrain.data.dataset import DataSettings, build_dataset, build_train_data
+
+from .helpers import write_bin
 
 
 def run(capsys, *argv):

@@ -10,10 +10,11 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tt_data_helpers import line_bytes, ref_labels, save_meta, write_bin
 
 from tokentrain.data import format as fmt
 from tokentrain.errors import DataError
+
+from .helpers import line_bytes, ref_labels, save_meta, write_bin
 
 # --------------------------------------------------------------------------- discovery
 

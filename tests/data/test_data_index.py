@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tt_data_helpers import line_bytes, write_bin
 
 from tokentrain.data import format as fmt
 from tokentrain.data import index as idx
 from tokentrain.data.dataset import DataSettings, build_dataset
 from tokentrain.errors import DataError
+
+from .helpers import line_bytes, write_bin
 
 DOCS_A = [[1, 2, 3], [4, -5], [], [6], [7, 8, 9, 10]]
 DOCS_B = [[-1, -2], [11, 12, 13], [14]]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tt_data_helpers import write_bin
 
 from tokentrain.config.schema import TrainConfig
 from tokentrain.data.dataset import build_train_data, log_mixture_plan, planned_counts
 from tokentrain.data.mixture import parse_sources
 from tokentrain.engine.data_stream import StepStream
 from tokentrain.errors import DataError
+
+from .helpers import write_bin
 
 L = 32
 WEIGHTS = {"web": 0.6, "code": 0.3, "books": 0.1}

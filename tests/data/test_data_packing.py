@@ -6,11 +6,12 @@ import pickle
 
 import numpy as np
 import pytest
-from tt_data_helpers import as_lists, line_bytes, ref_packs, ref_unpacked, write_bin
 
 from tokentrain.data.batch import collate
 from tokentrain.data.dataset import DataSettings, build_dataset
 from tokentrain.errors import DataError
+
+from .helpers import as_lists, line_bytes, ref_packs, ref_unpacked, write_bin
 
 
 def _ds(folder, max_length, **kw):

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import numpy as np
-from tt_data_helpers import write_bin
+
+from .helpers import write_bin
 
 LINE = r"{}: (\d+\.\d) MB / (\d+\.\d) MB \((\d+\.\d)%\), ([\d,]+) records, \d+\.\d MB/s"
 SUMMARY = r" in \d+\.\ds \(\d+\.\d MB, \d+\.\d MB/s, [\d,]+ records/s\)$"

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tt_data_helpers import as_lists, line_bytes, ref_packs, ref_unpacked, write_bin
 
 from tokentrain.data.dataset import DataSettings, build_dataset
 from tokentrain.data.index import FILE, LINE
 from tokentrain.errors import DataError
+
+from .helpers import as_lists, line_bytes, ref_packs, ref_unpacked, write_bin
 
 _doc = st.one_of(
     st.lists(st.integers(-30, 30), max_size=14),  # random signs, zeros, empty documents

@@ -12,6 +12,8 @@ from tokentrain.distributed import env as denv
 from tokentrain.distributed import spawn
 from tokentrain.errors import ConfigError
 
+pytestmark = pytest.mark.distributed  # starts several processes
+
 PROBE = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tests.engines.engine_helpers import clean_env, error_lines, losses, tokentrain, weights, write_cfg
 
 pytestmark = pytest.mark.slow

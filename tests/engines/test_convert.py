@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tests.engines.engine_helpers import clean_env, error_lines, logits, tokentrain, write_cfg
 
 pytestmark = pytest.mark.slow

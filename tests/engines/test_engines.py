@@ -20,7 +20,7 @@ from tokentrain.distributed.spawn import _free_port
 
 HERE = Path(__file__).parent
 ENGINES = ["ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3"]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def clean_env(**extra) -> dict:

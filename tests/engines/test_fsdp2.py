@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # `distributed` is registered on main
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 SETTINGS = dict(
     max_length=128,

@@ -8,11 +8,11 @@ import shutil
 import sys
 
 import pytest
-from tests.engines.engine_helpers import clean_env, error_lines, losses, rel_diff, tokentrain, weights, write_cfg
 
+from tests.engines.engine_helpers import clean_env, error_lines, losses, rel_diff, tokentrain, weights, write_cfg
 from tokentrain.distributed.spawn import _free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STAGES = ["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3"]
 
 

@@ -1,4 +1,4 @@
-"""A tiny model, tiny data and a config writer for the metrics tests (real `tokentrain train` runs)."""
+"""A config writer and a detached (no-TTY) `tokentrain train` for the metrics tests."""
 
 from __future__ import annotations
 
@@ -9,19 +9,13 @@ from pathlib import Path
 
 import pytest
 
-VOCAB = 512
 TT = [sys.executable, "-m", "tokentrain"]
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    from tokentrain.data.synth import synth_dataset
-    from tokentrain.model.tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("metrics")
-    model = make_tiny_model(root / "tiny-llama", vocab_size=VOCAB, hidden_size=32, layers=2, heads=4)
-    synth_dataset(root / "data", files=1, documents=200, seed=1, mean_length=40, vocab_size=VOCAB)
-    return model, root / "data"
+def tiny(tiny_model, tiny_data):
+    """The shared tiny model and dataset (tests/conftest.py)."""
+    return tiny_model, tiny_data
 
 
 def write_cfg(path: Path, model, data, **over) -> Path:

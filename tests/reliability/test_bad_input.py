@@ -8,21 +8,20 @@ below checks that every case here is in it."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.data.helpers import BAD_DATASETS, make_bad_dataset
 from tokentrain.cli.main import main
 
 from .helpers import checkpoints, clean_env, error_lines, train, write_cfg
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 
-# The data layer's own catalogue of broken datasets (tests/data/test_data_cli.py), reused as is.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-from test_data_cli import BAD as DATA_CASES  # noqa: E402
-from test_data_cli import _bad as make_bad_data  # noqa: E402
+# The data layer's own catalogue of broken datasets (tests/data/helpers.py), reused as is.
+DATA_CASES = BAD_DATASETS
+make_bad_data = make_bad_dataset
 
 # case -> (config settings to change, extra CLI args, exit code, regex of the one error line)
 CONFIG_CASES = {

@@ -22,6 +22,8 @@ from tokentrain.distributed.spawn import _free_port
 
 from .helpers import BIN, TT, checkpoints, clean_env, error_lines, metrics, wait_for, write_cfg
 
+pytestmark = pytest.mark.distributed  # starts several processes
+
 CODES = {"ok": 0, "nan": 1, "config": 2, "data": 3, "preempted": 75}
 
 

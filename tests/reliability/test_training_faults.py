@@ -142,7 +142,6 @@ def test_a_killed_rank_ends_a_deepspeed_job(tiny_model, tiny_data, tmp_path):
     """kill -9 of one of 2 DeepSpeed ZeRO-2 ranks under torchrun: every rank exits, non-zero,
     within 60 s (the DDP variant, under torchrun and srun, is in tests/engines)."""
     from tests.engines.test_engines import _alive, _rank_pids
-
     from tokentrain.distributed.spawn import _free_port
 
     cfg = write_cfg(tmp_path / "run.py", tiny_model, tiny_data, batch_size=1, max_iters=100000, save_steps=100000)

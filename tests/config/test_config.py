@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import write_config
 from tokentrain.cli.main import main
 from tokentrain.config.loader import load_config, parse_override
 from tokentrain.config.templates import copy_template, list_templates
 from tokentrain.errors import ConfigError
-
-from .helpers import write_config
 
 REQUIRED = dict(pretrained_model_name_or_path="/m", dataset_folder="/d")
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import checkpoint_weights, local_env, make_config, max_rel_diff, metrics, train, write_config
 from tokentrain.engine.trainer import Trainer
-
-from .helpers import checkpoint_weights, local_env, make_config, max_rel_diff, metrics, train, write_config
 
 SPLITS = [(4, 1), (1, 4), (2, 2)]
 # The seed template's lr. What remains between splits is fp32 summation order; AdamW

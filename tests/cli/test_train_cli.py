@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import checkpoint_weights, metrics, write_config
 from tokentrain.cli.main import main
-
-from .helpers import checkpoint_weights, metrics, write_config
 
 TT = [sys.executable, "-m", "tokentrain"]
 
