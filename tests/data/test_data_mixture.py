@@ -70,7 +70,7 @@ def _positions(cfg, world: int, batch: int, acc: int, steps: int) -> list[list[i
     for r in range(world):
         ds, sampler = build_train_data(cfg, r, world)
         stream = iter(StepStream(ds, sampler, batch, acc, 0))
-        per_rank.append([[k for b, _, _ in next(stream) for k in b.indices] for _ in range(steps)])
+        per_rank.append([[k for m in next(stream) for k in m.batch.indices] for _ in range(steps)])
     return [sorted(k for r in range(world) for k in per_rank[r][t]) for t in range(steps)]
 
 
@@ -95,14 +95,14 @@ def test_stream_resumes_exactly_and_crosses_mixture_epochs(sources):
     it = iter(stream)
     seen = []
     for _ in range(spe + 3):  # into the second mixture epoch
-        seen.append(next(it)[0][0].indices)
+        seen.append(next(it)[0].batch.indices)
         sampler.advance(stream.samples_per_step)
     state = sampler.state_dict()
-    after = [next(it)[0][0].indices for _ in range(3)]
+    after = [next(it)[0].batch.indices for _ in range(3)]
     ds2, sampler2 = build_train_data(cfg, 0, 2)
     sampler2.load_state_dict(state)
     it2 = iter(StepStream(ds2, sampler2, 4, 1, 0))
-    assert [next(it2)[0][0].indices for _ in range(3)] == after
+    assert [next(it2)[0].batch.indices for _ in range(3)] == after
     assert seen[spe][0] >= len(ds)  # epoch 2 continues the stream, it does not replay epoch 1
     flat = [k for ks in seen for k in ks]
     assert len(flat) == len(set(flat))
@@ -119,7 +119,8 @@ def test_a_checkpoint_of_another_mixture_is_refused(sources):
 
 def test_batch_carries_real_tokens_per_source(sources):
     ds, sampler = build_train_data(_cfg(sources))
-    ((batch, real, _),) = next(iter(StepStream(ds, sampler, 8, 1, 0)))
+    (micro,) = next(iter(StepStream(ds, sampler, 8, 1, 0)))
+    batch, real = micro.batch, micro.real_tokens
     assert sum(batch.source_tokens.values()) == real == 8 * L
     expect = {}
     for k in batch.indices:
@@ -161,7 +162,8 @@ def test_planned_counts_are_what_the_stream_reads_across_mixture_epochs(sources)
     steps = 2 * spe + 5
     read = np.zeros(3, dtype=np.int64)
     for _ in range(steps):
-        ((batch, _, _),) = next(it)
+        (micro,) = next(it)
+        batch = micro.batch
         sampler.advance(8)
         for k in batch.indices:
             read[list(BASE).index(ds[k]["source"])] += 1
