@@ -12,8 +12,12 @@ max_length^2. Gradient-checkpointing recompute is not counted (these are model F
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Dense bf16 peak TFLOP/s of common accelerators (no sparsity), for MFU.
 PEAK_TFLOPS = {
@@ -38,10 +42,11 @@ class FlopCounter:
     attn_dim: int
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module) -> FlopCounter:
+    def for_model(cls, model: PreTrainedModel) -> FlopCounter:
         cfg = model.config
         total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
         emb = model.get_input_embeddings().weight
+        assert isinstance(emb, torch.Tensor)
         out = model.get_output_embeddings()
         tied = out is not None and out.weight is emb
         matmul = total - (0 if tied else emb.numel())
