@@ -16,13 +16,12 @@ from torch import nn
 from tokentrain.errors import ConfigError, TokentrainError
 from tokentrain.model.attention import DocMasking
 from tokentrain.model.loss import linear_cross_entropy_sum, logits_cross_entropy_sum
+from tokentrain.utils.dtypes import torch_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -35,7 +34,7 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
         return None
     if name == "float16" and device.type == "cpu":
         raise ConfigError("dtype = 'float16' is not supported on CPU; use 'bfloat16' or 'float32'")
-    return None if name == "float32" else DTYPES[name]
+    return None if name == "float32" else torch_dtype(name)
 
 
 def _raised_by_engine(e: BaseException) -> bool:
