@@ -69,7 +69,7 @@ class _Ticks:
         self.bytes, self.lines = 0, 0
 
 
-def check_file(path: Path, zero_meta_ok: bool = True, progress=None) -> list[Problem]:
+def check_file(path: Path, progress=None) -> list[Problem]:
     """Every problem of one data file, rather than the first, each with its line and byte."""
     problems: list[Problem] = []
     ticks = _Ticks(progress)

@@ -131,7 +131,7 @@ class Trainer:
             self.work_dir / "checkpoints", env, self.engine, cfg.save_total_limit, every=cfg.save_steps
         )
         self.flops = FlopCounter.for_model(self.hf_model)
-        self.peak, self.peak_source = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
+        self.peak = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
         resume_from = self.ckpt.resolve(self.resume)
         self.ckpt.fingerprint = run_fingerprint(cfg, self.hf_model.config, self.vocab_size, env.world_size)
         check_resume(resume_from, self.ckpt.fingerprint, cfg.resume_ignore)  # refuse a changed run in one line

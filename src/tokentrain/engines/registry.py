@@ -15,8 +15,12 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokentrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tokentrain.engines.base import Engine
 
 ENGINES = ("local", "ddp", "deepspeed", "fsdp2")
 CHOICES = ("auto", *ENGINES)
@@ -52,7 +56,7 @@ def choose(requested: str, *, deepspeed: bool, world_size: int) -> str:
     return requested
 
 
-def build_engine(name: str, cfg, env, deepspeed: dict | None = None):
+def build_engine(name: str, cfg, env, deepspeed: dict | None = None) -> Engine:
     """The engine of a run, made before the model (ZeRO-3 and FSDP2 build it sharded).
     `deepspeed` is the DeepSpeed config with its "auto" values unresolved."""
     if name == "local":

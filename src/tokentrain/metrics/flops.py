@@ -64,20 +64,21 @@ def sum_sq_doc_lengths(cu_seqlens) -> int:
     return sum(n * n for n in lens)
 
 
-def peak_tflops(device: torch.device, dtype: torch.dtype | None, configured: float | None) -> tuple[float | None, str]:
-    """(peak TFLOP/s, where it came from) for MFU."""
+def peak_tflops(device: torch.device, dtype: torch.dtype | None, configured: float | None) -> float | None:
+    """Peak TFLOP/s for MFU: the configured one, else the table's for a known GPU (half the
+    bf16 figure in tf32), else measured on a CPU; None for an unknown GPU or other device."""
     if configured:
-        return configured, "config"
+        return configured
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tf in PEAK_TFLOPS.items():
             if key in name:
                 half = dtype in (torch.bfloat16, torch.float16)
-                return (tf if half else tf / 2), f"table ({name}, {'bf16' if half else 'tf32'})"
-        return None, f"unknown GPU {name}"
+                return tf if half else tf / 2
+        return None
     if device.type == "cpu":
-        return measure_matmul_tflops(dtype or torch.float32), "measured matmul"
-    return None, "unknown device"
+        return measure_matmul_tflops(dtype or torch.float32)
+    return None
 
 
 def measure_matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.25) -> float:
