@@ -28,17 +28,14 @@ def strip_local_rank(argv: list[str]) -> tuple[list[str], str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokentrain.cli.main import main as cli_main
-    from tokentrain.distributed.spawn import record_exit_code
+    from tokentrain.cli.main import main as cli_main  # it records the exit code for spawn_torchrun
 
     args, local_rank = strip_local_rank(sys.argv[1:] if argv is None else argv)
     if local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = local_rank
     debug = [a for a in args if a == "--debug"]
     rest = [a for a in args if a != "--debug"]
-    code = cli_main([*debug, "train", *rest])
-    record_exit_code(code)
-    return code
+    return cli_main([*debug, "train", *rest])
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ import torch
 
 from tokentrain.errors import TokentrainError
 from tokentrain.utils.atomic import make_temp_dir, with_umask
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from tokentrain.utils.dtypes import DTYPE_NAMES, torch_dtype
 
 
 def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_shard_size: str = "5GB") -> Path:
@@ -24,11 +23,12 @@ def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_sh
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(f".{out.name}.", out.parent)  # umask permissions, not mkdtemp's 0700
     try:
-        dtype = DTYPES.get(export_dtype)  # None for "auto": the dtype the model was published in
-        if dtype is None:
+        if export_dtype in DTYPE_NAMES:
+            dtype = torch_dtype(export_dtype)
+        else:  # "auto": the dtype the model was published in
             dtype = getattr(model.config, "dtype", None) or torch.float32
             if isinstance(dtype, str):
-                dtype = DTYPES.get(dtype, torch.float32)
+                dtype = torch_dtype(dtype) if dtype in DTYPE_NAMES else torch.float32
         state = {
             k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()
             for k, v in model.state_dict().items()

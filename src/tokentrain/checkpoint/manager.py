@@ -56,7 +56,10 @@ STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 def rng_state() -> dict:
-    mt = np.random.get_state()
+    # numpy's stub types the default call as the dict form; legacy=True (the runtime default)
+    # gives MT19937's tuple for the global generator
+    mt = np.random.get_state(legacy=True)
+    assert isinstance(mt, tuple)
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {
@@ -106,8 +109,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete step_N folders under `root`, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if step_of(p) is not None and is_complete(p)]
-    return sorted(found, key=step_of)
+    found = [(step, p) for p in root.iterdir() if (step := step_of(p)) is not None and is_complete(p)]
+    return [p for _, p in sorted(found, key=lambda sp: sp[0])]
 
 
 def _crc32(path: Path, chunk: int = 8 << 20) -> int:
@@ -182,7 +185,7 @@ def find_latest(root: Path, verify: bool = True) -> Path | None:
                 pointer,
                 target.name,
             )
-    skipped = []
+    skipped: list[tuple[str, str]] = []  # (folder name, why it is damaged)
     for c in candidates:
         why = (damage(c) or unsafe(c)) if verify else None
         if why is None:
@@ -252,7 +255,9 @@ class CheckpointManager:
                 found = resolve_resume(resume, self.root)
             except TokentrainError as e:
                 error = e
-        code = -2.0 if error else (-1.0 if found is None else float(step_of(found)))
+        step = None if found is None else step_of(found)
+        assert found is None or step is not None, f"{found}: not a step_N folder"
+        code = -2.0 if error else (-1.0 if step is None else float(step))
         (code,) = self.engine.all_reduce_sum([code if self.env.is_main else 0.0])
         if error:
             raise error
@@ -261,6 +266,7 @@ class CheckpointManager:
         if self.env.is_main or code == -1:
             return found
         mine = resolve_resume(resume, self.root, verify=False)  # the same folder, without reading it again
+        assert mine is not None, "rank 0 found one"
         return mine.parent / f"step_{int(code)}"
 
     def due(self, step: int, *, last: bool, stop: bool) -> bool:
@@ -288,8 +294,9 @@ class CheckpointManager:
                     from tokentrain.checkpoint.fingerprint import save as save_fingerprint
 
                     save_fingerprint(tmp, self.fingerprint)
-            if faults.value("save_sleep"):
-                time.sleep(float(faults.value("save_sleep")))
+            delay = faults.value("save_sleep")
+            if delay:
+                time.sleep(float(delay))
             self.engine.barrier()
             if self.env.is_main:
                 # The manifest (size + CRC-32 of every file) lets a resume refuse a file that

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from tokentrain.utils.dtypes import DTYPE_NAMES
+
 
 def register(sub, common) -> None:
     conv = sub.add_parser("convert", help="convert checkpoints (pth_to_hf)", parents=[common])
@@ -33,7 +35,7 @@ def register(sub, common) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=["float32", "bfloat16", "float16", "auto"],
+        choices=[*DTYPE_NAMES, "auto"],
         help="dtype of the saved weights (default float32: exactly the trained weights)",
     )
     p.set_defaults(func=cmd_pth_to_hf)

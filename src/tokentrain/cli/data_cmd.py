@@ -227,7 +227,9 @@ def _readable(s: dict, sources: list[dict], tokenizer_path: str) -> str:
         a, b = int(cu[j]), int(cu[j + 1])
         src = sources[j] if j < len(sources) else {}
         out.append(f"--- fragment {j}: tokens {a}..{b} from {src.get('file')}:{src.get('line')}")
-        spans, cur, flag = [], [], None
+        spans: list[tuple[bool | None, list[int]]] = []
+        cur: list[int] = []
+        flag: bool | None = None
         for i in range(a, b):
             t = trained[i] and i > a
             if flag is not None and t != flag:
@@ -236,7 +238,8 @@ def _readable(s: dict, sources: list[dict], tokenizer_path: str) -> str:
             cur.append(int(ids[i]))
             flag = t
         spans.append((flag, cur))
-        out.append("".join(tok.decode(c) if f else f"[MASKED {tok.decode(c)!r}]" for f, c in spans))
+        # transformers' stub says decode() may give a list; a list of ids decodes to one str
+        out.append("".join(tok.decode(c) if f else f"[MASKED {tok.decode(c)!r}]" for f, c in spans))  # type: ignore[misc]
     return "\n".join(out)
 
 

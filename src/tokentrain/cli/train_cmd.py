@@ -2,7 +2,8 @@
 
 `train` loads and validates the config (one-line errors, before anything heavy), joins
 the launcher's process group, and runs the trainer. With NPROC_PER_NODE set (and not
-already under a launcher) it starts torchrun itself. Exit codes: 0 done, 1 failure,
+already under a launcher) `cli.main` starts torchrun instead, after `preflight`; that is
+the one place that decides (`spawn.wants_spawn`). Exit codes: 0 done, 1 failure,
 2 bad command line or config, 3 bad data, 75 preempted (checkpoint written; resume),
 130 aborted by a second Ctrl-C (or Ctrl-C during start-up).
 
@@ -72,11 +73,6 @@ def register(sub, common) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
-
-
-def _train_argv() -> list[str]:
-    argv = sys.argv[1:]
-    return argv[argv.index("train") + 1 :] if "train" in argv else argv
 
 
 def default_work_dir(config_path: str) -> Path:
@@ -193,11 +189,7 @@ def check_deepspeed(source: str, ds) -> dict:
 
 
 def cmd_train(args) -> int:
-    from tokentrain.distributed.spawn import spawn_torchrun, wants_spawn
-
-    cfg, deepspeed = preflight(args)
-    if args.launcher == "none" and wants_spawn():
-        return spawn_torchrun(_train_argv())
+    cfg, deepspeed = preflight(args)  # (under NPROC_PER_NODE, cli.main spawned torchrun instead of calling this)
     work_dir = work_dir_of(args, cfg)
     cfg = cfg.replace(work_dir=str(work_dir))
 
@@ -271,7 +263,6 @@ def _keep_exit_code(env) -> None:
 
 
 def cmd_make_tiny_model(args) -> int:
-    from tokentrain.cli.train_cmd import quiet_libraries
     from tokentrain.model.tiny import make_tiny_model
 
     quiet_libraries()

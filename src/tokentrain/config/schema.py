@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from tokentrain.utils.dtypes import DTYPE_NAMES
+
+DTYPES = ("auto", *DTYPE_NAMES)
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen", "flash_attention_2", "flash_attention_3")
 DOC_MASKING = ("auto", "positions", "mask4d", "varlen")

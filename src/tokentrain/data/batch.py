@@ -12,7 +12,7 @@ attention mask is needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,7 +41,10 @@ class Batch:
 
     def to(self, device) -> Batch:
         return Batch(
-            *(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)[:4]),
+            self.input_ids.to(device, non_blocking=True),
+            self.labels.to(device, non_blocking=True),
+            self.position_ids.to(device, non_blocking=True),
+            self.cu_seqlens.to(device, non_blocking=True),
             self.indices,
             self.source_tokens,
         )
@@ -65,7 +68,7 @@ def collate(samples: list[dict]) -> Batch:
     # Drop the padding column when no row needed it.
     if (cu[:, -2] == width).all():
         cu = cu[:, :-1]
-    per_source = None
+    per_source: dict[str, int] | None = None
     if "source" in samples[0]:
         per_source = {}
         for s in samples:

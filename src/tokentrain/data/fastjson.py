@@ -253,7 +253,7 @@ def is_canonical(arr: np.ndarray, nbytes: int, parts: int = 1) -> bool:
     n = len(a)
     digits, p = n, 10
     while p <= hi:
-        digits += _nonzero(a >= p)
+        digits += int(_nonzero(a >= p))
         p *= 10
     return nbytes == digits + _nonzero(arr < 0) + n - parts
 

@@ -93,7 +93,8 @@ def _files_from_order(root: Path, order: Path) -> list[Path]:
         text = order.read_text()
     except OSError as e:
         raise DataError(f"{order}: cannot read data order file ({e.strerror})") from None
-    files, seen = [], {}
+    files: list[Path] = []
+    seen: dict[Path, int] = {}  # resolved path -> line it is listed on
     for lineno, line in enumerate(text.splitlines(), 1):
         rel = line.strip()
         if not rel:

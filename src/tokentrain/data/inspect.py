@@ -69,7 +69,7 @@ class _Ticks:
         self.bytes, self.lines = 0, 0
 
 
-def check_file(path: Path, zero_meta_ok: bool = True, progress=None) -> list[Problem]:
+def check_file(path: Path, progress=None) -> list[Problem]:
     """Every problem of one data file, rather than the first, each with its line and byte."""
     problems: list[Problem] = []
     ticks = _Ticks(progress)
@@ -103,9 +103,9 @@ def _check_file(path: Path, problems: list[Problem], ticks: _Ticks) -> list[Prob
     if meta is None:  # no usable meta: check every line on its own
         starts = np.concatenate(([0], newlines + 1)).tolist()
         ends = np.concatenate((newlines + 1, [size])).tolist()
-        for lineno, (s, e) in enumerate(zip(starts, ends), 1):
-            line = data[s:e]
-            ticks.line(e - s)
+        for lineno, (s, end) in enumerate(zip(starts, ends), 1):
+            line = data[s:end]
+            ticks.line(end - s)
             if line.strip():
                 _check_line(problems, path, line, lineno, s, None)
         return problems

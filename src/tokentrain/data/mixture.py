@@ -151,10 +151,6 @@ class MixtureDataset:
             c = c + np.bincount(src[:o], minlength=len(self.quota))
         return c
 
-    def epochs_at(self, n: int) -> np.ndarray:
-        """Effective epochs of each source after n mixture samples."""
-        return self.counts_before(n) / self.sizes
-
     # ------------------------------------------------------------ dataset protocol
     def __getitem__(self, i: int) -> dict:
         s, k = self.locate(i)

@@ -48,6 +48,13 @@ class _DocDataset:
         self.zero_is_target = zero_is_target
         self.reader = DocReader(index)
 
+    def __len__(self) -> int:
+        raise NotImplementedError  # each kind of dataset counts its samples
+
+    def _docs_of(self, k: int) -> range:
+        """The documents sample k draws from."""
+        raise NotImplementedError
+
     def _assemble(self, k: int, frags: list[tuple[int, int, int]]) -> dict:
         """Build a sample from (doc, a, b) fragments: tokens [a, b) of document doc. The
         fragments are consecutive documents, each but the first from its start and each but

@@ -111,7 +111,7 @@ class DocReader:
             counts = [cum[i + 1] - cum[i] for i in range(skip, hi - lo)]
             flat = fastjson.read_lists(texts, counts)
             if flat is not None:
-                if skip:
+                if last is not None and skip:
                     flat = np.concatenate((last[1], flat))
                 self._last = (hi - 1, flat[starts[-2] :])
                 return flat, starts
@@ -124,7 +124,7 @@ class DocReader:
         """Rows' tokens one line at a time (`bufs`: the lines already read, from row `skip`;
         row 0 is the cached last document when `skip`), raising the first line's error."""
         index, fds = self.index, self._fds
-        out: list[np.ndarray] = [self._last[1]] if skip else []
+        out: list[np.ndarray] = [self._last[1]] if skip and self._last is not None else []
         todo: list[tuple] = []  # lines numpy read, not yet confirmed
         for i in range(skip, len(rows)):
             fid, line, off, nbytes = rows[i]

@@ -25,6 +25,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ from tokentrain.metrics.logger import MetricsLogger
 from tokentrain.metrics.sources import SourceTokens
 from tokentrain.metrics.window import Window, memory_gb
 from tokentrain.utils import faults
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("tokentrain.train")
 
@@ -127,7 +131,7 @@ class Trainer:
             self.work_dir / "checkpoints", env, self.engine, cfg.save_total_limit, every=cfg.save_steps
         )
         self.flops = FlopCounter.for_model(self.hf_model)
-        self.peak, self.peak_source = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
+        self.peak = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
         resume_from = self.ckpt.resolve(self.resume)
         self.ckpt.fingerprint = run_fingerprint(cfg, self.hf_model.config, self.vocab_size, env.world_size)
         check_resume(resume_from, self.ckpt.fingerprint, cfg.resume_ignore)  # refuse a changed run in one line
@@ -184,7 +188,11 @@ class Trainer:
             pin_memory=env.device.type == "cuda",
         )
         spe = self.stream.steps_per_epoch
-        self.total_steps = cfg.max_iters if cfg.max_iters is not None else cfg.max_epochs * spe
+        if cfg.max_iters is not None:
+            self.total_steps = cfg.max_iters
+        else:
+            assert cfg.max_epochs is not None, "check_config requires max_epochs without max_iters"
+            self.total_steps = cfg.max_epochs * spe
         if env.is_main:
             log.info(
                 "data: %d samples of max_length %d, %d steps per epoch of %d samples (%d per rank x %d "
@@ -213,7 +221,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
         fallback = "eager" if cfg.attn_implementation == "auto" else None  # a model without `impl` (gemma2: sdpa)
         load = getattr(self.engine, "load_model", load_model)  # FSDP2 builds the model sharded
-        self.hf_model = load(
+        self.hf_model: PreTrainedModel = load(
             cfg.pretrained_model_name_or_path, cfg.trust_remote_code, impl, env.device, cfg.seed, fallback
         )
         impl = self.hf_model.config._attn_implementation
@@ -244,7 +252,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             params,
             lr=cfg.lr,
-            betas=tuple(cfg.betas),
+            betas=(cfg.betas[0], cfg.betas[1]),
             weight_decay=cfg.weight_decay,
             **({"fused": True} if fused else {"foreach": True}),
         )

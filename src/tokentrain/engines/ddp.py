@@ -46,7 +46,12 @@ class DDPEngine(LocalEngine):
         return float(self.env.world_size)
 
     def accumulate(self, is_last: bool):
-        return contextlib.nullcontext() if is_last else self.module.no_sync()
+        if is_last:
+            return contextlib.nullcontext()
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        assert isinstance(self.module, DDP), "prepare() first"
+        return self.module.no_sync()
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.env.device)

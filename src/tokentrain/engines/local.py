@@ -56,12 +56,16 @@ class LocalEngine:
     name = "local"
     checkpoint_format = "plain"
     resumes_on_other_world_size = True
-    partitioned_params = False
 
     def __init__(self, env):
         self.env = env
         self.module: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def partitioned_params(self) -> bool:
+        """Whole parameters on every rank (a property: DeepSpeed's answer depends on its stage)."""
+        return False
 
     # -------------------------------------------------------------- setup
     def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
@@ -70,7 +74,19 @@ class LocalEngine:
 
     @property
     def unwrapped(self) -> nn.Module:
+        assert self.module is not None, "prepare() first"
         return self.module
+
+    @property
+    def _optimizer(self) -> torch.optim.Optimizer:
+        assert self.optimizer is not None, "prepare() first"
+        return self.optimizer
+
+    def _hf_model(self) -> nn.Module:
+        """The HF model inside the loss module (its state is what checkpoints hold)."""
+        model = self.unwrapped.model
+        assert isinstance(model, nn.Module)
+        return model
 
     # -------------------------------------------------------------- one step
     @property
@@ -81,6 +97,7 @@ class LocalEngine:
         return contextlib.nullcontext()
 
     def forward(self, *args):
+        assert self.module is not None, "prepare() first"
         return self.module(*args)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -92,12 +109,12 @@ class LocalEngine:
         norm = grad_norm([p for p in self.unwrapped.parameters() if p.grad is not None], max_norm)
         applied = math.isfinite(norm)
         if applied:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
         return StepResult(norm, applied)
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self._optimizer.zero_grad(set_to_none=True)
 
     @contextlib.contextmanager
     def full_parameters(self, module=None):
@@ -117,12 +134,12 @@ class LocalEngine:
             return
         from safetensors.torch import save_model
 
-        save_model(self.unwrapped.model, str(folder / MODEL_FILE))
-        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+        save_model(self._hf_model(), str(folder / MODEL_FILE))
+        torch.save(self._optimizer.state_dict(), folder / OPTIMIZER_FILE)
 
     def load(self, folder: Path) -> None:
         from safetensors.torch import load_model
 
-        load_model(self.unwrapped.model, str(folder / MODEL_FILE), strict=True, device=str(self.env.device))
+        load_model(self._hf_model(), str(folder / MODEL_FILE), strict=True, device=str(self.env.device))
         state = torch.load(folder / OPTIMIZER_FILE, map_location=self.env.device, weights_only=True)
-        self.optimizer.load_state_dict(state)
+        self._optimizer.load_state_dict(state)

@@ -15,8 +15,12 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokentrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tokentrain.engines.base import Engine
 
 ENGINES = ("local", "ddp", "deepspeed", "fsdp2")
 CHOICES = ("auto", *ENGINES)
@@ -52,7 +56,7 @@ def choose(requested: str, *, deepspeed: bool, world_size: int) -> str:
     return requested
 
 
-def build_engine(name: str, cfg, env, deepspeed: dict | None = None):
+def build_engine(name: str, cfg, env, deepspeed: dict | None = None) -> Engine:
     """The engine of a run, made before the model (ZeRO-3 and FSDP2 build it sharded).
     `deepspeed` is the DeepSpeed config with its "auto" values unresolved."""
     if name == "local":
@@ -67,6 +71,7 @@ def build_engine(name: str, cfg, env, deepspeed: dict | None = None):
         from tokentrain.engines.deepspeed import DeepSpeedEngine
         from tokentrain.engines.deepspeed_config import resolve_for_run
 
+        assert deepspeed is not None, "choose() picks 'deepspeed' only with a DeepSpeed config"
         return DeepSpeedEngine(env, resolve_for_run(deepspeed, cfg, env))
     if name == "fsdp2":
         from tokentrain.model.lm import autocast_dtype
@@ -137,7 +142,8 @@ def read_model_state(folder: Path) -> dict:
 def safe_globals(folder: Path) -> list:
     """The pickled globals the `.pt` files of this checkpoint may hold (its engine's allow-list)."""
     fmt, module = _reader_module(folder)
-    allowed = getattr(module, FORMATS[fmt][3], None) if FORMATS[fmt][3] else None
+    name = FORMATS[fmt][3]
+    allowed = getattr(module, name, None) if name else None
     return list(allowed()) if callable(allowed) else list(allowed or [])
 
 
@@ -148,9 +154,9 @@ def check_resumable(folder: Path, engine, world_size: int) -> None:
     record = checkpoint_record(folder)
     fmt = checkpoint_format(folder)
     mine = getattr(engine, "checkpoint_format", FORMAT_OF.get(engine.name))
-    writer = record.get("engine") or {"plain": "local/ddp"}.get(fmt, fmt)
+    writer = record.get("engine") or ("local/ddp" if fmt == "plain" else fmt)
     if fmt != mine:
-        flag = FLAGS.get(fmt, f"--engine {writer}")
+        flag = f"--engine {writer}" if fmt is None else FLAGS.get(fmt, f"--engine {writer}")
         if fmt == "deepspeed" and record.get("zero_stage") is not None:
             flag = f"--deepspeed deepspeed_zero{record['zero_stage']} (or the JSON it was trained with)"
         raise ConfigError(

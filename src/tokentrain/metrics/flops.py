@@ -12,8 +12,12 @@ max_length^2. Gradient-checkpointing recompute is not counted (these are model F
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Dense bf16 peak TFLOP/s of common accelerators (no sparsity), for MFU.
 PEAK_TFLOPS = {
@@ -38,10 +42,11 @@ class FlopCounter:
     attn_dim: int
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module) -> FlopCounter:
+    def for_model(cls, model: PreTrainedModel) -> FlopCounter:
         cfg = model.config
         total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
         emb = model.get_input_embeddings().weight
+        assert isinstance(emb, torch.Tensor)
         out = model.get_output_embeddings()
         tied = out is not None and out.weight is emb
         matmul = total - (0 if tied else emb.numel())
@@ -59,20 +64,21 @@ def sum_sq_doc_lengths(cu_seqlens) -> int:
     return sum(n * n for n in lens)
 
 
-def peak_tflops(device: torch.device, dtype: torch.dtype | None, configured: float | None) -> tuple[float | None, str]:
-    """(peak TFLOP/s, where it came from) for MFU."""
+def peak_tflops(device: torch.device, dtype: torch.dtype | None, configured: float | None) -> float | None:
+    """Peak TFLOP/s for MFU: the configured one, else the table's for a known GPU (half the
+    bf16 figure in tf32), else measured on a CPU; None for an unknown GPU or other device."""
     if configured:
-        return configured, "config"
+        return configured
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tf in PEAK_TFLOPS.items():
             if key in name:
                 half = dtype in (torch.bfloat16, torch.float16)
-                return (tf if half else tf / 2), f"table ({name}, {'bf16' if half else 'tf32'})"
-        return None, f"unknown GPU {name}"
+                return tf if half else tf / 2
+        return None
     if device.type == "cpu":
-        return measure_matmul_tflops(dtype or torch.float32), "measured matmul"
-    return None, "unknown device"
+        return measure_matmul_tflops(dtype or torch.float32)
+    return None
 
 
 def measure_matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.25) -> float:

@@ -147,7 +147,7 @@ class DocMasking:
 
     mode: str  # "varlen" | "positions" | "mask4d"
     attn_implementation: str
-    windows: int | dict | None = None  # `attention_windows` of the model (mask4d builds them in)
+    windows: int | dict[str, int | None] | None = None  # `attention_windows` of the model (mask4d builds them in)
 
     def model_inputs(
         self,
@@ -179,10 +179,12 @@ class DocMasking:
             if self.attn_implementation == "eager" and dtype is None:
                 dtype = torch.float32
             mask = block_causal_mask(position_ids, dtype)
-            if mask is not None and isinstance(self.windows, dict):
-                kw["attention_mask"] = {t: block_causal_mask(position_ids, dtype, w) for t, w in self.windows.items()}
-            elif mask is not None:
-                kw["attention_mask"] = block_causal_mask(position_ids, dtype, self.windows) if self.windows else mask
+            windows = self.windows
+            if mask is not None:
+                if isinstance(windows, dict):
+                    kw["attention_mask"] = {t: block_causal_mask(position_ids, dtype, w) for t, w in windows.items()}
+                else:
+                    kw["attention_mask"] = block_causal_mask(position_ids, dtype, windows) if windows else mask
         return kw
 
     def unflatten(self, t: torch.Tensor, batch: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ the whole forward -- decoder, masking, loss -- runs inside the wrapper's hooks.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,10 +16,12 @@ from torch import nn
 from tokentrain.errors import ConfigError, TokentrainError
 from tokentrain.model.attention import DocMasking
 from tokentrain.model.loss import linear_cross_entropy_sum, logits_cross_entropy_sum
+from tokentrain.utils.dtypes import torch_dtype
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -32,7 +34,7 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
         return None
     if name == "float16" and device.type == "cpu":
         raise ConfigError("dtype = 'float16' is not supported on CPU; use 'bfloat16' or 'float32'")
-    return None if name == "float32" else DTYPES[name]
+    return None if name == "float32" else torch_dtype(name)
 
 
 def _raised_by_engine(e: BaseException) -> bool:
@@ -88,7 +90,7 @@ def load_model(
     device: torch.device,
     seed: int = 0,
     fallback: str | None = None,
-) -> nn.Module:
+) -> PreTrainedModel:
     """The HF model in fp32 (the master weights; compute runs in the autocast dtype).
 
     A local folder with a config.json but no weights starts from random weights
@@ -111,7 +113,9 @@ def load_model(
         return _load_model(path, trust_remote_code, fallback, device, seed)
 
 
-def _load_model(path: str, trust_remote_code: bool, attn_implementation: str, device: torch.device, seed: int):
+def _load_model(
+    path: str, trust_remote_code: bool, attn_implementation: str, device: torch.device, seed: int
+) -> PreTrainedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -142,10 +146,11 @@ def _load_model(path: str, trust_remote_code: bool, attn_implementation: str, de
             f"pretrained_model_name_or_path = {path!r}: cannot load the model: {_first_line(e)}"
         ) from None
     model.config.use_cache = False
-    return model.to(device)
+    # transformers wraps PreTrainedModel.to in a decorator whose stub drops `self`
+    return model.to(device)  # type: ignore[arg-type]
 
 
-def _fused_parts(model: nn.Module):
+def _fused_parts(model: PreTrainedModel) -> tuple[nn.Module, nn.Linear] | None:
     """(decoder, lm_head) when logits are plainly lm_head(decoder(x)); else None."""
     cfg = model.config
     if any(
@@ -161,13 +166,10 @@ def _fused_parts(model: nn.Module):
     return decoder, head
 
 
-@dataclass
-class LossSettings:
-    chunk_tokens: int = 0
-
-
 class CausalLMWithLoss(nn.Module):
-    def __init__(self, model: nn.Module, masking: DocMasking, compute_dtype: torch.dtype | None, chunk_tokens: int = 0):
+    def __init__(
+        self, model: PreTrainedModel, masking: DocMasking, compute_dtype: torch.dtype | None, chunk_tokens: int = 0
+    ):
         super().__init__()
         self.model = model
         self.masking = masking
@@ -213,7 +215,9 @@ class CausalLMWithLoss(nn.Module):
         kw = self.masking.model_inputs(input_ids, position_ids, self.compute_dtype or torch.float32, cu_seqlens)
         with torch.autocast(dev, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
             if self.fused:
-                decoder, head = _fused_parts(self.model)
+                parts = _fused_parts(self.model)
+                assert parts is not None, "_check_fused found them"
+                decoder, head = parts
                 hidden = decoder(**kw)[0]
                 return linear_cross_entropy_sum(
                     hidden, labels, head.weight, head.bias, self.chunk_tokens, self.compute_dtype

@@ -19,6 +19,8 @@ right, but without the kernel's speed (logged once).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -26,10 +28,16 @@ log = logging.getLogger(__name__)
 
 VARLEN_IMPL = "tokentrain_varlen"
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch < 2.9
-    varlen_attn = None
+
+def _find_kernel() -> Callable[..., Any] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.9
+        return None
+    return varlen_attn
+
+
+varlen_attn = _find_kernel()
 
 
 def varlen_available(device: torch.device) -> bool:
@@ -80,6 +88,7 @@ def varlen_attention(
         if q.is_cuda and q.dtype == torch.float32:  # the kernel takes half precision only
             dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        assert varlen_attn is not None, "chosen only when varlen_available()"
         out = varlen_attn(
             q,
             k,

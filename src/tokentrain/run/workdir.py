@@ -165,7 +165,9 @@ class WorkDirLock:
 
 
 def _is_me(owner: dict | None) -> bool:
-    return bool(owner) and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
+    if not owner:
+        return False
+    return owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
 
 
 def _command() -> str:

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +93,7 @@ class Encoder:
             self.tok = AutoTokenizer.from_pretrained(opts.tokenizer)
         except (OSError, ValueError) as e:
             raise ConfigError(f"--tokenizer {opts.tokenizer}: cannot load a tokenizer there ({e})") from None
+        self.template: str | None
         if opts.chat_template:
             self.template = NAMED_TEMPLATES[opts.chat_template]
         else:
@@ -111,9 +113,11 @@ class Encoder:
         return np.asarray(ids, dtype=np.int64)
 
     def render(self, messages: list, generation_prompt: bool = False) -> str:
-        return self.tok.apply_chat_template(
+        text = self.tok.apply_chat_template(
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
         )
+        assert isinstance(text, str)  # tokenize=False: the rendered text
+        return text
 
     def chat(self, messages) -> np.ndarray:
         if self.template is None:
@@ -170,7 +174,8 @@ def _init_worker(opts: TokenizeOptions) -> None:
 def _encode_chunk(job: tuple[list[tuple[int, str, object]], int]) -> tuple[list[tuple[int, np.ndarray | str]], int]:
     """Encode a chunk of records; its input byte count travels with it (for progress)."""
     chunk, nbytes = job
-    out = []
+    assert _ENCODER is not None, "_init_worker first"
+    out: list[tuple[int, np.ndarray | str]] = []
     for lineno, kind, payload in chunk:
         if isinstance(payload, BadRecord):
             out.append((lineno, str(payload)))
@@ -228,13 +233,13 @@ def read_records(path: Path, kind: str, txt_mode: str, sizes: list | None = None
                     yield first, "text", "\n".join(para)
         return
     field_name = "messages" if kind == "chat" else "text"
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            sizes[0] += len(line)
-            if not line.strip():
+    with open(path, "rb") as fb:
+        for lineno, raw in enumerate(fb, 1):
+            sizes[0] += len(raw)
+            if not raw.strip():
                 continue
             try:
-                row = orjson.loads(line)
+                row = orjson.loads(raw)
             except orjson.JSONDecodeError as e:
                 yield lineno, kind, BadRecord(f"malformed JSON ({e})")
                 continue
@@ -275,6 +280,7 @@ def tokenize_files(inputs: list[str | Path], opts: TokenizeOptions) -> Summary:
     summary = Summary(bytes_in=sum(p.stat().st_size for p in paths))
     t0 = time.perf_counter()
     pool = None
+    mapper: Callable[[Iterable], Iterator[tuple[list[tuple[int, np.ndarray | str]], int]]]
     try:
         if opts.workers > 1:
             import multiprocessing as mp
