@@ -17,9 +17,10 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -81,3 +82,18 @@ class Engine(Protocol):
     def save(self, folder: Path) -> None: ...
 
     def load(self, folder: Path) -> None: ...
+
+
+class Collectives:
+    """`all_reduce_sum` and `barrier` over the default process group: the same for every
+    engine that runs with ranks (ddp, deepspeed, fsdp2; a 1-rank group included)."""
+
+    env: Any
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        dist.barrier()

@@ -11,15 +11,15 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from tokentrain.engines.base import Collectives
 from tokentrain.engines.local import SAFE_GLOBALS, LocalEngine, owns_checkpoint, read_model_state
 
 __all__ = ["SAFE_GLOBALS", "DDPEngine", "owns_checkpoint", "read_model_state"]
 
 
-class DDPEngine(LocalEngine):
+class DDPEngine(Collectives, LocalEngine):
     name = "ddp"
 
     def __init__(self, env):
@@ -52,11 +52,3 @@ class DDPEngine(LocalEngine):
 
         assert isinstance(self.module, DDP), "prepare() first"
         return self.module.no_sync()
-
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        dist.barrier()

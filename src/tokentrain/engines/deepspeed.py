@@ -28,9 +28,8 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from tokentrain.engines.base import StepResult
+from tokentrain.engines.base import Collectives, StepResult
 from tokentrain.engines.deepspeed_config import zero_stage
 from tokentrain.engines.local import LocalEngine
 
@@ -100,7 +99,7 @@ def _join_process_group(env) -> None:
     ds_comm.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False, verbose=False)
 
 
-class DeepSpeedEngine(LocalEngine):
+class DeepSpeedEngine(Collectives, LocalEngine):
     name = "deepspeed"
     checkpoint_format = "deepspeed"
     resumes_on_other_world_size = False
@@ -170,14 +169,6 @@ class DeepSpeedEngine(LocalEngine):
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
-
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        dist.barrier()
 
     @contextlib.contextmanager
     def full_parameters(self, module=None):

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tokentrain.engines import fsdp2_checkpoint as ckpt
-from tokentrain.engines.base import StepResult
+from tokentrain.engines.base import Collectives, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def decoder_layers(model: Any) -> list[nn.Module]:
     return layers
 
 
-class FSDP2Engine:
+class FSDP2Engine(Collectives):
     name = "fsdp2"
     checkpoint_format = "fsdp2"  # step_N/fsdp/: DCP shards, resharded on load
     resumes_on_other_world_size = True
@@ -262,14 +262,6 @@ class FSDP2Engine:
             yield
         finally:
             del root.state_dict
-
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        dist.barrier()
 
     # -------------------------------------------------------------- state
     def save(self, folder: Path) -> None:
