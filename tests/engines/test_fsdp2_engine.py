@@ -59,7 +59,9 @@ def test_prepare_rebuilds_the_optimizer_over_the_shards_and_a_step_equals_the_pl
     for _ in range(2):
         with engine.accumulate(is_last=True):
             engine.backward(engine.forward(ids, labels, pos) * engine.loss_scale / 16)
-        norm = engine.step(max_norm=0.5)
+        result = engine.step(max_norm=0.5)
+        assert result.applied
+        norm = result.grad_norm
         assert engine.applied
         (plain(ids, labels, pos) / 16).backward()
         ref_norm = float(torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.5))
