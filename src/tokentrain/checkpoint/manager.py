@@ -6,7 +6,7 @@ Layout of one checkpoint::
       model.safetensors     weights (fp32 master copy)           -- engine.save (local, ddp)
       optimizer.pt          optimizer state (tensors only)       -- engine.save (local, ddp)
       trainer_state.pt      step, scheduler, sampler, counters
-      rng_rank{R}.pt        every rank's RNG states (torch, CUDA, numpy, python)
+      rng_rank{R}.pt        every rank's RNG states (torch, CUDA, numpy, python; checkpoint/rng.py)
       config.json           the resolved config of the run
       COMPLETE              written last inside the folder: step, world size, and the
                             size and CRC-32 of every other file (the manifest)
@@ -30,16 +30,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from tokentrain.checkpoint.rng import rng_state
 from tokentrain.errors import CheckpointError, ConfigError, TokentrainError, UnsafeCheckpointError
 from tokentrain.utils import faults
 from tokentrain.utils.atomic import atomic_file, with_umask
@@ -50,47 +49,6 @@ LATEST = "latest"
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.pt"
 STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-# ------------------------------------------------------------------ RNG
-
-
-def rng_state() -> dict:
-    # numpy's stub types the default call as the dict form; legacy=True (the runtime default)
-    # gives MT19937's tuple for the global generator
-    mt = np.random.get_state(legacy=True)
-    assert isinstance(mt, tuple)
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "name": mt[0],
-            "keys": torch.from_numpy(mt[1].astype(np.int64)),
-            "pos": int(mt[2]),
-            "has_gauss": int(mt[3]),
-            "cached_gaussian": float(mt[4]),
-        },
-        "python": _py_state_to_lists(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _py_state_to_lists(s):
-    version, internal, gauss = s
-    return [version, list(internal), gauss]
 
 
 # ------------------------------------------------------------------ finding checkpoints

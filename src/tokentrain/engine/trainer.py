@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from tokentrain.checkpoint.fingerprint import check_resume, run_fingerprint
 from tokentrain.checkpoint.hf_export import export_hf
-from tokentrain.checkpoint.manager import CheckpointManager, set_rng_state
+from tokentrain.checkpoint.manager import CheckpointManager
+from tokentrain.checkpoint.rng import set_rng_state
 from tokentrain.config.schema import TrainConfig
 from tokentrain.data.checks import build_named, check_datasets
 from tokentrain.engine.batch_checks import check_token_ids, describe_samples
@@ -40,6 +38,7 @@ from tokentrain.engine.data_stream import MicroBatch, StepStream
 from tokentrain.engine.evaluation import Evaluator
 from tokentrain.engine.preemption import Preemption
 from tokentrain.engine.schedule import WarmupCosine
+from tokentrain.engine.step import StepOutcome, StepTotals, enable_checkpointing, seed_everything
 from tokentrain.engines.base import as_step_result
 from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, TokentrainError
 from tokentrain.metrics.flops import FlopCounter, peak_tflops
@@ -56,48 +55,6 @@ log = logging.getLogger("tokentrain.train")
 
 class TrainingDiverged(TokentrainError):
     """The loss or the gradients became NaN/inf (with nan_policy = 'stop')."""
-
-
-@dataclass
-class StepOutcome:
-    """One optimizer step on this rank (`train_step`), before the sums over ranks."""
-
-    loss_sum: torch.Tensor  # fp32 CE summed over this rank's targets
-    global_targets: float  # target tokens of the step on all ranks
-    lr: float
-    grad_norm: float
-    applied: bool  # the optimizer update was made
-    loss_scale_overflow: bool = False  # fp16 loss scaling skipped it
-
-    @property
-    def empty(self) -> bool:
-        return self.global_targets == 0
-
-
-@dataclass
-class StepTotals:
-    """A step summed over ranks: what the metrics and the non-finite rule read."""
-
-    loss: float  # global loss sum / global target count
-    loss_sum: float  # the global loss sum (the log window's token-weighted mean adds these up)
-    real_tokens: int
-    sq_doc_lengths: int
-    stop: bool  # a preemption signal reached some rank
-
-
-def enable_checkpointing(model) -> None:
-    """Activation (gradient) checkpointing, non-reentrant; the name changed in transformers 5.x."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def seed_everything(seed: int, rank: int) -> None:
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2**32)
-    torch.manual_seed(seed + rank)
 
 
 class Trainer:
