@@ -45,15 +45,16 @@ def test_wheel_in_a_fresh_venv_runs_the_quickstart_outside_the_checkout(tmp_path
             check=True,
         ).stdout.strip()
     )
-    # The dependencies, as a plain path entry after the venv's own site-packages (its .pth
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    r = _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", str(wheel)], tmp_path, clean)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # Then the dependencies, as a plain path entry after the venv's own site-packages (its .pth
     # files, such as the checkout's editable install, are not processed from there).
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    r = _run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], tmp_path, dict(os.environ))
-    assert r.returncode == 0, r.stderr[-2000:]
 
     user = tmp_path / "user"
     user.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = dict(clean)
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", TOKENTRAIN_CACHE=str(tmp_path / "cache"))
     tt = str(venv / "bin" / "tokentrain")
     where = _run([str(py), "-c", "import tokentrain; print(tokentrain.__file__)"], user, env)
