@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from tests.reliability.helpers import clean_env as clean_env  # one child environment for every suite
+from tests.reliability.helpers import error_lines as error_lines
 
 TT = [sys.executable, "-m", "tokentrain"]
 
@@ -31,29 +33,6 @@ SETTINGS = dict(
 )
 
 
-def clean_env(**extra) -> dict:
-    """No launcher variables from the outside, one thread per rank, DeepSpeed on the CPU."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(
-            (
-                "SLURM_",
-                "MASTER_",
-                "RANK",
-                "WORLD_SIZE",
-                "LOCAL_",
-                "TORCHELASTIC",
-                "NPROC_PER_NODE",
-                "TOKENTRAIN_FAULT_INJECT",
-                "TOKENTRAIN_EXIT_DIR",
-            )
-        )
-    }
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", **extra)
-    return env
-
-
 def write_cfg(path: Path, model, data, **over) -> Path:
     settings = dict(SETTINGS, pretrained_model_name_or_path=str(model), dataset_folder=str(data))
     settings.update(over)
@@ -65,10 +44,6 @@ def tokentrain(*args, env: dict | None = None, timeout: int = 300) -> subprocess
     return subprocess.run(
         [*TT, *map(str, args)], env=env or clean_env(), capture_output=True, text=True, timeout=timeout
     )
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [x for x in stderr.splitlines() if x.startswith("tokentrain:")]
 
 
 def weights(work: Path) -> dict:
