@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.engines.engine_helpers import write_cfg
 from tokentrain.distributed.spawn import _free_port
 
 HERE = Path(__file__).parent
@@ -57,30 +58,7 @@ def job(tmp_path_factory):
     data = root / "data"
     synth_dataset(data, files=2, documents=300, seed=3, mean_length=40, vocab_size=512)
     cfg = root / "cfg.py"
-    cfg.write_text(
-        "\n".join(
-            f"{k} = {v!r}"
-            for k, v in dict(
-                pretrained_model_name_or_path=str(model),
-                dataset_folder=str(data),
-                max_length=128,
-                batch_size=1,
-                accumulative_counts=2,
-                max_iters=4,
-                lr=1e-3,
-                warm_up_ratio=0.25,
-                save_steps=2,
-                save_total_limit=-1,
-                evaluation_freq=1000,
-                evaluation_inputs=[],
-                log_interval=1,
-                tensorboard=False,
-                dtype="float32",
-                seed=7,
-            ).items()
-        )
-        + "\n"
-    )
+    write_cfg(cfg, model, data)  # the engines suite's settings (tests/engines/engine_helpers.py)
     ref = root / "reference"
     # One process, micro-batch 1 x 4 accumulation = the 2 ranks x 2 accumulation global batch.
     r = subprocess.run(
