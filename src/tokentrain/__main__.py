@@ -1,3 +1,3 @@
-from tokentrain.cli.main import main
+from tokentrain.cli.main import entry
 
-raise SystemExit(main())
+entry()

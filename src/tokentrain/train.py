@@ -27,7 +27,7 @@ def strip_local_rank(argv: list[str]) -> tuple[list[str], str | None]:
     return out, value
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, as_process: bool = False) -> int:
     from tokentrain.cli.main import main as cli_main  # it records the exit code for spawn_torchrun
 
     args, local_rank = strip_local_rank(sys.argv[1:] if argv is None else argv)
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["LOCAL_RANK"] = local_rank
     debug = [a for a in args if a == "--debug"]
     rest = [a for a in args if a != "--debug"]
-    return cli_main([*debug, "train", *rest])
+    return cli_main([*debug, "train", *rest], as_process=as_process)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(as_process=True))

@@ -81,6 +81,34 @@ def test_exit_code_of_the_plain_cli(case, tiny_model, tiny_data, tmp_path):
     _check(case, rc, err, tmp_path / "w", CODES[case])
 
 
+@pytest.mark.parametrize("case", ["data", "preempted"])
+def test_a_sigterm_while_the_process_ends_keeps_its_code(case, tiny_model, tiny_data, tmp_path):
+    """srun --kill-on-bad-exit (and torchrun) SIGTERM the other ranks once the first one exits;
+    one that has its code already and is ending must keep it (3, 75), not die as 143. Here the
+    fault `exit_sleep` holds the process after its code is recorded, and the SIGTERM lands then."""
+    args, faults = _args(case, tiny_model, tiny_data, tmp_path)
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    env = clean_env(
+        ",".join(x for x in (faults, "exit_sleep=3") if x),
+        TOKENTRAIN_CACHE=str(tmp_path / "cache"),
+        TOKENTRAIN_EXIT_DIR=str(codes),
+    )
+    proc = subprocess.Popen([BIN, "train", *args], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        if case == "preempted":
+            wait_for(lambda: len(metrics(tmp_path / "w")) >= 2, proc, timeout=180, poll=0.05)
+            proc.send_signal(signal.SIGTERM)
+        wait_for((codes / "rank0.code").exists, proc, timeout=180, poll=0.05)
+        proc.send_signal(signal.SIGTERM)  # the code is recorded; the process is still ending
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (codes / "rank0.code").read_text() == str(CODES[case])
+    _check(case, proc.returncode, err, tmp_path / "w", CODES[case])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["nan", "config", "data", "preempted"])
 def test_exit_code_through_nproc_per_node(case, tiny_model, tiny_data, tmp_path):

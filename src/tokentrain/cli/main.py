@@ -13,10 +13,11 @@ import argparse
 import importlib
 import logging
 import sys
+import time
 
 from tokentrain import __version__
 from tokentrain.errors import EXIT_FAILURE, EXIT_USAGE, TokentrainError
-from tokentrain.run.signals import EXIT_INTERRUPTED, install_startup_handlers, restore_handlers
+from tokentrain.run.signals import EXIT_INTERRUPTED, ignore_while_ending, install_startup_handlers, restore_handlers
 
 # Each module defines `register(subparsers, parent)`, which adds its commands and sets
 # `func` on them (a callable taking the parsed args and returning an exit code).
@@ -55,7 +56,9 @@ def setup_logging(debug: bool) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, as_process: bool = False) -> int:
+    """Run one command; returns its exit code. `as_process`: this call is the whole process (the
+    console script, `python -m tokentrain`, `python -m tokentrain.train`), which ends right after."""
     argv = sys.argv[1:] if argv is None else argv
     # `train`: a signal before the trainer's own handling ends it at once, 75/130, one line (see
     # run/signals.py); installed first thing, restored on return (the CLI may run in-process).
@@ -66,12 +69,26 @@ def main(argv: list[str] | None = None) -> int:
         print("tokentrain: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED
     finally:
-        if saved:
+        if saved and as_process:
+            # The code is decided; the launcher's SIGTERM to the other ranks once one exits
+            # (srun --kill-on-bad-exit, torchrun) may still reach this one as it ends: it must
+            # not turn 3 or 75 into 143. In-process callers get their own handlers back.
+            ignore_while_ending()
+        elif saved:
             restore_handlers(saved)
     from tokentrain.distributed.spawn import record_exit_code
 
     record_exit_code(code)
+    from tokentrain.utils import faults
+
+    if faults.value("exit_sleep"):
+        time.sleep(float(faults.value("exit_sleep") or 0))
     return code
+
+
+def entry() -> None:
+    """The `tokentrain` console script."""
+    sys.exit(main(as_process=True))
 
 
 def _run(argv: list[str]) -> int:
@@ -114,4 +131,4 @@ def _run(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

@@ -10,6 +10,8 @@ hook is one dict lookup on an empty dict. The value is a comma-separated list of
 ``save_sleep=SECONDS``     sleep inside the checkpoint writer, after the weights are written
                            and before COMPLETE (to kill a process mid-write)
 ``save_enospc_at_step=N``  writing the checkpoint of step N fails with ENOSPC
+``exit_sleep=SECONDS``     sleep once the exit code is decided and recorded, before the process
+                           ends (to send a signal while it ends, as srun --kill-on-bad-exit does)
 ``rank=R``                 apply the step faults on rank R only (default: every rank)
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 
 ENV = "TOKENTRAIN_FAULT_INJECT"
-KNOWN = ("nan_loss_at_step", "inf_grad_at_step", "save_sleep", "save_enospc_at_step", "rank")
+KNOWN = ("nan_loss_at_step", "inf_grad_at_step", "save_sleep", "save_enospc_at_step", "exit_sleep", "rank")
 
 
 def parse(spec: str | None) -> dict[str, str]:
