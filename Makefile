@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: venv
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q --durations=30
 
 # A quick local loop: everything but the slow, Slurm and DeepSpeed tests (CI runs them all).
 test-fast: venv
