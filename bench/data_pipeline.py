@@ -266,14 +266,17 @@ def load_revision(rev: str, workdir: Path):
     tag = f"rev_{sha}"
     folder = workdir / "revisions"
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("format", "reader", "packing"):
-        text = subprocess.run(
-            ["git", "-C", str(repo), "show", f"{sha}:src/tokentrain/data/{name}.py"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
+    for name in ("fastjson", "format", "reader", "packing"):
+        shown = subprocess.run(
+            ["git", "-C", str(repo), "show", f"{sha}:src/tokentrain/data/{name}.py"], capture_output=True, text=True
+        )
+        if shown.returncode:  # fastjson.py is newer than some revisions (it was part of format.py)
+            continue
+        text = shown.stdout
         text = re.sub(r"^from tokentrain\.data import format as fmt$", f"import {tag}_format as fmt", text, flags=re.M)
+        text = re.sub(
+            r"^from tokentrain\.data import fastjson$", f"import {tag}_fastjson as fastjson", text, flags=re.M
+        )
         text = re.sub(
             r"^from tokentrain\.data\.reader import DocReader$", f"from {tag}_reader import DocReader", text, flags=re.M
         )
@@ -283,33 +286,53 @@ def load_revision(rev: str, workdir: Path):
     return sha, importlib.import_module(f"{tag}_packing")
 
 
+BASELINE_ORDERS = ("sequential", "random", "random, json.dumps lines")
+
+
 def compare_revisions(
-    folder: Path, cache: Path, max_length: int, revs: list[str], workdir: Path, packs: int, rounds: int, seed: int
+    folders: dict[str, Path],
+    cache: Path,
+    max_length: int,
+    revs: list[str],
+    workdir: Path,
+    packs: int,
+    rounds: int,
+    seed: int,
 ) -> dict:
-    """Pack reads of this tree and of `revs`, the same packs, interleaved rounds: ratios."""
+    """Pack reads of this tree and of `revs`, the same packs, interleaved rounds: ratios.
+    `folders`: "compact" (sequential and random packs) and, if present, "spaced" (the same
+    documents as json.dumps writes them; random packs)."""
     from tokentrain.data import packing
     from tokentrain.data.dataset import DataSettings, build_dataset
 
-    index = build_dataset(DataSettings(folder=str(folder), max_length=max_length, cache_dir=str(cache))).index
+    index = {
+        k: build_dataset(DataSettings(folder=str(f), max_length=max_length, cache_dir=str(cache / k))).index
+        for k, f in folders.items()
+    }
     impls = {"this tree": packing}
     for rev in revs:
         sha, mod = load_revision(rev, workdir)
         impls[sha] = mod
-    n = min(packs, index.num_tokens // max_length)
+    total = index["compact"].num_tokens // max_length
+    n = min(packs, total)
+    labels = [o for o in BASELINE_ORDERS if "spaced" in folders or "json" not in o]
     rng = np.random.default_rng(seed)
-    rates: dict = {(k, o): [] for k in impls for o in ("sequential", "random")}
+    rates: dict = {(k, o): [] for k in impls for o in labels}
     for r in range(rounds):
-        s = int(rng.integers(0, index.num_tokens // max_length - n + 1))
-        orders = {"sequential": range(s, s + n), "random": rng.permutation(index.num_tokens // max_length)[:n].tolist()}
+        s = int(rng.integers(0, total - n + 1))
+        rand = rng.permutation(total)[:n].tolist()
+        orders = {"sequential": ("compact", range(s, s + n)), "random": ("compact", rand)}
+        if "spaced" in folders:
+            orders["random, json.dumps lines"] = ("spaced", rand)
         for k in list(impls) if r % 2 == 0 else list(impls)[::-1]:
-            for o, ks in orders.items():
-                cpu, _, tokens = _time(impls[k].PackedDataset(index, max_length), ks)
+            for o, (fmt, ks) in orders.items():
+                cpu, _, tokens = _time(impls[k].PackedDataset(index[fmt], max_length), ks)
                 rates[(k, o)].append(tokens / cpu)
     med = {key: statistics.median(v) for key, v in rates.items()}
     return {
         k: {
             o: {"tokens_per_cpu_s": med[(k, o)], "this_tree_speedup": med[("this tree", o)] / med[(k, o)]}
-            for o in ("sequential", "random")
+            for o in labels
         }
         for k in impls
     }
@@ -467,8 +490,11 @@ def main() -> None:
         res["formats"] = formats(folders, caches / "formats", a.max_length, packs, rounds, a.seed)
         print("  compact/spaced comparison done", flush=True)
     if a.baseline:
+        both = (
+            {"compact": main_set, "spaced": spaced(work, main_set)} if "formats" not in skip else {"compact": main_set}
+        )
         res["baseline"] = compare_revisions(
-            main_set, caches / "main", a.max_length, a.baseline.split(","), work, packs, rounds, a.seed
+            both, caches / "baseline", a.max_length, a.baseline.split(","), work, packs, rounds, a.seed
         )
         print("  baseline comparison done", flush=True)
     if "flat" not in skip:
@@ -553,15 +579,16 @@ def report(r: dict) -> None:
             opened(f"{o['documents'] / 1e6:g}M-document open, {name}", o, f"<= 2 s, <= 1 GiB: {ok}")
     if "baseline" in r:
         print()
-        print("| pack reads, same packs, interleaved rounds | sequential | random |")
-        print("|---|---|---|")
+        labels = list(next(iter(r["baseline"].values())))
+        print("| pack reads, same packs, interleaved rounds | " + " | ".join(labels) + " |")
+        print("|---" * (len(labels) + 1) + "|")
         for k, x in r["baseline"].items():
             cells = [
                 f"{x[o]['tokens_per_cpu_s'] / 1e6:.1f} M tokens/CPU-s"
                 + ("" if k == "this tree" else f" (this tree x{x[o]['this_tree_speedup']:.2f})")
-                for o in ("sequential", "random")
+                for o in labels
             ]
-            print(f"| {k} | {cells[0]} | {cells[1]} |")
+            print(f"| {k} | " + " | ".join(cells) + " |")
     print()
     print("pack reads: median of rounds alternating the orders, page cache warm, a fresh reader per round;")
     print("per-pack cost: median of interleaved rounds of random packs, documents of the same lengths in all three.")

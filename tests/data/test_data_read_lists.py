@@ -113,3 +113,13 @@ def test_read_lists_reads_json_dumps_lines_in_place_and_refuses_other_spacing():
         b'{"tokens": [1, 2 ]}\n',
     ):
         assert fastjson.read_lists([fastjson.list_text(odd)], [2]) is None  # left to the line-by-line path
+    for odd in (  # a field of spaces alone reads 0 in numpy; the leading zero makes up its length
+        b'{"tokens":[1, ,00]}\n',
+        b'{"tokens": [-10000, -10000, -100002, ,00]}\n',
+        b'{"tokens": [0, ,00]}\n',
+    ):
+        n = len(np.fromstring(fastjson.list_text(odd).tobytes(), dtype=np.int64, sep=","))
+        assert fastjson.read_lists([fastjson.list_text(odd)], [n]) is None
+        assert (
+            fastjson.read_lists([fastjson.list_text(b'{"tokens": [5, 0]}\n'), fastjson.list_text(odd)], [2, n]) is None
+        )
