@@ -130,7 +130,12 @@ def test_train_stop_resume_convert(engine, ranks, kind, user_files, tmp_path):
     first = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in first] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in first)
-    # 2) ... and a second one that resumes it to step 6.
+    # 2) ... and a second one that resumes it to step 6: `auto` at 1 rank; at 2 ranks from a copy
+    # of the checkpoint kept under another name, as users keep one (every rank must take it).
+    resume = "auto"
+    if ranks > 1:
+        resume = cwd / "kept-checkpoint"
+        shutil.copytree(work / "checkpoints" / "step_4", resume)
     r = _tt(
         "train",
         cfg,
@@ -138,7 +143,7 @@ def test_train_stop_resume_convert(engine, ranks, kind, user_files, tmp_path):
         "--work-dir",
         work,
         "--resume",
-        "auto",
+        resume,
         "--cfg-options",
         "max_iters=6",
         cwd=cwd,

@@ -192,6 +192,9 @@ def resolve_resume(resume: str | None, ckpt_root: Path, verify: bool = True) -> 
 # ------------------------------------------------------------------ saving
 
 
+_NONE, _REFUSED, _AS_GIVEN = -1.0, -2.0, -3.0  # rank 0's choice of checkpoint, as sent (else a step)
+
+
 class CheckpointManager:
     def __init__(self, root: Path, env, engine, keep: int, every: int = 1):
         self.root = Path(root)
@@ -204,7 +207,10 @@ class CheckpointManager:
 
     def resolve(self, resume: str | None) -> Path | None:
         """The checkpoint to resume from (`--resume`), chosen and its files verified by the main
-        rank; every rank takes the same one (a refusal on rank 0 stops every rank)."""
+        rank; every rank takes the same one (a refusal on rank 0 stops every rank). Rank 0 sends
+        a code: the step of the checkpoint it found under the work dir (the other ranks, not
+        reading every file again, could see a newer damaged one), or that `--resume` itself is
+        the checkpoint (any folder name: a copy kept elsewhere), or none, or a refusal."""
         if self.env.world_size == 1:
             return resolve_resume(resume, self.root)
         error, found = None, None
@@ -213,16 +219,25 @@ class CheckpointManager:
                 found = resolve_resume(resume, self.root)
             except TokentrainError as e:
                 error = e
-        step = None if found is None else step_of(found)
-        assert found is None or step is not None, f"{found}: not a step_N folder"
-        code = -2.0 if error else (-1.0 if step is None else float(step))
+        if error:
+            code = _REFUSED
+        elif found is None:
+            code = _NONE
+        elif resume and found == Path(resume):
+            code = _AS_GIVEN
+        else:
+            step = step_of(found)
+            assert step is not None, f"{found}: find_latest returns step_N folders"
+            code = float(step)
         (code,) = self.engine.all_reduce_sum([code if self.env.is_main else 0.0])
         if error:
             raise error
-        if code == -2:
+        if code == _REFUSED:
             raise CheckpointError(f"--resume {resume}: refused by rank 0 (see its message)")
-        if self.env.is_main or code == -1:
+        if self.env.is_main or code == _NONE:
             return found
+        if code == _AS_GIVEN:
+            return Path(str(resume))
         mine = resolve_resume(resume, self.root, verify=False)  # the same folder, without reading it again
         assert mine is not None, "rank 0 found one"
         return mine.parent / f"step_{int(code)}"
