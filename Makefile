@@ -6,6 +6,8 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # torch first, pinned to the CPU wheel these machines carry, so pip never pulls a CUDA build.
 TORCH   ?= torch==2.13.0
+# pytest-xdist workers for `make test` (CI: 2 cores; Slurm tests stay together in one worker).
+TEST_JOBS ?= 2
 LINTED  := src tests bench demo scripts
 
 .PHONY: venv test test-fast lint typecheck deadcode check format demo bench clean
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: venv
-	$(VPY) -m pytest -q --durations=30
+	$(VPY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup --durations=30
 
 # A quick local loop: everything but the slow, Slurm and DeepSpeed tests (CI runs them all).
 test-fast: venv

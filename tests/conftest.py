@@ -25,8 +25,11 @@ _DEEPSPEED = re.compile(r"deepspeed|zero[123]|ZeRO", re.IGNORECASE)
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+        # Slurm tests (the fixture, or `srun` cases that ask for it at run time) share one
+        # slurmctld: under `pytest -n 2 --dist loadgroup` they all run in one worker, in turn.
+        if "slurm_cluster" in getattr(item, "fixturenames", ()) or "srun" in item.nodeid:
             item.add_marker(pytest.mark.slurm)
+            item.add_marker(pytest.mark.xdist_group("slurm"))
         if _DEEPSPEED.search(item.nodeid):
             item.add_marker(pytest.mark.deepspeed)
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tokentrain.distributed.spawn import _free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 COPY = "internlm_7b_full_intern_repo_dataset_template_copy.py"
 
@@ -58,7 +60,7 @@ def test_every_readme_command_runs(tmp_path, slurm_cluster):
         TOKENTRAIN_CACHE=str(tmp_path / "cache"),
         OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",
-        MASTER_PORT="29531",
+        MASTER_PORT=str(_free_port()),
     )
     r = subprocess.run(
         ["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500
