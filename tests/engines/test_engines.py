@@ -82,7 +82,10 @@ def job(tmp_path_factory):
     return dict(root=root, model=model, data=data, cfg=cfg, ref=ref, cache=str(root / "cache"))
 
 
-def test_every_engine_matches_one_process_and_resumes_exactly(job):
+@pytest.fixture(scope="module")
+def engines_run(job):
+    """Every engine on 2 ranks (engines_worker.py): a full run and one resumed from step 2.
+    Two tests read it; under xdist they share a group, so it runs once."""
     out = job["root"] / "engines"
     cmd = [
         sys.executable,
@@ -98,6 +101,12 @@ def test_every_engine_matches_one_process_and_resumes_exactly(job):
     ]
     r = subprocess.run(cmd, env=clean_env(TOKENTRAIN_CACHE=job["cache"]), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-5000:]
+    return out
+
+
+@pytest.mark.xdist_group("engines-run")
+def test_every_engine_matches_one_process_and_resumes_exactly(job, engines_run):
+    out = engines_run
     ref_w, ref_loss = weights(job["ref"]), losses(job["ref"])
     assert len(ref_loss) == 4
     for engine in ENGINES:
@@ -112,14 +121,14 @@ def test_every_engine_matches_one_process_and_resumes_exactly(job):
     assert (out / "deepspeed_zero1" / "full" / "checkpoints" / "step_2" / "ds").is_dir()
 
 
-def test_convert_deepspeed_and_plain_checkpoints_to_hf(job, tmp_path):
+@pytest.mark.xdist_group("engines-run")
+def test_convert_deepspeed_and_plain_checkpoints_to_hf(job, engines_run, tmp_path):
     """pth_to_hf on a ZeRO-3 checkpoint (from the engines run) and on a plain one: loads in
     transformers with the trainer's own weights, hence identical logits."""
     from transformers import AutoModelForCausalLM
 
-    engines_out = job["root"] / "engines"
-    if not (engines_out / "deepspeed_zero3" / "DONE").exists():
-        pytest.fail("needs the engines run (test_every_engine_matches_one_process_and_resumes_exactly) first")
+    engines_out = engines_run
+    assert (engines_out / "deepspeed_zero3" / "DONE").exists()
     ids = torch.arange(5, 40)[None]
     for ckpt, hf in (
         (
