@@ -494,7 +494,7 @@ def main() -> None:
             {"compact": main_set, "spaced": spaced(work, main_set)} if "formats" not in skip else {"compact": main_set}
         )
         res["baseline"] = compare_revisions(
-            both, caches / "baseline", a.max_length, a.baseline.split(","), work, packs, rounds, a.seed
+            both, caches / "formats", a.max_length, a.baseline.split(","), work, packs, rounds, a.seed
         )
         print("  baseline comparison done", flush=True)
     if "flat" not in skip:
