@@ -105,6 +105,17 @@ def wait_for(cond, proc: subprocess.Popen | None = None, timeout: float = 120, p
         time.sleep(poll)
 
 
+def written_since(path: Path, since: float) -> bool:
+    """Whether `path` is a file written at or after `since`; False while it is missing.
+
+    Checked in one `stat`: a run that removes a leftover `.step_N.partial` (from an earlier
+    kill) before refilling it may delete the file between an `is_file()` and a `stat()`."""
+    try:
+        return path.stat().st_mtime >= since
+    except FileNotFoundError:
+        return False
+
+
 def checkpoints(work: Path) -> dict:
     """What a later run would see: the `latest` pointer, complete step folders, partial leftovers."""
     root = Path(work) / "checkpoints"

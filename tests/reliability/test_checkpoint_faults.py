@@ -26,6 +26,7 @@ from .helpers import (
     wait_for,
     weights,
     write_cfg,
+    written_since,
 )
 
 STEPS = 12
@@ -127,8 +128,9 @@ def test_kill_9_at_seeded_random_points_then_resume_auto_is_bit_identical(ref, t
         else:
             save = rng.choice(range(start_step + 2, STEPS + 1, 2))
             model = work / "checkpoints" / f".step_{save}.partial" / "model.safetensors"
-            # This run's write, not a partial folder an earlier kill left behind.
-            wait_for(lambda: model.is_file() and model.stat().st_mtime >= launched, proc, poll=0.002)  # noqa: B023
+            # This run's write, not a partial folder an earlier kill left behind (the run removes
+            # that folder first: the check must not trip over the file vanishing under it).
+            wait_for(lambda: written_since(model, launched), proc, poll=0.002)  # noqa: B023
             where = f"while writing step_{save}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
