@@ -4,6 +4,11 @@ given. The kernel itself is checked on a GPU by bench/gpu_check.sh."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -106,3 +111,23 @@ def test_varlen_is_chosen_by_the_probes_and_refuses_without_cu_seqlens(calls):
     assert select_masking(m, varlen.VARLEN_IMPL, "auto", torch.device("cpu")).mode == "varlen"
     with pytest.raises(ValueError, match="needs one flattened row and cu_seq_lens_q"):
         m(input_ids=torch.arange(3, 9)[None], use_cache=False)
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_cpu_plumbing_run_passes(tmp_path):
+    """bench/gpu_check.sh runs only where a GPU is lent, so its `--tiny` CPU run is what keeps it
+    from rotting: the probes on four families, a training run through the CLI, the report."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run(
+        ["bash", str(root / "bench" / "gpu_check.sh"), "--tiny", "--workdir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    for family in ("llama", "mistral", "qwen2", "gemma2"):
+        assert f"sdpa-mask {family}" in r.stdout and "packed vs alone" in r.stdout
+    assert "sdpa-mask:" in r.stdout and "tokens/s" in r.stdout
+    assert "gpu check passed" in r.stdout
