@@ -1,14 +1,16 @@
 """GPU check of the attention paths (run by bench/gpu_check.sh; see there).
 
 (a) correctness on CUDA, bf16 autocast: for each path -- ``varlen`` (PyTorch's varlen
-    kernel, `tokentrain.model.varlen`) and ``sdpa-mask`` (sdpa + our 4D block mask) -- on
+    kernel, `tokentrain.model.varlen`), ``flex`` (compiled flex_attention with a document
+    BlockMask, `tokentrain.model.flex`) and ``sdpa-mask`` (sdpa + our 4D block mask) -- on
     llama (GQA), mistral and qwen2 (sliding window 64, shorter than the documents) and
     gemma2 (soft-capping; sdpa refuses it, so eager there): the isolation probe (gradient
     across documents exactly 0) and the packed-vs-alone logits probe.
 (b) speed: a ~1.1B Llama (TinyLlama shape, random init from a config) trained by
     ``tokentrain train`` at max_length 8192, packed, for --steps steps on synthetic data,
-    with each path; tokens/s and MFU (peak --peak-tflops, default 989 = H200 bf16 dense)
-    from metrics.jsonl, median over the steps after --warmup, and varlen / sdpa-mask.
+    with each path of --paths (default varlen,sdpa-mask); tokens/s and MFU (peak
+    --peak-tflops, default 989 = H200 bf16 dense) from metrics.jsonl, median over the steps
+    after --warmup, and each CUDA path / sdpa-mask.
 (c) peak GPU memory of each run (the trainer's ``memory_gb``: max_memory_allocated).
 
 --tiny: small sizes for a plumbing check (runs on CPU too: parts needing CUDA are skipped).
@@ -30,7 +32,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-PATHS = {"varlen": ("varlen", "varlen"), "sdpa-mask": ("sdpa", "mask4d")}  # attn_implementation, doc_masking
+PATHS = {  # attn_implementation, doc_masking
+    "varlen": ("varlen", "varlen"),
+    "flex": ("flex", "flex"),
+    "sdpa-mask": ("sdpa", "mask4d"),
+}
+CUDA_ONLY = ("varlen", "flex")
 
 
 def probes(device: torch.device, tiny: bool) -> bool:
@@ -43,6 +50,7 @@ def probes(device: torch.device, tiny: bool) -> bool:
         probe_isolation,
         probe_logits,
     )
+    from tokentrain.model.flex import FLEX_IMPL
     from tokentrain.model.varlen import VARLEN_IMPL, varlen_available
 
     dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2) if tiny else {}
@@ -73,6 +81,11 @@ def probes(device: torch.device, tiny: bool) -> bool:
                 print(f"  {path}: skipped (needs torch.nn.attention.varlen on a CUDA GPU of capability >= 8)")
                 continue
             impl = VARLEN_IMPL
+        if impl == "flex":
+            if device.type != "cuda":
+                print(f"  {path}: skipped (CUDA only: flex_attention has no backward on CPU)")
+                continue
+            impl = FLEX_IMPL
         for name, cfg in models.items():
             use = "eager" if (name == "gemma2" and impl == "sdpa") else impl
             torch.manual_seed(0)
@@ -180,6 +193,7 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, help="default 8192; tiny 128")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H200: 989)")
     ap.add_argument("--skip", default="", help="comma list: probes,train")
+    ap.add_argument("--paths", default="varlen,sdpa-mask", help=f"paths trained in (b), of {','.join(PATHS)}")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     a.steps = a.steps or (4 if a.tiny else 30)
@@ -212,9 +226,13 @@ def main() -> int:
         synth_dataset(work / "data", 1, max(2, int(tokens / mean * 1.3)), seed=0, mean_length=mean, vocab_size=vocab)
         print(f"(b) training a Llama from config, max_length {a.max_length} packed, {a.steps} steps per path")
         res = {}
-        for path in PATHS:
-            if path == "varlen" and not cuda:
-                print("  varlen: skipped (CUDA only)")
+        for path in filter(None, a.paths.split(",")):
+            if path not in PATHS:
+                print(f"  {path}: unknown path (one of {', '.join(PATHS)})")
+                ok = False
+                continue
+            if path in CUDA_ONLY and not cuda:
+                print(f"  {path}: skipped (CUDA only)")
                 continue
             res[path] = train(path, model, work / "data", work / f"run-{path}", a)
             x = res[path]
@@ -226,12 +244,14 @@ def main() -> int:
                 )
                 print(f"             {x['model']}")
             ok &= bool(x)
-        if res.get("varlen") and res.get("sdpa-mask"):
-            v, s = res["varlen"], res["sdpa-mask"]
-            print(
-                f"  varlen / sdpa-mask: tokens/s x{v['tokens_per_s'] / s['tokens_per_s']:.2f}, "
-                f"peak memory x{v['memory_gb'] / s['memory_gb']:.2f}"
-            )
+        s = res.get("sdpa-mask")
+        for path in CUDA_ONLY:
+            v = res.get(path)
+            if v and s:
+                print(
+                    f"  {path} / sdpa-mask: tokens/s x{v['tokens_per_s'] / s['tokens_per_s']:.2f}, "
+                    f"peak memory x{v['memory_gb'] / s['memory_gb']:.2f}"
+                )
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)
     print(f"gpu check {'passed' if ok else 'FAILED'} in {time.perf_counter() - t0:.0f}s")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check of the attention paths, <= 5 minutes on one H200 (bench/gpu_check.py
-# says what it runs): (a) isolation + packed-vs-alone logits probes for varlen and sdpa-mask on
+# says what it runs): (a) isolation + packed-vs-alone logits probes for varlen, flex and sdpa-mask on
 # CUDA bf16; (b) a ~1.1B Llama trained 30 steps at max_length 8192 packed with each path: tokens/s,
 # MFU (vs 989 TFLOP/s, H200 bf16 dense) and their ratio; (c) peak memory.
 #

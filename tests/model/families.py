@@ -74,3 +74,30 @@ def worst_vs_alone(packed: torch.Tensor, docs, alone_fn) -> float:
             worst = max(worst, float((packed[r, start : start + len(d)] - alone_fn(d)).abs().max()))
             start += len(d)
     return worst
+
+
+def assert_loss_and_gradients_stay_in_document(m, masking) -> None:
+    """Through `CausalLMWithLoss` and `masking`: the loss of a pack whose only targets are its
+    second document equals that document's loss alone, and no gradient reaches another token."""
+    from tokentrain.model.lm import CausalLMWithLoss
+
+    lm = CausalLMWithLoss(m, masking, None)
+    docs, ids, pos, cu = pack(m.config.vocab_size)
+    labels = torch.full_like(ids, -100)
+    labels[0, 9 : 9 + 11] = docs[0][1][1:]  # only the second document of row 0 has targets
+    loss = lm(ids, labels, pos, cu)
+    alone_labels = torch.full((1, 12), -100)
+    alone_labels[0, :-1] = docs[0][1][1:]
+    alone = lm(docs[0][1][None], alone_labels, torch.arange(12)[None])
+    assert abs(loss.item() - alone.item()) <= 1e-5 * abs(alone.item())
+    embeds = m.get_input_embeddings()(ids).detach().requires_grad_(True)
+    kw = masking.model_inputs(ids, pos, None, cu)
+    kw.pop("input_ids")
+    flat = embeds.reshape(1, -1, embeds.shape[-1]) if masking.mode == "varlen" else embeds
+    logits = masking.unflatten(m(inputs_embeds=flat, **kw).logits, ids.shape[0])
+    (g,) = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100]), embeds
+    )
+    inside = torch.zeros(ids.shape, dtype=torch.bool)
+    inside[0, 9:21] = True
+    assert g[~inside].abs().max().item() == 0.0 and g[inside].abs().max().item() > 0

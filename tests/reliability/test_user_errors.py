@@ -186,6 +186,7 @@ CASES = {
         2, r"--deepspeed .*ds\.json: zero_optimization\.stage = 7: must be 0, 1, 2 or 3", ds_stage7
     ),
     "unpacked max_length=2**40": Case(2, r"max_length = 1099511627776: must be <= ", None),
+    "attn_implementation='flex' on CPU": Case(2, r"attn_implementation = 'flex' needs .* on a CUDA device", None),
     "COMPLETE manifest {}": Case(1, r"step_2/COMPLETE: not a checkpoint manifest", complete_manifest("{}")),
     "COMPLETE manifest a list": Case(1, r"step_2/COMPLETE: not a checkpoint manifest", complete_manifest("[1]")),
     "> 1 MiB of blank lines first": Case(0, r"", blank_prefix),
@@ -198,7 +199,11 @@ CASES = {
     "data_order file outside the folder": Case(3, r"order\.txt:2: '\.\./outside\.bin' is outside", order_outside),
 }
 SETTINGS = {"--seed -1": ({}, ["--seed", "-1"]), "unpacked max_length=2**40": ({}, [])}
-CFG = {"unpacked max_length=2**40": dict(pack_to_max_length=False, max_length=2**40)}
+SETTINGS["attn_implementation='flex' on CPU"] = ({}, [])
+CFG = {
+    "unpacked max_length=2**40": dict(pack_to_max_length=False, max_length=2**40),
+    "attn_implementation='flex' on CPU": dict(attn_implementation="flex"),
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))

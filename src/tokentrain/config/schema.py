@@ -15,8 +15,8 @@ from tokentrain.utils.dtypes import DTYPE_NAMES
 
 DTYPES = ("auto", *DTYPE_NAMES)
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen", "flash_attention_2", "flash_attention_3")
-DOC_MASKING = ("auto", "positions", "mask4d", "varlen")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen", "flex", "flash_attention_2", "flash_attention_3")
+DOC_MASKING = ("auto", "positions", "mask4d", "varlen", "flex")
 NAN_POLICIES = ("stop", "skip")
 ENGINES = ("auto", "local", "ddp", "deepspeed", "fsdp2")  # engines.registry.CHOICES
 MAX_LENGTH_LIMIT = 1 << 24
@@ -68,7 +68,7 @@ class TrainConfig:
     seed: int = 1024
     dtype: str = "auto"  # compute dtype (autocast); master weights stay float32
     gradient_checkpointing: bool = False
-    use_varlen_attn: bool | None = None  # None: flash-attention varlen on CUDA when installed
+    use_varlen_attn: bool | None = None  # None: a varlen kernel on CUDA (PyTorch's own, else flash_attn's)
     attn_implementation: str = "auto"
     doc_masking: str = "auto"
     loss_chunk_tokens: int = 0  # 0: chosen from the vocabulary size

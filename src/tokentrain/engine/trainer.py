@@ -170,11 +170,20 @@ class Trainer:
 
     def _setup_model(self) -> None:
         from tokentrain.model.attention import choose_attn_implementation, select_masking
-        from tokentrain.model.lm import CausalLMWithLoss, autocast_dtype, load_model, load_tokenizer
+        from tokentrain.model.lm import (
+            CausalLMWithLoss,
+            autocast_dtype,
+            load_model,
+            load_tokenizer,
+            soft_caps_attention,
+        )
 
         cfg, env = self.cfg, self.env
         self.compute_dtype = autocast_dtype(cfg.dtype, env.device)
-        impl = choose_attn_implementation(cfg.attn_implementation, env.device, cfg.use_varlen_attn)
+        capped = env.device.type == "cuda" and soft_caps_attention(
+            cfg.pretrained_model_name_or_path, cfg.trust_remote_code
+        )
+        impl = choose_attn_implementation(cfg.attn_implementation, env.device, cfg.use_varlen_attn, capped)
         self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
         fallback = "eager" if cfg.attn_implementation == "auto" else None  # a model without `impl` (gemma2: sdpa)
         load = getattr(self.engine, "load_model", load_model)  # FSDP2 builds the model sharded

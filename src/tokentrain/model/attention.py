@@ -1,13 +1,17 @@
 """Which attention kernel runs, and how documents in a pack are kept from seeing each other.
 
 A packed row holds several documents; none may attend to another, on any backend.
-Three ways to get that, chosen per backend (`doc_masking`):
+Four ways to get that, chosen per backend (`doc_masking`):
 
 * ``varlen``    -- a varlen kernel (CUDA): PyTorch's own (`tokentrain.model.varlen`, chosen
   by ``auto``) or flash_attn's. The batch is flattened to one row of B*L tokens and the
   batch's ``cu_seqlens`` go to the kernel as ``cu_seq_lens_q/k`` (plus the restarting
   ``position_ids``); no mask is materialised. Rows are independent packs, so flattening
   them is exact.
+* ``flex``      -- PyTorch's flex_attention (`tokentrain.model.flex`): a document
+  ``BlockMask`` per micro-batch (and per sliding window), soft-capping as a score_mod; fused
+  on CUDA (chosen by ``auto`` there for models that soft-cap, which the varlen kernel cannot;
+  CUDA only: flex has no backward on CPU).
 * ``positions`` -- transformers (>= 4.53.1) detects packing from ``position_ids`` that
   restart at 0 and builds the block-diagonal mask itself, but only when no 2D
   ``attention_mask`` is passed *and* no cache exists: we always call with
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from tokentrain.errors import ConfigError
+from tokentrain.model.flex import FLEX_IMPL, FLEX_MASKS, document_block_masks, flex_available
 from tokentrain.model.varlen import VARLEN_IMPL, flat_cu_seqlens, varlen_available
 
 log = logging.getLogger(__name__)
@@ -49,12 +54,22 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def choose_attn_implementation(requested: str, device: torch.device, use_varlen_attn: bool | None) -> str:
+def choose_attn_implementation(
+    requested: str, device: torch.device, use_varlen_attn: bool | None, soft_capped: bool = False
+) -> str:
     """`attn_implementation` for from_pretrained. 'auto': on CUDA PyTorch's varlen kernel (else
-    flash_attn's when installed), elsewhere sdpa (`load_model` falls back to eager for models
-    without sdpa). 'varlen' is PyTorch's kernel."""
+    flash_attn's when installed) -- or flex_attention for a model that soft-caps its scores
+    (`soft_capped`), which no varlen kernel of PyTorch's does -- elsewhere sdpa (`load_model`
+    falls back to eager for models without sdpa). 'varlen' and 'flex' are PyTorch's kernels."""
     if requested == "varlen":
         requested = VARLEN_IMPL
+    if requested == "flex":
+        if not flex_available() or device.type != "cuda":
+            raise ConfigError(
+                "attn_implementation = 'flex' needs torch.nn.attention.flex_attention (torch >= 2.5) on a CUDA "
+                f"device (it has no backward on {device.type}); use 'auto' or 'sdpa'"
+            )
+        return FLEX_IMPL
     if requested != "auto":
         if requested in VARLEN_IMPLS and device.type != "cuda":
             raise ConfigError(
@@ -71,6 +86,8 @@ def choose_attn_implementation(requested: str, device: torch.device, use_varlen_
         if use_varlen_attn and not cuda:
             log.warning("use_varlen_attn = True but no CUDA device: using sdpa with a block-diagonal mask instead")
         return "sdpa"
+    if soft_capped and use_varlen_attn is None and flex_available():
+        return FLEX_IMPL
     if varlen_available(device):
         return VARLEN_IMPL
     if flash_attn_installed():
@@ -145,7 +162,7 @@ def varlen_kwargs(position_ids: torch.Tensor) -> dict:
 class DocMasking:
     """How the model is called so that documents stay apart; see the module doc."""
 
-    mode: str  # "varlen" | "positions" | "mask4d"
+    mode: str  # "varlen" | "flex" | "positions" | "mask4d"
     attn_implementation: str
     windows: int | dict[str, int | None] | None = None  # `attention_windows` of the model (mask4d builds them in)
 
@@ -174,7 +191,9 @@ class DocMasking:
             kw["use_cache"] = False
             return kw
         kw = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
-        if self.mode == "mask4d":
+        if self.mode == "flex":
+            kw[FLEX_MASKS] = document_block_masks(position_ids, self.windows)
+        elif self.mode == "mask4d":
             dtype = additive_dtype if self.attn_implementation == "eager" else None
             if self.attn_implementation == "eager" and dtype is None:
                 dtype = torch.float32
@@ -193,6 +212,13 @@ class DocMasking:
 
 
 def candidate_modes(attn_implementation: str, requested: str) -> list[str]:
+    if (requested == "flex") != (attn_implementation == FLEX_IMPL) and requested != "auto":
+        raise ConfigError(
+            "doc_masking = 'flex' and attn_implementation = 'flex' go together; "
+            f"got doc_masking = {requested!r} with {attn_implementation!r} (use 'auto')"
+        )
+    if attn_implementation == FLEX_IMPL:
+        return ["flex"]
     if requested != "auto":
         if requested == "varlen" and attn_implementation not in VARLEN_IMPLS:
             raise ConfigError(

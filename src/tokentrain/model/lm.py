@@ -83,6 +83,20 @@ def has_weights(path: str) -> bool:
     return any((p / f).is_file() for f in WEIGHT_FILES) or any(p.glob("*.safetensors"))
 
 
+def soft_caps_attention(path: str, trust_remote_code: bool) -> bool:
+    """Whether the model's config soft-caps attention scores (gemma2): no varlen kernel of
+    PyTorch's can, so 'auto' picks flex_attention on CUDA. False when the config cannot be
+    read (`load_model` then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:
+        return False
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return bool(getattr(cfg, "attn_logit_softcapping", None))
+
+
 def load_model(
     path: str,
     trust_remote_code: bool,

@@ -46,6 +46,6 @@ evaluation_inputs = ['What is the capital of France?', 'What is 3 plus 4?']
 seed = 1024
 dtype = 'float32'  # a model this small is overhead-bound: bf16 autocast is ~2x slower on CPU here
 gradient_checkpointing = False
-use_varlen_attn = None  # None: flash-attention varlen on CUDA when installed, else sdpa
+use_varlen_attn = None  # None: a varlen kernel on CUDA (PyTorch's own, else flash_attn's), else sdpa
 log_interval = 20
 evaluation_max_new_tokens = 16

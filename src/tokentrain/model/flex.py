@@ -1,0 +1,150 @@
+"""PyTorch's flex_attention with a document ``BlockMask`` as a transformers attention function:
+exact document isolation, sliding windows and soft-capping, fused on CUDA, with no extra package.
+
+Why a second GPU mode next to `tokentrain.model.varlen`: the varlen kernel cannot soft-cap
+scores, so gemma2 there runs per document without a fused kernel; flex applies the cap as a
+``score_mod`` inside the fused kernel, and skips the blocks the mask rules out (other
+documents, keys beyond the window), so its cost grows with the documents, not the pack.
+
+`DocMasking` (mode ``flex``) builds one ``BlockMask`` per distinct sliding window of the model
+for each micro-batch (documents from the restarting ``position_ids``, causal, and the window:
+a query sees itself and the W - 1 keys before it, as transformers' masks do) and passes them
+as ``flex_block_masks``; each layer picks the one of its own window. On CUDA the kernel is
+``torch.compile``d (once; the first steps pay the compile). CUDA only for training: flex has
+no backward on CPU (there it runs unfused, forward only -- what the CPU tests read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+FLEX_IMPL = "tokentrain_flex"
+FLEX_MASKS = "flex_block_masks"  # the keyword the masks travel under, model -> layers -> `flex_attention_fn`
+
+
+def _find_flex() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:  # torch < 2.5
+        return None
+    return flex_attention, create_block_mask
+
+
+_FLEX = _find_flex()
+
+
+def flex_available() -> bool:
+    """Whether this torch has flex_attention (it runs on any device; fused only where compiled)."""
+    return _FLEX is not None
+
+
+def document_block_masks(position_ids: torch.Tensor, windows) -> dict[int | None, Any]:
+    """One ``BlockMask`` per distinct window in `windows` (`attention.attention_windows` of the
+    model: None, one window, or a dict by layer type) for a (B, L) micro-batch, keyed by the
+    window (None: causal within each document)."""
+    from tokentrain.model.attention import segment_ids
+
+    assert _FLEX is not None, "chosen only when flex_available()"
+    create_block_mask = _FLEX[1]
+    seg = segment_ids(position_ids)
+    b, n = position_ids.shape
+    wanted = set(windows.values()) if isinstance(windows, dict) else {windows or None}
+    masks = {}
+    for w in sorted(wanted, key=lambda x: -1 if x is None else x):
+        masks[w] = create_block_mask(_mask_mod(seg, w), b, None, n, n, device=position_ids.device)
+    return masks
+
+
+def _mask_mod(seg: torch.Tensor, window: int | None):
+    if window:
+
+        def windowed(b, h, q, k):
+            return (seg[b, q] == seg[b, k]) & (k <= q) & (q - k < window)
+
+        return windowed
+
+    def causal(b, h, q, k):
+        return (seg[b, q] == seg[b, k]) & (k <= q)
+
+    return causal
+
+
+_compiled: Callable[..., Any] | None = None
+
+
+def _kernel(device: torch.device) -> Callable[..., Any]:
+    """flex_attention compiled on CUDA (once); elsewhere unfused, forward only (flex has no
+    backward on CPU, so training there never chooses it; the CPU tests read its output)."""
+    global _compiled
+    assert _FLEX is not None, "chosen only when flex_available()"
+    if device.type == "cuda":
+        if _compiled is None:
+            _compiled = torch.compile(_FLEX[0])
+        return _compiled
+    return _unfused
+
+
+def _unfused(*args, **kwargs):
+    import warnings
+
+    assert _FLEX is not None
+    with warnings.catch_warnings():  # "called without torch.compile()": known, off CUDA
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return _FLEX[0](*args, **kwargs)
+
+
+def flex_attention_fn(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract: query (B, Hq, L, D), key/value (B, Hkv, L, D)
+    -> ((B, L, Hq, D), None). Needs the micro-batch's block masks (``flex_block_masks``)."""
+    masks = kwargs.get(FLEX_MASKS)
+    if masks is None:
+        raise ValueError(f"attn_implementation={FLEX_IMPL!r} needs {FLEX_MASKS} (doc_masking = 'flex')")
+    if dropout:
+        raise ValueError(f"attn_implementation={FLEX_IMPL!r} has no attention dropout; set attention_dropout = 0")
+    window = sliding_window or None
+    if window not in masks:
+        raise ValueError(f"no flex block mask for sliding window {window} (masks were built for {sorted(masks)})")
+    score_mod = None
+    if softcap:
+        cap = float(softcap)
+
+        def score_mod(score, b, h, q, k):
+            return torch.tanh(score / cap) * cap
+
+    if key.dtype != query.dtype or value.dtype != query.dtype:  # the kernel takes one dtype
+        key, value = key.to(query.dtype), value.to(query.dtype)
+    out = _kernel(query.device)(
+        query,
+        key,
+        value,
+        score_mod=score_mod,
+        block_mask=masks[window],
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make `FLEX_IMPL` a valid ``attn_implementation`` (idempotent). No mask function is
+    registered on purpose: transformers then builds no mask; ours come as `FLEX_MASKS`."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FLEX_IMPL, flex_attention_fn)
+
+
+register()
