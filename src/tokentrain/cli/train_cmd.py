@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -257,9 +256,10 @@ def _keep_exit_code(env) -> None:
     """This rank is ending with its own code (the others usually with the same one): a
     launcher's SIGTERM to the job when the first rank exits (srun --kill-on-bad-exit,
     torchrun) must not replace it with 143."""
+    from tokentrain.run.signals import ignore_while_ending
+
     if env.world_size > 1:
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, signal.SIG_IGN)
+        ignore_while_ending(interrupt=False)
 
 
 def cmd_make_tiny_model(args) -> int:

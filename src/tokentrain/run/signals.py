@@ -43,9 +43,11 @@ def restore_handlers(saved: dict) -> None:
         signal.signal(s, h)
 
 
-def ignore_while_ending() -> None:
-    """The run has its exit code: a signal while the process group is torn down must not change it."""
-    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+def ignore_while_ending(interrupt: bool = True) -> None:
+    """The run has its exit code: a signal while the process group is torn down must not change
+    it (a launcher's SIGTERM to the job when the first rank exits would make it 143).
+    `interrupt`: Ctrl-C too."""
+    for s in (signal.SIGTERM, signal.SIGUSR1, *((signal.SIGINT,) if interrupt else ())):
         signal.signal(s, signal.SIG_IGN)
 
 
