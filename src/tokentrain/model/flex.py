@@ -37,7 +37,7 @@ _FLEX = _find_flex()
 
 
 def flex_available() -> bool:
-    """Whether this torch has flex_attention (it runs on any device; fused only where compiled)."""
+    """Whether this torch has flex_attention (training with it needs CUDA: no backward elsewhere)."""
     return _FLEX is not None
 
 
