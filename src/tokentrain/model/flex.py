@@ -16,6 +16,7 @@ no backward on CPU (there it runs unfused, forward only -- what the CPU tests re
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -88,8 +89,6 @@ def _kernel(device: torch.device) -> Callable[..., Any]:
 
 
 def _unfused(*args, **kwargs):
-    import warnings
-
     assert _FLEX is not None
     with warnings.catch_warnings():  # "called without torch.compile()": known, off CUDA
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
