@@ -96,13 +96,13 @@ def test_the_probe_catches_a_leak(models):
     """With use_cache unset transformers does not detect the packing: documents leak."""
 
     class Leaky(DocMasking):
-        def model_inputs(self, input_ids, position_ids, additive_dtype=None):
+        def model_inputs(self, input_ids, position_ids, additive_dtype=None, cu_seqlens=None):
             return {"input_ids": input_ids, "position_ids": position_ids}
 
     assert probe_isolation(models["sdpa"], Leaky("positions", "sdpa"), torch.device("cpu")) > 1e-3
 
     class BoolMaskOnEager(DocMasking):  # eager adds the mask: a bool mask is silently wrong
-        def model_inputs(self, input_ids, position_ids, additive_dtype=None):
+        def model_inputs(self, input_ids, position_ids, additive_dtype=None, cu_seqlens=None):
             return {
                 "input_ids": input_ids,
                 "position_ids": position_ids,

@@ -183,19 +183,23 @@ def init_distributed(launcher: str, timeout_s: int = 1800) -> DistEnv:
     return env
 
 
-def ensure_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
-    """A 1-rank process group (loopback, a free port) for an engine that needs one even in a
-    single process (DeepSpeed asserts an initialised backend); a no-op when one exists."""
+def ensure_process_group(env: DistEnv, timeout_s: int = 1800) -> bool:
+    """A 1-rank process group for an engine that needs one even in a single process (DeepSpeed
+    asserts an initialised backend, FSDP2 shards over a mesh): under torchrun its agent's store,
+    else loopback on a free port. A no-op when one exists; True when this call created it.
+
+    The one place this is done: a copy that opened its own tcp:// store hung under
+    ``torchrun --nproc_per_node=1`` (rank 0 there is a client of the agent's store)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return
+        return False
     if env.world_size != 1:
         raise RuntimeError("ensure_process_group: a multi-rank process group is joined by init_distributed")
     timeout = datetime.timedelta(seconds=timeout_s)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun --nproc_per_node 1: its agent hosts the store
         dist.init_process_group(env.backend, init_method="env://", rank=0, world_size=1, timeout=timeout)
-        return
+        return True
     import socket
 
     with socket.socket() as s:
@@ -206,6 +210,7 @@ def ensure_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
         RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     dist.init_process_group(env.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
+    return True
 
 
 def destroy_distributed() -> None:

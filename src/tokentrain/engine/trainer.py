@@ -169,7 +169,7 @@ class Trainer:
             log_mixture_plan(self.train_set, planned_counts(self.train_set, self.total_steps, spe, g))
 
     def _setup_model(self) -> None:
-        from tokentrain.model.attention import choose_attn_implementation, select_masking
+        from tokentrain.model.attention import auto_attention, choose_attn_implementation, select_masking
         from tokentrain.model.lm import (
             CausalLMWithLoss,
             autocast_dtype,
@@ -194,8 +194,11 @@ class Trainer:
         emb = self.hf_model.get_input_embeddings()
         self.vocab_size = int(getattr(emb, "num_embeddings", 0) or self.hf_model.config.vocab_size)
         with self.engine.full_parameters(self.hf_model):  # the probes run the model (ZeRO-3: gathered for them)
-            masking = select_masking(self.hf_model, impl, cfg.doc_masking, env.device, self.compute_dtype)
+            masking = select_masking(
+                self.hf_model, impl, cfg.doc_masking, env.device, self.compute_dtype, fallback=auto_attention(cfg)
+            )
             self.module = CausalLMWithLoss(self.hf_model, masking, self.compute_dtype, cfg.loss_chunk_tokens)
+        impl = masking.attn_implementation
         if cfg.gradient_checkpointing:
             enable_checkpointing(self.hf_model)
         self.hf_model.train()

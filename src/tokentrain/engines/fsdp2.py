@@ -33,7 +33,6 @@ import contextlib
 import inspect
 import logging
 import math
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +46,6 @@ from tokentrain.engines.base import Collectives, StepResult
 log = logging.getLogger(__name__)
 
 LOSS_METHOD = "tokentrain_loss"  # the loss module's forward, registered on the FSDP root
-
-
-def ensure_process_group(env) -> bool:
-    """FSDP needs a process group even on one rank: a 1-rank group (gloo on CPU, NCCL on a
-    GPU) on a free loopback port when the launcher made none. True when this call created it."""
-    if dist.is_initialized():
-        return False
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    backend = getattr(env, "backend", None) or ("nccl" if env.device.type == "cuda" else "gloo")
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    return True
 
 
 def decoder_layers(model: Any) -> list[nn.Module]:
@@ -81,6 +67,8 @@ class FSDP2Engine(Collectives):
         self.env = env
         self.compute_dtype = compute_dtype
         self.cpu_offload = cpu_offload
+        from tokentrain.distributed.env import ensure_process_group
+
         self.owns_group = ensure_process_group(env)
         self.world_size = dist.get_world_size()
         # FSDP swaps classes and parameters at run time: typed loosely on purpose.

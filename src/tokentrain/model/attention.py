@@ -23,12 +23,18 @@ Four ways to get that, chosen per backend (`doc_masking`):
   starcoder2), or a mask per layer type (``{"full_attention": .., "sliding_attention": ..}``,
   gemma2/3, qwen2, cohere2), which transformers passes to each layer as it is.
 
-Trust but verify, at start-up on the real model: `probe_isolation` checks that the gradient
-of the second document's output with respect to the first document's embeddings is exactly
-zero; `probe_logits` checks that on a pack of documents longer than the model's sliding
-window each document's logits equal the document run alone (a mask without the window
-leaks nothing between documents, so only this catches it). ``auto`` takes the first mode
-that passes both.
+Trust but verify, at start-up on the real model, through the inputs training uses:
+`probe_isolation` checks that the gradient of the second document's output with respect to
+the first document's embeddings is exactly zero; `probe_causality` that no output depends on a
+later token of its own document (a kernel called without its causal flag isolates documents
+and agrees packed-vs-alone: only this catches it); `probe_logits` that on a pack of documents
+longer than the model's sliding window each document's logits equal the document run alone (a
+mask without the window leaks nothing between documents, so only this catches it).
+
+``auto`` never strands a run: when the implementation it chose raises or fails a probe, the
+loaded model is switched to the next of `fallback_chain` (varlen -> flex -> sdpa -> eager,
+each with its masking modes), one line names what failed and what trains instead. An explicit
+request fails in one line.
 """
 
 from __future__ import annotations
@@ -71,33 +77,61 @@ def choose_attn_implementation(
             )
         return FLEX_IMPL
     if requested != "auto":
-        if requested in VARLEN_IMPLS and device.type != "cuda":
+        if requested == VARLEN_IMPL and not varlen_available(device):
+            raise ConfigError(
+                "attn_implementation = 'varlen' needs torch.nn.attention.varlen (torch >= 2.10) and a CUDA GPU of "
+                f"compute capability >= 8.0 (here: {device.type}); use 'auto' or 'sdpa'"
+            )
+        if requested in FLASH_IMPLS and device.type != "cuda":
             raise ConfigError(
                 f"attn_implementation = {requested!r} needs a CUDA device; use 'auto' or 'sdpa' on {device.type}"
             )
-        if requested == VARLEN_IMPL and not varlen_available(device):
-            raise ConfigError(
-                "attn_implementation = 'varlen' needs torch.nn.attention.varlen (torch >= 2.9) and a GPU of "
-                "compute capability >= 8.0; use 'auto' or 'sdpa'"
-            )
         return requested
     cuda = device.type == "cuda"
-    if use_varlen_attn is False or not cuda:
-        if use_varlen_attn and not cuda:
-            log.warning("use_varlen_attn = True but no CUDA device: using sdpa with a block-diagonal mask instead")
+    if use_varlen_attn is False:
         return "sdpa"
-    if soft_capped and use_varlen_attn is None and flex_available():
+    if soft_capped and use_varlen_attn is None and cuda and flex_available():
         return FLEX_IMPL
     if varlen_available(device):
         return VARLEN_IMPL
-    if flash_attn_installed():
+    if cuda and flash_attn_installed():
         return "flash_attention_2"
-    if use_varlen_attn:
+    if use_varlen_attn and cuda:
         raise ConfigError(
-            "use_varlen_attn = True but neither torch.nn.attention.varlen (torch >= 2.9, compute capability >= 8) "
+            "use_varlen_attn = True but neither torch.nn.attention.varlen (torch >= 2.10, compute capability >= 8) "
             "nor the flash_attn package is available; set use_varlen_attn = None"
         )
+    if use_varlen_attn:
+        log.warning("use_varlen_attn = True but no CUDA device: using sdpa with a block-diagonal mask instead")
     return "sdpa"
+
+
+def auto_attention(cfg) -> bool:
+    """Whether the config leaves the attention path to tokentrain (so a failing one may be
+    replaced): ``attn_implementation``, ``doc_masking`` 'auto' and varlen not demanded."""
+    return cfg.attn_implementation == "auto" and cfg.doc_masking == "auto" and cfg.use_varlen_attn is not True
+
+
+FALLBACK_ORDER = (VARLEN_IMPL, FLEX_IMPL, "sdpa", "eager")
+
+
+def fallback_chain(first: str, device: torch.device) -> list[str]:
+    """The implementations ``auto`` tries, in order: `first` (what it chose), then those after it
+    in `FALLBACK_ORDER` that can run here (varlen -> flex on CUDA -> sdpa -> eager)."""
+    usable = {VARLEN_IMPL: varlen_available(device), FLEX_IMPL: flex_available() and device.type == "cuda"}
+    start = FALLBACK_ORDER.index(first) + 1 if first in FALLBACK_ORDER else 0
+    return [first] + [i for i in FALLBACK_ORDER[start:] if usable.get(i, True) and i != first]
+
+
+def switch_implementation(model, impl: str) -> None:
+    """Make a loaded model call `impl` in every attention layer from now on (transformers reads
+    the config's implementation at each call, so the weights stay where they are)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:  # transformers < 4.56
+        model.config._attn_implementation = impl
+    if model.config._attn_implementation != impl:
+        raise ValueError(f"the model kept {model.config._attn_implementation!r}")
 
 
 def attention_windows(config) -> int | dict[str, int | None] | None:
@@ -240,20 +274,20 @@ def candidate_modes(attn_implementation: str, requested: str) -> list[str]:
     return modes
 
 
-def probe_isolation(
-    model, masking: DocMasking, device: torch.device, autocast_dtype: torch.dtype | None = None
-) -> float:
-    """Max |d out(doc 2) / d embeds(doc 1)| on a real two-document pack; 0.0 means isolated.
-
-    Runs the full model (logits) with the same inputs training uses; masked scores are
-    exactly zero after the softmax, so any nonzero gradient is a real leak, in any dtype.
-    """
+def _input_gradient(
+    model, masking: DocMasking, device: torch.device, autocast_dtype, lengths: tuple[int, int], outputs
+) -> torch.Tensor:
+    """(T, H) gradient of the summed logits at token positions `outputs` with respect to the
+    input embeddings, on a real pack of two random documents of `lengths`, through the same
+    inputs training uses. Masked scores are exactly zero after the softmax, so any nonzero
+    entry is a real dependence, in any dtype."""
     vocab = model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
-    n1, n2 = 5, 6
-    ids = torch.randint(3, vocab, (1, n1 + n2), generator=g).to(device)
-    pos = torch.cat([torch.arange(n1), torch.arange(n2)])[None].to(device)
-    kw = masking.model_inputs(ids, pos, additive_dtype=autocast_dtype or next(model.parameters()).dtype)
+    n = sum(lengths)
+    ids = torch.randint(3, vocab, (1, n), generator=g).to(device)
+    pos = torch.cat([torch.arange(k) for k in lengths])[None].to(device)
+    cu = torch.tensor([[0, lengths[0], n]], dtype=torch.int32, device=device)
+    kw = masking.model_inputs(ids, pos, autocast_dtype or next(model.parameters()).dtype, cu)
     emb = model.get_input_embeddings()(kw.pop("input_ids")).detach().requires_grad_(True)
     was_training = model.training
     model.eval()  # no dropout: the probe must be deterministic
@@ -261,10 +295,33 @@ def probe_isolation(
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = model(inputs_embeds=emb, **kw).logits
         out = masking.unflatten(out, 1)
-        (grad,) = torch.autograd.grad(out[0, n1:].float().sum(), emb)
+        (grad,) = torch.autograd.grad(out[0, outputs].float().sum(), emb)
     finally:
         model.train(was_training)
-    return float(grad.reshape(-1, grad.shape[-1])[:n1].abs().max())
+    return grad.reshape(-1, grad.shape[-1])
+
+
+def probe_isolation(
+    model, masking: DocMasking, device: torch.device, autocast_dtype: torch.dtype | None = None
+) -> float:
+    """Max |d out(doc 2) / d embeds(doc 1)| on a two-document pack; 0.0 means isolated."""
+    n1, n2 = 5, 6
+    grad = _input_gradient(model, masking, device, autocast_dtype, (n1, n2), slice(n1, n1 + n2))
+    return float(grad[:n1].abs().max())
+
+
+def probe_causality(
+    model, masking: DocMasking, device: torch.device, autocast_dtype: torch.dtype | None = None
+) -> float:
+    """Max |d out(early positions) / d embeds(later positions)| within each document of a
+    two-document pack; 0.0 means causal. A kernel called without its causal flag (torch 2.11's
+    varlen is bidirectional by default) isolates documents and agrees packed-vs-alone: only
+    this sees it."""
+    n1, n2 = 6, 7
+    early = [0, 1, 2, n1, n1 + 1, n1 + 2]
+    later = [3, 4, 5, *range(n1 + 3, n1 + n2)]
+    grad = _input_gradient(model, masking, device, autocast_dtype, (n1, n2), early)
+    return float(grad[later].abs().max())
 
 
 def probe_logits(model, masking: DocMasking, device: torch.device, autocast_dtype: torch.dtype | None = None) -> float:
@@ -302,36 +359,67 @@ def logits_tolerance(autocast_dtype: torch.dtype | None) -> float:
     return 1e-4 if autocast_dtype is None else 5e-2
 
 
-def select_masking(
-    model, attn_implementation: str, requested: str, device: torch.device, autocast_dtype: torch.dtype | None = None
-) -> DocMasking:
-    """The first candidate mode that passes both probes; ConfigError naming why each failed."""
-    leaks = {}
-    windows = attention_windows(model.config)
+def probe_failure(model, masking: DocMasking, device: torch.device, autocast_dtype=None) -> str | None:
+    """Why `masking` cannot train this model (the start-up probes, in order), or None."""
+    try:
+        leak = probe_isolation(model, masking, device, autocast_dtype)
+        if leak:
+            return f"cross-document gradient {leak:.3g}"
+        ahead = probe_causality(model, masking, device, autocast_dtype)
+        if ahead:
+            return f"not causal: outputs depend on later tokens (gradient {ahead:.3g})"
+        diff = probe_logits(model, masking, device, autocast_dtype)
+    except Exception as e:  # a backend that rejects this way of calling it
+        log.debug("document masking %r failed its probe", masking.mode, exc_info=True)
+        return f"error: {type(e).__name__}: {_first_line(e)}"
     tol = logits_tolerance(autocast_dtype)
-    for mode in candidate_modes(attn_implementation, requested):
-        masking = DocMasking(mode, attn_implementation, windows)
-        try:
-            leak = probe_isolation(model, masking, device, autocast_dtype)
-            diff = probe_logits(model, masking, device, autocast_dtype) if leak == 0.0 else 0.0
-        except Exception as e:  # a backend that rejects this way of calling it
-            log.debug("document masking %r failed its probe: %s", mode, e)
-            leaks[mode] = f"error: {type(e).__name__}: {_first_line(e)}"
-            continue
-        if leak == 0.0 and diff <= tol:
-            log.debug("document masking: %s (%s), packed logits within %.2g of alone", mode, attn_implementation, diff)
-            return masking
-        leaks[mode] = (
-            f"cross-document gradient {leak:.3g}"
-            if leak
-            else f"packed logits differ from each document alone by {diff:.3g} (> {tol:g}; sliding window "
-            f"{largest_window(windows)} not applied?)"
+    if diff > tol:
+        return (
+            f"packed logits differ from each document alone by {diff:.3g} (> {tol:g}; sliding window "
+            f"{largest_window(masking.windows)} not applied?)"
         )
-    detail = "; ".join(f"{m}: {why}" for m, why in leaks.items())
+    return None
+
+
+def select_masking(
+    model,
+    attn_implementation: str,
+    requested: str,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    fallback: bool = False,
+) -> DocMasking:
+    """The first way of calling the model that passes the probes (isolation, causality, packed
+    vs alone). With `fallback` (``auto`` chose `attn_implementation`) a failing implementation
+    is replaced in the loaded model by the next of `fallback_chain`, and the switch is logged in
+    one line; otherwise, or when nothing passes, a ConfigError names why each failed."""
+    failed: dict[str, str] = {}
+    windows = attention_windows(model.config)
+    for impl in fallback_chain(attn_implementation, device) if fallback else [attn_implementation]:
+        if impl != model.config._attn_implementation:
+            try:
+                switch_implementation(model, impl)
+            except Exception as e:
+                failed[impl] = f"cannot switch to it: {_first_line(e)}"
+                continue
+        for mode in candidate_modes(impl, "auto" if impl != attn_implementation else requested):
+            masking = DocMasking(mode, impl, windows)
+            why = probe_failure(model, masking, device, autocast_dtype)
+            if why is None:
+                if failed:
+                    log.warning(
+                        "attention: %s; training with %s (documents kept apart by %s)", _describe(failed), impl, mode
+                    )
+                return masking
+            failed[f"{impl}, {mode}"] = why
     raise ConfigError(
-        f"cannot keep documents apart with attn_implementation={attn_implementation!r} ({detail}); "
+        f"cannot keep documents apart with attn_implementation={attn_implementation!r} ({_describe(failed)}); "
         "try attn_implementation = 'sdpa' or 'eager'"
     )
+
+
+def _describe(failed: dict[str, str]) -> str:
+    return "; ".join(f"{what}: {why}" for what, why in failed.items())
 
 
 def _first_line(e: BaseException) -> str:

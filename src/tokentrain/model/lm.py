@@ -192,23 +192,26 @@ class CausalLMWithLoss(nn.Module):
         self.fused = self._check_fused()
 
     def _check_fused(self) -> bool:
-        """Use the fused head only if lm_head(decoder(x)) reproduces model(x).logits here."""
+        """Use the fused head only if lm_head(decoder(x)) reproduces model(x).logits here, on a
+        two-document pack called exactly as training calls it (varlen needs its boundaries)."""
         parts = _fused_parts(self.model)
         if parts is None:
             return False
         decoder, head = parts
         dev = head.weight.device
         ids = torch.arange(3, 11, device=dev)[None] % head.weight.shape[0]
-        pos = torch.arange(8, device=dev)[None]
+        pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]], device=dev)
+        cu = torch.tensor([[0, 3, 8]], dtype=torch.int32, device=dev)
+        kw = self.masking.model_inputs(ids, pos, self.compute_dtype or torch.float32, cu)
         was = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                ref = self.model(input_ids=ids, position_ids=pos, use_cache=False).logits
-                hid = decoder(input_ids=ids, position_ids=pos, use_cache=False)[0]
+                ref = self.model(**kw).logits
+                hid = decoder(**kw)[0]
                 ok = torch.allclose(head(hid), ref, rtol=1e-4, atol=1e-5)
         except Exception as e:
-            log.debug("fused loss head unavailable: %s", e)
+            log.warning("loss: the fused loss head failed its check (%s: %s)", type(e).__name__, _first_line(e))
             ok = False
         finally:
             self.model.train(was)

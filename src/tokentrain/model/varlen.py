@@ -1,25 +1,41 @@
 """PyTorch's own flash varlen kernel as a transformers attention function: exact document
 isolation at flash speed on CUDA, with no extra package.
 
-``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.9, CUDA only) takes the tokens of
-all documents back to back, ``(T, H, D)``, and their boundaries ``cu_seq``: each document
-attends only to itself, and no (L, L) mask is ever built. `varlen_attention` is registered
-with transformers' ``AttentionInterface`` as `VARLEN_IMPL`; a model loaded with
-``attn_implementation=VARLEN_IMPL`` calls it in every attention layer with the keyword
-arguments the model was called with, so `DocMasking` (mode ``varlen``) passes the batch's
-``cu_seqlens`` through as ``cu_seq_lens_q/k`` -- the same names flash_attn uses.
+``torch.nn.attention.varlen.varlen_attn`` (CUDA only) takes the tokens of all documents back
+to back, ``(T, H, D)``, and their boundaries ``cu_seq``: each document attends only to itself,
+and no (L, L) mask is ever built. `varlen_attention` is registered with transformers'
+``AttentionInterface`` as `VARLEN_IMPL`; a model loaded with ``attn_implementation=VARLEN_IMPL``
+calls it in every attention layer with the keyword arguments the model was called with, so
+`DocMasking` (mode ``varlen``) passes the batch's ``cu_seqlens`` through as ``cu_seq_lens_q/k``
+-- the same names flash_attn uses.
 
-Per layer it honours the softmax scale, grouped-query heads (``enable_gqa``) and the
-layer's sliding window (``window_size=(W - 1, 0)``: a query sees itself and the W - 1
-keys before it, as transformers' masks do). The kernel has no soft-capping: layers that
-soft-cap their scores (gemma2) are computed exactly, per document, by `_softcapped` --
-right, but without the kernel's speed (logged once).
+The kernel's signature moved between releases, and a call that drops causality still isolates
+documents (so only the causality probe would notice). `KernelCall` reads the installed signature
+once and passes only what it takes:
+
+* torch 2.10: ``(..., max_k, is_causal=False, return_aux=None)`` -- causal by ``is_causal``, no
+  window (windowed layers refuse this mode, so ``auto`` moves on), no ``scale`` (q is pre-scaled);
+* torch 2.11: ``(..., max_k, *, return_aux, scale, window_size=(-1, -1))`` -- **bidirectional by
+  default**; causal is ``window_size=(-1, 0)``, a window W is ``(W - 1, 0)``; fewer KV heads taken
+  as they are;
+* torch 2.12+: adds ``enable_gqa=False`` (differing head counts raise without it).
+
+The kernel has no soft-capping: layers that soft-cap their scores (gemma2) are computed
+exactly, per document, by `_softcapped` -- right, but without the kernel's speed (logged once).
+
+``TOKENTRAIN_VARLEN_KERNEL=module:function`` puts another function with one of these signatures
+in place of torch's, on any device: the tests run the whole varlen mode on CPU through it with
+stand-ins of each release's signature (tests/model/varlen_standins.py).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,24 +43,80 @@ import torch
 log = logging.getLogger(__name__)
 
 VARLEN_IMPL = "tokentrain_varlen"
+KERNEL_ENV = "TOKENTRAIN_VARLEN_KERNEL"
 
 
-def _find_kernel() -> Callable[..., Any] | None:
+class WindowUnsupported(ValueError):
+    """The installed kernel cannot apply a sliding window (torch 2.10)."""
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """How to call one varlen kernel, read from its signature (never an unknown keyword)."""
+
+    fn: Callable[..., Any]
+    causal_by: str  # "window_size" | "is_causal"
+    takes_scale: bool
+    takes_gqa: bool
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> KernelCall:
+        params = inspect.signature(fn).parameters
+        if "window_size" in params:
+            causal_by = "window_size"
+        elif "is_causal" in params:
+            causal_by = "is_causal"
+        else:
+            raise TypeError(f"varlen kernel {fn!r}: its signature has neither window_size nor is_causal")
+        return cls(fn, causal_by, "scale" in params, "enable_gqa" in params)
+
+    @property
+    def windows(self) -> bool:
+        return self.causal_by == "window_size"
+
+    def __call__(self, q, k, v, cu: torch.Tensor, max_len: int, scale: float | None, left: int) -> torch.Tensor:
+        """Causal attention of (T, H, D) q/k/v within the documents `cu`; a query sees itself and
+        the `left` keys before it (-1: all of its document's earlier keys)."""
+        kw: dict[str, Any] = {}
+        if self.causal_by == "window_size":
+            kw["window_size"] = (left, 0)
+        elif left >= 0:
+            raise WindowUnsupported("this torch's varlen_attn has no window_size (sliding windows need torch >= 2.11)")
+        else:
+            kw["is_causal"] = True
+        if self.takes_scale:
+            kw["scale"] = scale
+        elif scale is not None:  # the kernel uses 1/sqrt(D): fold the model's scale into q
+            q = q * (scale * q.shape[-1] ** 0.5)
+        if self.takes_gqa:
+            kw["enable_gqa"] = q.shape[1] != k.shape[1]
+        return self.fn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+def _find_kernel() -> tuple[KernelCall | None, bool]:
+    """(the kernel, whether it is a stand-in that runs on any device)."""
+    name = os.environ.get(KERNEL_ENV)
+    if name:
+        module, _, attr = name.partition(":")
+        return KernelCall.of(getattr(importlib.import_module(module), attr)), True
     try:
         from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch < 2.9
-        return None
-    return varlen_attn
+    except ImportError:  # torch < 2.10
+        return None, False
+    return KernelCall.of(varlen_attn), False
 
 
-varlen_attn = _find_kernel()
+KERNEL, STANDIN = _find_kernel()
 
 
 def varlen_available(device: torch.device) -> bool:
-    """Whether the kernel can run here: torch has it, on a CUDA GPU of compute capability >= 8."""
-    if varlen_attn is None or device.type != "cuda":
+    """Whether the kernel can run here: torch has it, on a CUDA GPU of compute capability >= 8
+    (a `KERNEL_ENV` stand-in: anywhere)."""
+    if KERNEL is None:
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 8
+    if STANDIN:
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def flat_cu_seqlens(cu_seqlens: torch.Tensor, row_length: int) -> tuple[torch.Tensor, int]:
@@ -81,26 +153,15 @@ def varlen_attention(
     if max_length_q is None:
         max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (T, H, D)
-    window = (sliding_window - 1, 0) if sliding_window else (-1, 0)  # (-1, 0): causal
+    left = sliding_window - 1 if sliding_window else -1
     if softcap:
-        out = _softcapped(q, k, v, cu_seq_lens_q, scaling, window[0], softcap)
+        out = _softcapped(q, k, v, cu_seq_lens_q, scaling, left, softcap)
     else:
         if q.is_cuda and q.dtype == torch.float32:  # the kernel takes half precision only
             dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        assert varlen_attn is not None, "chosen only when varlen_available()"
-        out = varlen_attn(
-            q,
-            k,
-            v,
-            cu_seq_lens_q,
-            cu_seq_lens_q,
-            max_length_q,
-            max_length_q,
-            scale=scaling,
-            window_size=window,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        assert KERNEL is not None, "chosen only when varlen_available()"
+        out = KERNEL(q, k, v, cu_seq_lens_q, max_length_q, scaling, left)
     return out[None], None
 
 
