@@ -1,6 +1,8 @@
 """DeepSpeed in ONE process (the everyday single-GPU ZeRO / offload use) through the real CLI:
 plain, NPROC_PER_NODE=1 and torchrun --nproc_per_node 1 all train, to the parameters of the
-plain one-process engine; and 2 ranks of ZeRO-3 train a model from a config-only folder."""
+plain one-process engine; and 2 ranks of ZeRO-3 train a model from a config-only folder. Every
+other engine under a 1-rank torchrun too (FSDP2 there once hung on a second process-group
+helper that served a store nobody connected to)."""
 
 from __future__ import annotations
 
@@ -50,12 +52,32 @@ def test_one_rank_launchers_with_deepspeed(job, launch, tmp_path):
     if launch.startswith("NPROC"):
         r = tokentrain("train", *args, env=dict(job["env"], NPROC_PER_NODE="1", PORT=str(_free_port())))
     else:
-        import subprocess
-
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}"]
-        cmd += ["-m", "tokentrain.train", *map(str, args), "--launcher", "pytorch"]
-        r = subprocess.run(cmd, env=job["env"], capture_output=True, text=True, timeout=300)
+        r = _torchrun_one(args, job["env"])
     assert r.returncode == 0, error_lines(r.stderr) or r.stderr[-3000:]
+    assert rel_diff(weights(work), weights(job["ref"])) <= 1e-5
+
+
+def _torchrun_one(args: list, env: dict):
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}"]
+    cmd += ["-m", "tokentrain.train", *map(str, args), "--launcher", "pytorch"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.parametrize(
+    "engine, launch",
+    [("local", "torchrun"), ("ddp", "torchrun"), ("fsdp2", "torchrun"), ("fsdp2", "NPROC_PER_NODE=1")],
+)
+def test_one_rank_launchers_with_every_engine(job, engine, launch, tmp_path):
+    work = tmp_path / "w"
+    args = [job["cfg"], "--work-dir", work, "--engine", engine]
+    if launch == "torchrun":
+        r = _torchrun_one(args, job["env"])
+    else:
+        r = tokentrain("train", *args, env=dict(job["env"], NPROC_PER_NODE="1", PORT=str(_free_port())), timeout=240)
+    assert r.returncode == 0, error_lines(r.stderr) or r.stderr[-3000:]
+    assert f"engine: {engine}" in r.stderr.lower()  # "engine: FSDP2 over 1 rank(s)", "engine: ddp"
     assert rel_diff(weights(work), weights(job["ref"])) <= 1e-5
 
 

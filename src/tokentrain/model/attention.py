@@ -288,15 +288,24 @@ def _input_gradient(
     pos = torch.cat([torch.arange(k) for k in lengths])[None].to(device)
     cu = torch.tensor([[0, lengths[0], n]], dtype=torch.int32, device=device)
     kw = masking.model_inputs(ids, pos, autocast_dtype or next(model.parameters()).dtype, cu)
-    emb = model.get_input_embeddings()(kw.pop("input_ids")).detach().requires_grad_(True)
+    captured: list[torch.Tensor] = []
+
+    def leaf(module, inputs, output):  # the embeddings as a leaf: d out / d embeds
+        captured.append(output.detach().requires_grad_(True))
+        return captured[-1]
+
+    # A hook, not a call of the embedding alone: a sharded engine (FSDP2) gathers the weights
+    # only when the model itself runs.
+    hook = model.get_input_embeddings().register_forward_hook(leaf)
     was_training = model.training
     model.eval()  # no dropout: the probe must be deterministic
     try:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(inputs_embeds=emb, **kw).logits
+            out = model(**kw).logits
         out = masking.unflatten(out, 1)
-        (grad,) = torch.autograd.grad(out[0, outputs].float().sum(), emb)
+        (grad,) = torch.autograd.grad(out[0, outputs].float().sum(), captured[0])
     finally:
+        hook.remove()
         model.train(was_training)
     return grad.reshape(-1, grad.shape[-1])
 
