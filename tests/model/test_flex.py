@@ -136,3 +136,74 @@ def test_flex_soft_caps_inside_the_kernel():
         worst = worst_vs_alone(packed, docs, lambda d: ref(input_ids=d[None], use_cache=False).logits[0])
         off = worst_vs_alone(packed, docs, lambda d: uncapped(input_ids=d[None], use_cache=False).logits[0])
     assert worst <= 1e-5 and off > 1e-3  # matches the capped model, and the cap shows
+
+
+def _dense_blocks(num: torch.Tensor, idx: torch.Tensor, n_kv_blocks: int) -> torch.Tensor:
+    """(B, H, nQ, nKV) bool from a BlockMask's (num_blocks, indices) pair."""
+    out = torch.zeros(*num.shape, n_kv_blocks, dtype=torch.bool)
+    for pos in torch.cartesian_prod(*(torch.arange(s) for s in num.shape)).tolist():
+        out[tuple(pos)][idx[tuple(pos)][: num[tuple(pos)]].long()] = True
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("window", [None, 50])
+def test_block_tables_equal_the_dense_document_mask(seed, window):
+    """The fused CUDA kernel reads only the block tables (the CPU path re-evaluates mask_mod, so a
+    wrong table passes there): per 128-block, partial iff some but not all of the dense
+    document-causal(-window) mask attends, full iff all does; random packs, rows not a
+    multiple of 128, documents across block edges, several rows."""
+    from tokentrain.model.attention import block_causal_mask
+
+    g = torch.Generator().manual_seed(seed)
+    b, n = 3, int(torch.randint(130, 700, (1,), generator=g))
+    rows = []
+    for _ in range(b):
+        cuts = sorted(torch.randint(1, n, (int(torch.randint(0, 6, (1,), generator=g)),), generator=g).tolist())
+        bounds = [0, *cuts, n]
+        rows.append(torch.cat([torch.arange(e - s) for s, e in zip(bounds, bounds[1:]) if e > s]))
+    pos = torch.stack(rows)
+    bm = flex.document_block_masks(pos, window)[window]
+    assert tuple(bm.shape) == (b, 1, n, n)
+    size = 128
+    nb = -(-n // size)
+    dense = block_causal_mask(pos, None, window)
+    if dense is None:
+        dense = torch.ones(n, n, dtype=torch.bool).tril_().expand(b, 1, n, n)
+    padded = torch.zeros(b, 1, nb * size, nb * size, dtype=torch.bool)
+    padded[..., :n, :n] = dense
+    blocks = padded.reshape(b, 1, nb, size, nb, size).transpose(3, 4)
+    want_any, want_all = blocks.any((-1, -2)), blocks.all((-1, -2))
+    partial = _dense_blocks(bm.kv_num_blocks, bm.kv_indices, nb)
+    full = _dense_blocks(bm.full_kv_num_blocks, bm.full_kv_indices, nb)
+    assert torch.equal(full, want_all)
+    assert torch.equal(partial, want_any & ~want_all)
+    assert torch.equal(bm.to_dense().bool(), want_any)
+
+
+def test_a_block_mask_is_refused_for_another_batch_or_length():
+    m = model("llama", flex.FLEX_IMPL)
+    pos = torch.arange(12)[None]
+    masks = flex.document_block_masks(torch.arange(10)[None], None)
+    with pytest.raises(ValueError, match=r"built for \(1, 1, 10, 10\).*used for a batch of 1 x 12"):
+        m(input_ids=torch.arange(3, 15)[None], position_ids=pos, use_cache=False, **{flex.FLEX_MASKS: masks})
+
+
+@pytest.mark.slow
+def test_the_compiled_kernel_reads_the_block_tables_right():
+    """Inductor's compiled flex kernel (its CPU version here) reads the block tables as the CUDA
+    one does: a pack of 2 rows x 300 tokens (not a multiple of 128, documents across block
+    edges), GQA, with and without a window, equals sdpa with the dense mask."""
+    from tokentrain.model.attention import block_causal_mask
+
+    torch.manual_seed(0)
+    lens = [[37, 130, 90, 43], [200, 1, 99]]
+    pos = torch.stack([torch.cat([torch.arange(n) for n in r]) for r in lens])
+    q, k, v = torch.randn(2, 4, 300, 16), torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    compiled = torch.compile(flex._FLEX[0], dynamic=False)
+    for window in (None, 50):
+        out = compiled(q, k, v, block_mask=flex.document_block_masks(pos, window)[window], enable_gqa=True)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=block_causal_mask(pos, None, window), enable_gqa=True
+        )
+        assert (out - ref).abs().max() <= 1e-5

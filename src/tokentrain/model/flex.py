@@ -16,6 +16,7 @@ no backward on CPU (there it runs unfused, forward only -- what the CPU tests re
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ def _find_flex() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
 
 
 _FLEX = _find_flex()
+_TAKES_GQA = _FLEX is not None and "enable_gqa" in inspect.signature(_FLEX[0]).parameters
 
 
 def flex_available() -> bool:
@@ -77,13 +79,14 @@ _compiled: Callable[..., Any] | None = None
 
 
 def _kernel(device: torch.device) -> Callable[..., Any]:
-    """flex_attention compiled on CUDA (once); elsewhere unfused, forward only (flex has no
-    backward on CPU, so training there never chooses it; the CPU tests read its output)."""
+    """flex_attention compiled on CUDA (once, static shapes: packed rows all have one length, and
+    a dynamic-shape graph is one more thing that differs from the reference); elsewhere
+    unfused, forward only (flex has no backward on CPU, so training there never chooses it)."""
     global _compiled
     assert _FLEX is not None, "chosen only when flex_available()"
     if device.type == "cuda":
         if _compiled is None:
-            _compiled = torch.compile(_FLEX[0])
+            _compiled = torch.compile(_FLEX[0], dynamic=False)
         return _compiled
     return _unfused
 
@@ -124,18 +127,39 @@ def flex_attention_fn(
         def score_mod(score, b, h, q, k):
             return torch.tanh(score / cap) * cap
 
-    if key.dtype != query.dtype or value.dtype != query.dtype:  # the kernel takes one dtype
-        key, value = key.to(query.dtype), value.to(query.dtype)
-    out = _kernel(query.device)(
-        query,
-        key,
-        value,
-        score_mod=score_mod,
-        block_mask=masks[window],
-        scale=scaling,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
+    block_mask = masks[window]
+    _check_mask_fits(block_mask, query)
+    query, key, value = _compute_dtype(query, key, value)
+    kw: dict[str, Any] = {}
+    if query.shape[1] != key.shape[1]:
+        if _TAKES_GQA:
+            kw["enable_gqa"] = True
+        else:  # torch < 2.6: repeat the kv heads
+            rep = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    out = _kernel(query.device)(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, **kw)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _check_mask_fits(block_mask, query: torch.Tensor) -> None:
+    """The fused kernel trusts the mask's block tables: one built for another batch, length or
+    device would be read silently (the unfused CPU path re-evaluates mask_mod and hides it)."""
+    b, _, n, _ = query.shape
+    shape = tuple(block_mask.shape)
+    if shape[0] != b or shape[-2:] != (n, n) or block_mask.kv_num_blocks.device != query.device:
+        raise ValueError(
+            f"flex block mask built for {shape} on {block_mask.kv_num_blocks.device}, "
+            f"used for a batch of {b} x {n} on {query.device}"
+        )
+
+
+def _compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """One dtype for q, k and v, the compute dtype: under autocast on CUDA the rotary embedding
+    promotes q and k to fp32 while v stays bf16, and the compiled kernel does not autocast."""
+    dt = q.dtype
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+    return q.to(dt), k.to(dt), v.to(dt)
 
 
 def register() -> None:
