@@ -5,7 +5,13 @@
     BlockMask, `tokentrain.model.flex`) and ``sdpa-mask`` (sdpa + our 4D block mask) -- on
     llama (GQA), mistral and qwen2 (sliding window 64, shorter than the documents) and
     gemma2 (soft-capping; sdpa refuses it, so eager there): the isolation probe (gradient
-    across documents exactly 0) and the packed-vs-alone logits probe.
+    across documents exactly 0), the causality probe (no gradient from later tokens) and the
+    packed-vs-alone logits probe; one verdict line per path x family, never a crash.
+(a2) the compiled flex kernel alone vs sdpa with the dense mask, fp32 and bf16, rows of 300 and
+    8192 tokens, with and without a window (a block-table bug vs a dtype bug).
+(d) the shipped tiny demo with its default attention settings ('auto'), 6 steps under local,
+    FSDP2 (one process and torchrun 1), DDP (torchrun 1) and DeepSpeed ZeRO-2/3 when importable:
+    exit code, losses, the attention chosen and any fallback.
 (b) speed: a ~1.1B Llama (TinyLlama shape, random init from a config) trained by
     ``tokentrain train`` at max_length 8192, packed, for --steps steps on synthetic data,
     with each path of --paths (default varlen,sdpa-mask); tokens/s and MFU (peak
@@ -41,12 +47,14 @@ CUDA_ONLY = ("varlen", "flex")
 
 
 def probes(device: torch.device, tiny: bool) -> bool:
+    """Each path x family: one verdict line (ok, or FAILED and the one-line reason); never raises."""
     import transformers as tf
 
     from tokentrain.model.attention import (
         DocMasking,
         attention_windows,
         logits_tolerance,
+        probe_causality,
         probe_isolation,
         probe_logits,
     )
@@ -88,19 +96,137 @@ def probes(device: torch.device, tiny: bool) -> bool:
             impl = FLEX_IMPL
         for name, cfg in models.items():
             use = "eager" if (name == "gemma2" and impl == "sdpa") else impl
-            torch.manual_seed(0)
-            m = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=use).to(device)
-            masking = DocMasking(mode, use, attention_windows(m.config))
             t0 = time.perf_counter()
-            leak = probe_isolation(m, masking, device, dtype)
-            diff = probe_logits(m, masking, device, dtype)
-            good = leak == 0.0 and diff <= tol
+            try:
+                torch.manual_seed(0)
+                m = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=use).to(device)
+                masking = DocMasking(mode, use, attention_windows(m.config))
+                leak = probe_isolation(m, masking, device, dtype)
+                ahead = probe_causality(m, masking, device, dtype)
+                diff = probe_logits(m, masking, device, dtype)
+                good = leak == 0.0 and ahead == 0.0 and diff <= tol
+                verdict = (
+                    f"cross-document gradient {leak:.3g}, gradient from later tokens {ahead:.3g}, "
+                    f"packed vs alone {diff:.3g}"
+                )
+                del m
+            except Exception as e:
+                good, verdict = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             ok &= good
-            print(
-                f"  {path:9s} {name:8s} ({use}): cross-document gradient {leak:.3g}, packed vs alone {diff:.3g} "
-                f"({time.perf_counter() - t0:.1f}s) {'ok' if good else 'FAILED'}"
-            )
-            del m
+            took = time.perf_counter() - t0
+            print(f"  {path:9s} {name:8s} ({use}): {verdict} ({took:.1f}s) {'ok' if good else 'FAILED'}")
+    return ok
+
+
+def flex_kernel(device: torch.device) -> bool:
+    """The compiled flex kernel alone against sdpa with the dense mask: fp32 and bf16, a short
+    row (not a multiple of 128) and a long one -- tells a block-table bug from a dtype one."""
+    from tokentrain.model.attention import block_causal_mask
+    from tokentrain.model.flex import _FLEX, document_block_masks
+
+    if _FLEX is None or device.type != "cuda":
+        print("(a2) flex kernel: skipped (CUDA only)")
+        return True
+    print("(a2) flex kernel alone vs sdpa + dense mask (GQA 8/2 heads, D 64)")
+    compiled = torch.compile(_FLEX[0], dynamic=False)
+    ok = True
+    for n, lens in ((300, [37, 130, 90, 43]), (8192, [3000, 1, 2500, 2691])):
+        pos = torch.cat([torch.arange(k) for k in lens])[None].to(device)
+        for dt in (torch.float32, torch.bfloat16):
+            for window in (None, 64):
+                try:
+                    g = torch.Generator(device=device).manual_seed(0)
+                    q = torch.randn(1, 8, n, 64, device=device, dtype=dt, generator=g)
+                    k, v = (torch.randn(1, 2, n, 64, device=device, dtype=dt, generator=g) for _ in range(2))
+                    out = compiled(q, k, v, block_mask=document_block_masks(pos, window)[window], enable_gqa=True)
+                    mask = block_causal_mask(pos, None, window)
+                    ref = torch.nn.functional.scaled_dot_product_attention(
+                        q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True
+                    )
+                    diff = float((out.float() - ref).abs().max())
+                    good = diff <= (1e-4 if dt == torch.float32 else 2e-2)
+                    line = f"max |diff| {diff:.3g}"
+                except Exception as e:
+                    good, line = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+                ok &= good
+                print(f"  L={n:5d} {str(dt)[6:]:8s} window {window}: {line} {'ok' if good else 'FAILED'}")
+    return ok
+
+
+def engines(work: Path, cuda: bool, tiny: bool) -> bool:
+    """The shipped tiny demo with its default attention settings, a few steps under each engine
+    and launcher a GPU user starts with; one verdict line each (exit code, last loss)."""
+    import importlib.util
+
+    data, demo = work / "demo-data", ROOT / "demo" / "tiny-llama"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env["TOKENTRAIN_CACHE"] = str(work / "cache")
+    tt = [sys.executable, "-m", "tokentrain"]
+    r = subprocess.run(
+        [*tt, "tokenize", str(ROOT / "demo/data/chat.jsonl"), "--tokenizer", str(demo), "--out", str(data)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode:
+        print(f"(d) engines: tokenize failed: {r.stderr.strip().splitlines()[-1:]}")
+        return False
+    conf = work / "tiny_demo.py"
+    text = (ROOT / "src/tokentrain/configs/templates/tiny_demo.py").read_text()
+    conf.write_text(
+        text.replace("'demo/tiny-llama'", repr(str(demo))).replace("'demo_out/data'", repr(str(data)))
+        + "\nmax_iters = 6\nsave_steps = 1000\nevaluation_freq = 1000\nlog_interval = 1\n"
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29533"]
+    runs = {
+        "local": [*tt, "train", str(conf)],
+        "fsdp2": [*tt, "train", str(conf), "--engine", "fsdp2"],
+        "fsdp2, torchrun 1": [
+            *torchrun,
+            "-m",
+            "tokentrain.train",
+            str(conf),
+            "--launcher",
+            "pytorch",
+            "--engine",
+            "fsdp2",
+        ],
+        "ddp, torchrun 1": [*torchrun, "-m", "tokentrain.train", str(conf), "--launcher", "pytorch", "--engine", "ddp"],
+    }
+    if tiny:  # the CPU plumbing run (a test): one plain and one torchrun launch keep this code alive
+        runs = {k: runs[k] for k in ("local", "ddp, torchrun 1")}
+    elif importlib.util.find_spec("deepspeed") is not None:
+        runs["deepspeed zero2"] = [*tt, "train", str(conf), "--deepspeed", "deepspeed_zero2"]
+        runs["deepspeed zero3"] = [*tt, "train", str(conf), "--deepspeed", "deepspeed_zero3"]
+    else:
+        print("(d) deepspeed is not importable: ZeRO runs skipped")
+    print(f"(d) the tiny demo, default attention settings, 6 steps, on {'cuda' if cuda else 'cpu'}")
+    ok = True
+    for i, (name, cmd) in enumerate(runs.items()):
+        w = work / f"engine-{i}"
+        t0 = time.perf_counter()
+        try:
+            r = subprocess.run([*cmd, "--work-dir", str(w)], env=env, capture_output=True, text=True, timeout=150)
+            code, log = r.returncode, r.stdout + r.stderr
+        except subprocess.TimeoutExpired:
+            code, log = "timeout (150 s)", ""
+        rows = (
+            [json.loads(x) for x in (w / "metrics.jsonl").read_text().splitlines()]
+            if (w / "metrics.jsonl").exists()
+            else []
+        )
+        loss = [x["loss"] for x in rows if "loss" in x]
+        model = next((x.split("model: ", 1)[1] for x in log.splitlines() if "model: " in x), "")
+        fell_back = next((x.split("attention: ", 1)[1] for x in log.splitlines() if "] attention: " in x), "")
+        good = code == 0 and len(loss) == 6
+        why = "" if good else " | " + " | ".join(x for x in log.splitlines() if x.startswith("tokentrain:"))[-300:]
+        ok &= good
+        print(
+            f"  {name:18s}: exit {code}, losses {' '.join(f'{x:.4f}' for x in loss)} "
+            f"({time.perf_counter() - t0:.0f}s) {'ok' if good else 'FAILED'}{why}"
+        )
+        print(f"  {'':18s}  {model}" + (f"; fallback: {fell_back}" if fell_back else ""))
+        shutil.rmtree(w, ignore_errors=True)
     return ok
 
 
@@ -192,7 +318,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, help="steps left out of the medians (default 5; tiny 1)")
     ap.add_argument("--max-length", type=int, help="default 8192; tiny 128")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H200: 989)")
-    ap.add_argument("--skip", default="", help="comma list: probes,train")
+    ap.add_argument("--skip", default="", help="comma list: probes,engines,train")
     ap.add_argument("--paths", default="varlen,sdpa-mask", help=f"paths trained in (b), of {','.join(PATHS)}")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
@@ -200,20 +326,25 @@ def main() -> int:
     a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 5)
     a.max_length = a.max_length or (128 if a.tiny else 8192)
     skip = set(filter(None, a.skip.split(",")))
-    from tokentrain.model.varlen import varlen_attn
+    from tokentrain.model.varlen import KERNEL
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     print(
         f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; "
-        f"varlen_attn {'present' if varlen_attn is not None else 'absent'}"
+        f"varlen_attn {f'present, causal by {KERNEL.causal_by}, enable_gqa {KERNEL.takes_gqa}' if KERNEL else 'absent'}"
     )
     ok = True
     t0 = time.perf_counter()
     if "probes" not in skip:
         ok &= probes(device, a.tiny)
+        ok &= flex_kernel(device)
         print(f"  probes took {time.perf_counter() - t0:.0f}s")
+    if "engines" not in skip:
+        scratch = Path(tempfile.mkdtemp(prefix="tt-gpu-engines-"))
+        ok &= engines(scratch, cuda, a.tiny)
+        shutil.rmtree(scratch, ignore_errors=True)
     if "train" not in skip:
         from tokentrain.data.synth import synth_dataset
 

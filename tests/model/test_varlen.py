@@ -158,6 +158,14 @@ def test_the_gpu_checks_cpu_plumbing_run_passes(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     lines = r.stdout.splitlines()
     for family in ("llama", "mistral", "qwen2", "gemma2"):  # each probe line, and its verdict
-        assert any(f"sdpa-mask {family} " in x and "packed vs alone" in x and x.endswith(" ok") for x in lines)
+        assert any(
+            f"sdpa-mask {family} " in x
+            and "gradient from later tokens 0," in x
+            and "packed vs alone" in x
+            and x.endswith(" ok")
+            for x in lines
+        )
+    for run in ("local", "ddp, torchrun 1"):  # (d) the tiny demo under an engine, its verdict
+        assert any(x.strip().startswith(run) and "exit 0, losses" in x and x.endswith(" ok") for x in lines)
     assert "sdpa-mask:" in r.stdout and "tokens/s" in r.stdout
     assert "gpu check passed" in r.stdout
