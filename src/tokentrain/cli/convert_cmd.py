@@ -45,10 +45,12 @@ def cmd_pth_to_hf(args) -> int:
     from pathlib import Path
 
     from tokentrain.checkpoint.convert import pth_to_hf
+    from tokentrain.checkpoint.safety import weights_only_everywhere
     from tokentrain.cli.train_cmd import quiet_libraries
     from tokentrain.config.loader import load_config
     from tokentrain.errors import ConfigError, TokentrainError
 
+    weights_only_everywhere()  # DeepSpeed's and DCP's loaders too: no code from a checkpoint
     cfg = load_config(args.config, [])
     if not args.safe_serialization:
         raise ConfigError(
