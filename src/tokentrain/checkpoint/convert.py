@@ -7,6 +7,10 @@ them is unpickled as code (checkpoint/safety.py). The model is built once, on th
 meta device from the config, and the weights are assigned into it; the training data is
 not needed. The output (sharded safetensors + config + tokenizer) is written aside and
 renamed into place.
+
+Nothing is deleted that the user did not name: an output folder that holds anything is
+refused without ``--force`` (checked before the checkpoint is read), and one that is, holds
+or lies inside the checkpoints being converted is refused even with it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,28 @@ def find_checkpoint(path: Path) -> Path:
     return found
 
 
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an output path that is a file, or a folder holding anything (without --force)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"OUT_DIR {out}: exists and is not a folder; give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(
+            f"OUT_DIR {out}: not empty; it would be replaced by the export: give a new or empty folder, "
+            "or --force to replace it"
+        )
+
+
+def check_not_over(out: Path, ckpt: Path) -> None:
+    """Refuse (even with --force) an output that is, holds or lies inside the checkpoints."""
+    target, folder = out.resolve(), ckpt.resolve()
+    for p in (folder, folder.parent) if folder.parent.name == "checkpoints" else (folder,):
+        if target == p or p.is_relative_to(target) or target.is_relative_to(p):
+            raise ConfigError(
+                f"OUT_DIR {out}: {'is' if target == p else 'holds' if p.is_relative_to(target) else 'lies inside'} "
+                f"the checkpoints being converted ({p}); replacing it would delete them: give another folder"
+            )
+
+
 def pth_to_hf(
     model_path: str,
     ckpt_dir: Path,
@@ -50,12 +76,15 @@ def pth_to_hf(
     trust_remote_code: bool = False,
     max_shard_size: str = "5GB",
     dtype: str = "float32",
+    force: bool = False,
 ) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from tokentrain.checkpoint.hf_export import export_hf
 
+    check_out(Path(out), force)
     ckpt = find_checkpoint(Path(ckpt_dir))
+    check_not_over(Path(out), ckpt)
     from tokentrain.engines.registry import read_model_state
 
     state = read_model_state(ckpt)  # the engine that wrote it reads it; its files were checked first

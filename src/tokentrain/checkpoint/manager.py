@@ -18,18 +18,21 @@ leaves either the previous checkpoint as latest or the new one complete. Loading
 safetensors and ``torch.load(weights_only=True)``: nothing is unpickled as code.
 
 `--resume auto` takes `latest` if it names a complete checkpoint, else the newest complete
-``step_*`` folder, else starts fresh; a checkpoint whose files no longer match its
-manifest (truncated, corrupted) is skipped with a warning naming the file, and the next
-older intact one is used. `--resume PATH` takes a step folder (refused, naming the file,
+``step_*`` folder, else (none written) starts fresh; a checkpoint whose files no longer match
+its manifest (truncated, corrupted) is skipped with a warning naming the file, and the next
+older intact one is used; when none is intact the resume is refused, naming each and what
+of it is intact (a fresh start would prune them). `--resume PATH` takes a step folder (refused, naming the file,
 if damaged), or a work dir. A failed write (no space left, ...) removes the partial
 folder and raises a one-line `CheckpointError`; `latest` still names the previous one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -119,18 +122,32 @@ def unsafe(folder: Path) -> str | None:
     """Why a checkpoint's `.pt` files must not be loaded (a pickle outside its engine's
     allow-list, naming the file), or None."""
     from tokentrain.checkpoint.safety import unsafe_file
+    from tokentrain.engines.fsdp2_checkpoint import FSDP_DIR, is_fsdp_checkpoint, read_metadata
     from tokentrain.engines.registry import safe_globals
 
+    if faults.value("skip_checkpoint_scan"):  # tests: the weights-only loading must refuse alone
+        return None
     try:
         allowed = safe_globals(folder)
     except TokentrainError as e:
         return str(e)
-    return unsafe_file(folder, allowed)
+    why = unsafe_file(folder, allowed)
+    if why is None and is_fsdp_checkpoint(folder):  # DCP's index is a plain pickle: read restricted
+        try:
+            read_metadata(folder / FSDP_DIR)
+        except TokentrainError as e:
+            return str(e)
+    return why
 
 
 def find_latest(root: Path, verify: bool = True) -> Path | None:
     """The newest complete checkpoint under `root` whose files are intact (`latest` first);
     a damaged one is skipped with a warning naming it and the one used instead."""
+    return _search(root, verify)[0]
+
+
+def _search(root: Path, verify: bool) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the checkpoint `find_latest` picks, the damaged ones skipped on the way: (folder, why))."""
     candidates = list(reversed(list_checkpoints(root)))
     pointer = root / LATEST
     if pointer.is_file():
@@ -143,31 +160,68 @@ def find_latest(root: Path, verify: bool = True) -> Path | None:
                 pointer,
                 target.name,
             )
-    skipped: list[tuple[str, str]] = []  # (folder name, why it is damaged)
+    skipped: list[tuple[Path, str]] = []
     for c in candidates:
         why = (damage(c) or unsafe(c)) if verify else None
         if why is None:
             if skipped:
-                log.warning("checkpoint %s is damaged (%s); falling back to %s", skipped[0][0], skipped[0][1], c.name)
-            return c
-        skipped.append((c.name, why))
+                log.warning(
+                    "checkpoint %s is damaged (%s); falling back to %s", skipped[0][0].name, skipped[0][1], c.name
+                )
+            return c, skipped
+        skipped.append((c, why))
         log.warning("checkpoint %s is damaged and is not used: %s", c, why)
-    if skipped:
-        log.warning("no intact checkpoint under %s (%d damaged)", root, len(skipped))
-    return None
+    return None, skipped
+
+
+def none_intact(resume: str, root: Path, skipped: list[tuple[Path, str]]) -> CheckpointError:
+    """Every checkpoint was rejected: a refusal naming each and why, and which files of each are
+    intact -- never a fresh start over them (it would prune them and overwrite metrics and hf/)."""
+    parts = []
+    for folder, why in skipped:
+        good = intact_files(folder)
+        parts.append(f"{folder.name}: {why}" + (f" (intact: {', '.join(good)})" if good else ""))
+    cls = UnsafeCheckpointError if all(": refused" in why for _, why in skipped) else CheckpointError
+    return cls(
+        f"--resume {resume}: no intact checkpoint under {root}, nothing was changed; "
+        + "; ".join(parts)
+        + ". Restore the damaged files or use an intact copy; to train anew instead: --overwrite or another --work-dir"
+    )
+
+
+def intact_files(folder: Path) -> list[str]:
+    """The files of a checkpoint that still match its manifest (what could be salvaged)."""
+    try:
+        files = json.loads((folder / COMPLETE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(files, dict):
+        return []
+    good = []
+    for rel, entry in sorted(files.items()):
+        p = folder / rel
+        try:
+            if isinstance(entry, list) and p.is_file() and [p.stat().st_size, _crc32(p)] == entry:
+                good.append(rel)
+        except OSError:
+            continue
+    return good
 
 
 def resolve_resume(resume: str | None, ckpt_root: Path, verify: bool = True) -> Path | None:
-    """The checkpoint folder to resume from, or None to start fresh.
+    """The checkpoint folder to resume from, or None to start fresh (`auto` with none written).
 
     An explicit step folder that is damaged is refused (CheckpointError naming the file);
-    `auto` and a work dir fall back to the newest intact checkpoint."""
+    `auto` and a work dir fall back to the newest intact checkpoint, and are refused when
+    there are checkpoints but none is intact."""
     if not resume:
         return None
     if resume == "auto":
-        found = find_latest(ckpt_root, verify)
+        found, skipped = _search(ckpt_root, verify)
+        if found is None and skipped:
+            raise none_intact(resume, ckpt_root, skipped)
         if found is None:
-            log.info("--resume auto: no usable checkpoint under %s; starting from scratch", ckpt_root)
+            log.info("--resume auto: no checkpoint under %s; starting from scratch", ckpt_root)
         return found
     p = Path(resume)
     if is_complete(p):
@@ -179,9 +233,11 @@ def resolve_resume(resume: str | None, ckpt_root: Path, verify: bool = True) -> 
             raise UnsafeCheckpointError(f"--resume {resume}: {why}")
         return p
     for root in (p / "checkpoints", p):
-        found = find_latest(root, verify) if root.is_dir() else None
+        found, skipped = _search(root, verify) if root.is_dir() else (None, [])
         if found is not None:
             return found
+        if skipped:
+            raise none_intact(resume, root, skipped)
     if p.is_dir() and step_of(p) is not None:
         raise ConfigError(
             f"--resume {resume}: checkpoint is incomplete (no {COMPLETE} marker); use another one or --resume auto"
@@ -368,7 +424,8 @@ class CheckpointManager:
         from tokentrain.engines.registry import check_resumable
 
         check_resumable(folder, self.engine, self.env.world_size)
-        self.engine.load(folder)
+        with refused_as_unsafe(folder):
+            self.engine.load(folder)
         state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
         rng = folder / f"rng_rank{self.env.rank}.pt"
         if rng.is_file():
@@ -377,6 +434,17 @@ class CheckpointManager:
             "%s has no RNG state for rank %d (different world size); RNG streams restart", folder, self.env.rank
         )
         return state, None
+
+
+@contextlib.contextmanager
+def refused_as_unsafe(folder: Path):
+    """A file that a (forced) weights-only load refused, inside an engine's own loader: one line."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        from tokentrain.checkpoint.safety import refusal
+
+        raise UnsafeCheckpointError(refusal(folder, e)) from None
 
 
 def _fsync_tree(path: Path) -> None:

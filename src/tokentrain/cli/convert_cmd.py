@@ -31,6 +31,11 @@ def register(sub, common) -> None:
         help="safetensors: the default and the only format (accepted for xtuner scripts; "
         "--no-safe-serialization is refused: transformers 5 writes only safetensors)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT_DIR when it holds anything (never when it is, holds or lies inside the checkpoints)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument(
         "--dtype",
@@ -44,11 +49,13 @@ def register(sub, common) -> None:
 def cmd_pth_to_hf(args) -> int:
     from pathlib import Path
 
-    from tokentrain.checkpoint.convert import pth_to_hf
+    from tokentrain.checkpoint.convert import check_out, pth_to_hf
+    from tokentrain.checkpoint.safety import weights_only_everywhere
     from tokentrain.cli.train_cmd import quiet_libraries
     from tokentrain.config.loader import load_config
     from tokentrain.errors import ConfigError, TokentrainError
 
+    weights_only_everywhere()  # DeepSpeed's and DCP's loaders too: no code from a checkpoint
     cfg = load_config(args.config, [])
     if not args.safe_serialization:
         raise ConfigError(
@@ -57,6 +64,7 @@ def cmd_pth_to_hf(args) -> int:
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise ConfigError(f"{ckpt}: no such folder; give a step_N folder, a checkpoints folder or a work dir")
+    check_out(Path(args.out), args.force)  # before anything heavy
     quiet_libraries()
     try:
         out = pth_to_hf(
@@ -66,6 +74,7 @@ def cmd_pth_to_hf(args) -> int:
             cfg.trust_remote_code,
             args.max_shard_size,
             args.dtype,
+            args.force,
         )
     except TokentrainError as e:  # the checkpoint finder speaks of training's --resume: say it for convert
         prefix = f"--resume {ckpt}: "

@@ -39,7 +39,8 @@ def add_train_arguments(p) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="start afresh in a work dir that holds an earlier run: delete its checkpoints, metrics and export first",
+        help="start afresh in a work dir that holds an earlier run: its checkpoints, metrics and export are "
+        "deleted once the new run has written its first checkpoint (kept if it fails before)",
     )
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings")
@@ -188,6 +189,9 @@ def check_deepspeed(source: str, ds) -> dict:
 
 
 def cmd_train(args) -> int:
+    from tokentrain.checkpoint.safety import weights_only_everywhere
+
+    weights_only_everywhere()  # every rank, before anything can load a checkpoint: no code from one
     cfg, deepspeed = preflight(args)  # (under NPROC_PER_NODE, cli.main spawned torchrun instead of calling this)
     work_dir = work_dir_of(args, cfg)
     cfg = cfg.replace(work_dir=str(work_dir))
@@ -198,14 +202,23 @@ def cmd_train(args) -> int:
 
     env = init_distributed(args.launcher)
     lock = None
+    started = False  # the first checkpoint is written: what --overwrite set aside may go
+
+    def on_started() -> None:
+        nonlocal started
+        started = True
+        if env.is_main:
+            workdir.drop_set_aside(work_dir)
+
     try:
         if not env.is_main:
             logging.getLogger().setLevel(logging.WARNING)
         if env.is_main:
             lock = workdir.WorkDirLock(work_dir).acquire()  # held until this function returns
+            workdir.restore_set_aside(work_dir)  # an --overwrite start killed before it began
             workdir.check_start(work_dir, args.resume, args.overwrite)  # again, now that no one else can write
             if args.overwrite:
-                workdir.clear_previous_run(work_dir)
+                workdir.set_aside_previous_run(work_dir)  # deleted after the new run's first checkpoint
             workdir.drop_stale_outputs(work_dir)
         quiet_libraries()
         if env.is_main:
@@ -217,7 +230,7 @@ def cmd_train(args) -> int:
             )
         from tokentrain.engine.trainer import run
 
-        code = run(cfg, env, work_dir, args.resume, deepspeed)
+        code = run(cfg, env, work_dir, args.resume, deepspeed, started=on_started)
         ignore_while_ending()
         if code:  # preempted: the checkpoint is written, every rank is on its way out with 75
             _keep_exit_code(env)
@@ -232,6 +245,8 @@ def cmd_train(args) -> int:
         raise disk_error(e, work_dir) from e
     finally:
         if lock is not None:
+            if not started:
+                workdir.restore_set_aside(work_dir)  # the old run stays whole when the new one cannot start
             lock.release()
         destroy_distributed()
 

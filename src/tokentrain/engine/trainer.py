@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,7 @@ class Trainer:
         self.skipped_steps = 0
         self.tokens_seen = 0
         self.preemption = Preemption()
+        self.started: Callable[[], None] | None = None  # called once, after the first checkpoint
 
     # ================================================================== setup
     def setup(self) -> None:
@@ -270,6 +272,9 @@ class Trainer:
     def save(self) -> None:
         path = self.ckpt.save(self.step, self.trainer_state(), self.cfg.to_dict())
         self.metrics.message(f"checkpoint {path}")
+        if self.started is not None:  # the new run is proven: --overwrite may now delete the old one
+            started, self.started = self.started, None
+            started()
 
     # ================================================================== the loop
     def fit(self) -> int:
@@ -429,7 +434,17 @@ class Trainer:
         return r
 
 
-def run(cfg: TrainConfig, env, work_dir: Path, resume: str | None, deepspeed: dict | None = None) -> int:
+def run(
+    cfg: TrainConfig,
+    env,
+    work_dir: Path,
+    resume: str | None,
+    deepspeed: dict | None = None,
+    started: Callable[[], None] | None = None,
+) -> int:
+    """Set up and train; `started` is called once the first checkpoint is written (--overwrite then
+    deletes the old run)."""
     trainer = Trainer(cfg, env, work_dir, resume, deepspeed)
+    trainer.started = started
     trainer.setup()
     return trainer.fit()

@@ -69,6 +69,7 @@ def owns_checkpoint(folder: Path) -> bool:
 def read_model_state(folder: Path) -> dict[str, torch.Tensor]:
     """The HF model's fp32 state dict from any ZeRO stage's files, on the CPU."""
     _quiet_deepspeed()
+    _allow_own_globals()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
@@ -85,6 +86,14 @@ def _quiet_deepspeed() -> None:
     if not torch.cuda.is_available():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     ds_logger.setLevel(logging.WARNING)
+
+
+def _allow_own_globals() -> None:
+    """DeepSpeed loads its files with ``weights_only=False``, forced to weights-only process-wide
+    (checkpoint/safety.py): the classes it pickles must be allowed, nothing else."""
+    from tokentrain.checkpoint.safety import allow
+
+    allow(safe_globals())
 
 
 def _join_process_group(env) -> None:
@@ -107,6 +116,7 @@ class DeepSpeedEngine(Collectives, LocalEngine):
     def __init__(self, env, ds_config: dict):
         super().__init__(env)
         _quiet_deepspeed()
+        _allow_own_globals()
         _join_process_group(env)
         self.ds_config = ds_config
         self.stage = zero_stage(ds_config)

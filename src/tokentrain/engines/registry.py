@@ -135,8 +135,11 @@ def _reader_module(folder: Path):
 
 def read_model_state(folder: Path) -> dict:
     """The HF model's state dict from any engine's checkpoint, on the CPU, no process group."""
+    from tokentrain.checkpoint.manager import refused_as_unsafe
+
     fmt, module = _reader_module(folder)
-    return getattr(module, FORMATS[fmt][2])(Path(folder))
+    with refused_as_unsafe(folder):
+        return getattr(module, FORMATS[fmt][2])(Path(folder))
 
 
 def safe_globals(folder: Path) -> list:

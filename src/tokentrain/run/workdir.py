@@ -6,7 +6,9 @@
   a flock when its process dies, so a killed run leaves no lock to clear by hand; its owner
   file is found on the next start and the take-over is logged.
 * Starting on a work dir that holds checkpoints without ``--resume`` is refused (it would
-  mix two runs' checkpoints, metrics and export); ``--overwrite`` clears the old run first.
+  mix two runs' checkpoints, metrics and export); ``--overwrite`` replaces the old run -- its
+  outputs are renamed aside and deleted only once the new run has written its first
+  checkpoint, and put back if it fails before.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ LOCK = ".tokentrain.lock"
 OWNER = ".tokentrain.owner.json"
 # What a previous run leaves that a fresh run must not mix with its own (--overwrite clears them).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "generations.jsonl", "tensorboard", "hf")
+ASIDE = ".overwritten"  # where --overwrite keeps them until the new run has written a checkpoint
 
 
 def _describe(owner: dict | None) -> str:
@@ -81,20 +84,54 @@ def check_start(work_dir: Path, resume: str | None, overwrite: bool) -> None:
         )
 
 
-def clear_previous_run(work_dir: Path) -> None:
-    """--overwrite: delete the earlier run's checkpoints, metrics, samples, TensorBoard and export (logged)."""
-    removed = []
+def set_aside_previous_run(work_dir: Path) -> Path | None:
+    """--overwrite: move the earlier run's outputs into ``WORK_DIR/.overwritten/`` (renames, nothing
+    deleted): `drop_set_aside` deletes them once the new run has written its first checkpoint, `restore_set_aside`
+    puts them back if it fails to. None when there was nothing to move."""
+    aside = Path(work_dir) / ASIDE
+    moved = []
     for name in RUN_OUTPUTS:
         p = Path(work_dir) / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-        else:
-            continue
-        removed.append(name)
-    if removed:
-        log.warning("--overwrite: deleted the earlier run's %s in %s", ", ".join(removed), work_dir)
+        if p.exists() or p.is_symlink():
+            aside.mkdir(exist_ok=True)
+            os.rename(p, aside / name)
+            moved.append(name)
+    if not moved:
+        return None
+    log.info(
+        "--overwrite: moved the earlier run's %s aside to %s until this run has written its first checkpoint",
+        ", ".join(moved),
+        aside,
+    )
+    return aside
+
+
+def drop_set_aside(work_dir: Path) -> None:
+    """The new run has written a checkpoint: the earlier run's outputs set aside by --overwrite go (logged)."""
+    aside = Path(work_dir) / ASIDE
+    if aside.is_dir():
+        names = [n for n in RUN_OUTPUTS if (aside / n).exists() or (aside / n).is_symlink()]
+        shutil.rmtree(aside)
+        log.warning("--overwrite: deleted the earlier run's %s in %s", ", ".join(names), work_dir)
+
+
+def restore_set_aside(work_dir: Path) -> None:
+    """Put back what --overwrite set aside, replacing what a start that never began left in its
+    place (an empty `checkpoints/`, ...); also recovers from a start killed before it began."""
+    aside = Path(work_dir) / ASIDE
+    if not aside.is_dir():
+        return
+    for p in sorted(aside.iterdir()):
+        dest = Path(work_dir) / p.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        elif dest.exists() or dest.is_symlink():
+            dest.unlink()
+        os.rename(p, dest)
+    aside.rmdir()
+    log.warning(
+        "the earlier run's outputs set aside by --overwrite are restored in %s (the new run did not start)", work_dir
+    )
 
 
 def drop_stale_outputs(work_dir: Path) -> None:

@@ -12,6 +12,8 @@ hook is one dict lookup on an empty dict. The value is a comma-separated list of
 ``save_enospc_at_step=N``  writing the checkpoint of step N fails with ENOSPC
 ``exit_sleep=SECONDS``     sleep once the exit code is decided and recorded, before the process
                            ends (to send a signal while it ends, as srun --kill-on-bad-exit does)
+``skip_checkpoint_scan=1`` skip the pre-load check of checkpoint files (checkpoint/safety.py), to
+                           prove that the process-wide weights-only loading refuses a payload alone
 ``rank=R``                 apply the step faults on rank R only (default: every rank)
 """
 
@@ -20,7 +22,15 @@ from __future__ import annotations
 import os
 
 ENV = "TOKENTRAIN_FAULT_INJECT"
-KNOWN = ("nan_loss_at_step", "inf_grad_at_step", "save_sleep", "save_enospc_at_step", "exit_sleep", "rank")
+KNOWN = (
+    "nan_loss_at_step",
+    "inf_grad_at_step",
+    "save_sleep",
+    "save_enospc_at_step",
+    "exit_sleep",
+    "skip_checkpoint_scan",
+    "rank",
+)
 
 
 def parse(spec: str | None) -> dict[str, str]:
