@@ -140,3 +140,21 @@ def test_resume_auto_with_every_checkpoint_damaged_is_refused_not_restarted(old_
     assert re.search(r"step_2: .*optimizer\.pt: contents changed", line), line
     assert "nothing was changed" in line and "--overwrite" in line
     assert contents(work) == before
+
+
+def test_a_delete_of_the_set_aside_run_cut_by_a_kill_never_comes_back_over_the_new_run(tmp_path):
+    """--overwrite deletes the old run only once the new one has a checkpoint; a kill in the middle
+    of that delete must not make the next start 'restore' half of the old run over the new one."""
+    from tokentrain.run import workdir
+
+    (tmp_path / "checkpoints" / "step_9").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 9}\n')
+    workdir.set_aside_previous_run(tmp_path)
+    (tmp_path / "checkpoints" / "step_1").mkdir(parents=True)  # the new run's first checkpoint
+    doomed = tmp_path / workdir.DOOMED
+    (tmp_path / workdir.ASIDE).rename(doomed)  # what drop_set_aside does first ...
+    (doomed / "metrics.jsonl").unlink()  # ... and a kill partway through its delete
+    workdir.restore_set_aside(tmp_path)  # the next start
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1"]
+    assert not doomed.exists() and not (tmp_path / workdir.ASIDE).exists()
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -31,6 +31,7 @@ OWNER = ".tokentrain.owner.json"
 # What a previous run leaves that a fresh run must not mix with its own (--overwrite clears them).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "generations.jsonl", "tensorboard", "hf")
 ASIDE = ".overwritten"  # where --overwrite keeps them until the new run has written a checkpoint
+DOOMED = ".overwritten.deleting"  # ASIDE renamed, once the new run has a checkpoint: never restored
 
 
 def _describe(owner: dict | None) -> str:
@@ -111,13 +112,20 @@ def drop_set_aside(work_dir: Path) -> None:
     aside = Path(work_dir) / ASIDE
     if aside.is_dir():
         names = [n for n in RUN_OUTPUTS if (aside / n).exists() or (aside / n).is_symlink()]
-        shutil.rmtree(aside)
+        # Renamed first: a kill during the delete leaves a folder `restore_set_aside` never
+        # puts back over the new run (it would restore half of the old one).
+        doomed = Path(work_dir) / DOOMED
+        os.rename(aside, doomed)
+        shutil.rmtree(doomed)
         log.warning("--overwrite: deleted the earlier run's %s in %s", ", ".join(names), work_dir)
 
 
 def restore_set_aside(work_dir: Path) -> None:
     """Put back what --overwrite set aside, replacing what a start that never began left in its
     place (an empty `checkpoints/`, ...); also recovers from a start killed before it began."""
+    doomed = Path(work_dir) / DOOMED
+    if doomed.is_dir():  # a delete by `drop_set_aside` that a kill interrupted: finish it
+        shutil.rmtree(doomed)
     aside = Path(work_dir) / ASIDE
     if not aside.is_dir():
         return
