@@ -65,3 +65,13 @@ def logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         return model(ids).logits
+
+
+class Payload:
+    """Unpickling this creates the marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

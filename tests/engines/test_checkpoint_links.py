@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engines.engine_helpers import clean_env, error_lines, tokentrain, write_cfg
+from tests.engines.engine_helpers import Payload, clean_env, error_lines, tokentrain, write_cfg
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +31,6 @@ FORMATS = {  # run -> (flags, the file its engine loads, relative to step_2)
     "fsdp2": (["--engine", "fsdp2"], "fsdp/.metadata"),
 }
 LAYOUTS = ("linked-folder", "linked-file", "hard-link", "nested-link")
-
-
-class Payload:
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 @pytest.fixture(scope="module")

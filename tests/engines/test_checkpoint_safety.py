@@ -17,19 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engines.engine_helpers import clean_env, error_lines, losses, tokentrain, weights, write_cfg
+from tests.engines.engine_helpers import Payload, clean_env, error_lines, losses, tokentrain, weights, write_cfg
 
 pytestmark = pytest.mark.slow
-
-
-class Payload:
-    """Unpickling this creates the marker file: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 @pytest.fixture(scope="module")
