@@ -121,8 +121,8 @@ def probes(device: torch.device, tiny: bool) -> bool:
 def flex_kernel(device: torch.device) -> bool:
     """The compiled flex kernel alone against sdpa with the dense mask: fp32 and bf16, a short
     row (not a multiple of 128) and a long one -- tells a block-table bug from a dtype one."""
-    from tokentrain.model.attention import block_causal_mask
-    from tokentrain.model.flex import _FLEX, document_block_masks
+    from tokentrain.model.flex import _FLEX
+    from tokentrain.model.masks import block_causal_mask, document_block_masks
 
     if _FLEX is None or device.type != "cuda":
         print("(a2) flex kernel: skipped (CUDA only)")

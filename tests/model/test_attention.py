@@ -8,13 +8,12 @@ from transformers import AutoModelForCausalLM
 
 from tokentrain.model.attention import (
     DocMasking,
-    block_causal_mask,
     probe_isolation,
-    segment_ids,
     select_masking,
     varlen_kwargs,
 )
 from tokentrain.model.lm import CausalLMWithLoss
+from tokentrain.model.masks import block_causal_mask, segment_ids
 
 CASES = [
     ("sdpa", "positions"),

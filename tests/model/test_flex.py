@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tokentrain.model.flex as flex
+import tokentrain.model.masks as masks
 from tokentrain.errors import ConfigError
 from tokentrain.model.attention import (
     DocMasking,
@@ -48,9 +49,9 @@ def test_flex_attention_matches_each_document_alone(family):
         packed = m(**kw).logits
         worst = worst_vs_alone(packed, docs, lambda d: ref(input_ids=d[None], use_cache=False).logits[0])
     assert worst <= 1e-5
-    masks = kw[flex.FLEX_MASKS]
-    assert sorted(masks, key=lambda w: -1 if w is None else w) == MASK_WINDOWS[family]
-    assert all(bm.shape == (2, 1, 28, 28) for bm in masks.values())  # per row of the batch, (B, H, L, L)
+    built = kw[flex.FLEX_MASKS]
+    assert sorted(built, key=lambda w: -1 if w is None else w) == MASK_WINDOWS[family]
+    assert all(bm.shape == (2, 1, 28, 28) for bm in built.values())  # per row of the batch, (B, H, L, L)
 
 
 def _reference(calls):
@@ -153,7 +154,7 @@ def test_block_tables_equal_the_dense_document_mask(seed, window):
     wrong table passes there): per 128-block, partial iff some but not all of the dense
     document-causal(-window) mask attends, full iff all does; random packs, rows not a
     multiple of 128, documents across block edges, several rows."""
-    from tokentrain.model.attention import block_causal_mask
+    from tokentrain.model.masks import block_causal_mask
 
     g = torch.Generator().manual_seed(seed)
     b, n = 3, int(torch.randint(130, 700, (1,), generator=g))
@@ -163,7 +164,7 @@ def test_block_tables_equal_the_dense_document_mask(seed, window):
         bounds = [0, *cuts, n]
         rows.append(torch.cat([torch.arange(e - s) for s, e in zip(bounds, bounds[1:]) if e > s]))
     pos = torch.stack(rows)
-    bm = flex.document_block_masks(pos, window)[window]
+    bm = masks.document_block_masks(pos, window)[window]
     assert tuple(bm.shape) == (b, 1, n, n)
     size = 128
     nb = -(-n // size)
@@ -184,9 +185,9 @@ def test_block_tables_equal_the_dense_document_mask(seed, window):
 def test_a_block_mask_is_refused_for_another_batch_or_length():
     m = model("llama", flex.FLEX_IMPL)
     pos = torch.arange(12)[None]
-    masks = flex.document_block_masks(torch.arange(10)[None], None)
+    other = masks.document_block_masks(torch.arange(10)[None], None)
     with pytest.raises(ValueError, match=r"built for \(1, 1, 10, 10\).*used for a batch of 1 x 12"):
-        m(input_ids=torch.arange(3, 15)[None], position_ids=pos, use_cache=False, **{flex.FLEX_MASKS: masks})
+        m(input_ids=torch.arange(3, 15)[None], position_ids=pos, use_cache=False, **{flex.FLEX_MASKS: other})
 
 
 @pytest.mark.slow
@@ -194,7 +195,7 @@ def test_the_compiled_kernel_reads_the_block_tables_right():
     """Inductor's compiled flex kernel (its CPU version here) reads the block tables as the CUDA
     one does: a pack of 2 rows x 300 tokens (not a multiple of 128, documents across block
     edges), GQA, with and without a window, equals sdpa with the dense mask."""
-    from tokentrain.model.attention import block_causal_mask
+    from tokentrain.model.masks import block_causal_mask
 
     torch.manual_seed(0)
     lens = [[37, 130, 90, 43], [200, 1, 99]]
@@ -202,7 +203,7 @@ def test_the_compiled_kernel_reads_the_block_tables_right():
     q, k, v = torch.randn(2, 4, 300, 16), torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
     compiled = torch.compile(flex._FLEX[0], dynamic=False)
     for window in (None, 50):
-        out = compiled(q, k, v, block_mask=flex.document_block_masks(pos, window)[window], enable_gqa=True)
+        out = compiled(q, k, v, block_mask=masks.document_block_masks(pos, window)[window], enable_gqa=True)
         ref = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=block_causal_mask(pos, None, window), enable_gqa=True
         )

@@ -45,7 +45,8 @@ from dataclasses import dataclass
 import torch
 
 from tokentrain.errors import ConfigError
-from tokentrain.model.flex import FLEX_IMPL, FLEX_MASKS, document_block_masks, flex_available
+from tokentrain.model.flex import FLEX_IMPL, FLEX_MASKS, flex_available
+from tokentrain.model.masks import block_causal_mask, document_block_masks, segment_ids
 from tokentrain.model.varlen import VARLEN_IMPL, flat_cu_seqlens, varlen_available
 
 log = logging.getLogger(__name__)
@@ -148,37 +149,6 @@ def largest_window(windows) -> int | None:
     if isinstance(windows, dict):
         return max((w for w in windows.values() if w), default=None)
     return windows
-
-
-def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, L) document number of each token: a new document starts where positions restart."""
-    start = torch.ones_like(position_ids, dtype=torch.bool)
-    start[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return start.cumsum(-1)
-
-
-def block_causal_mask(
-    position_ids: torch.Tensor, additive_dtype: torch.dtype | None = None, window: int | None = None
-) -> torch.Tensor | None:
-    """(B, 1, L, L) causal mask that also blocks attention across documents, and (`window`)
-    keys W or more tokens back (a query sees itself and the W - 1 before it, as in transformers).
-
-    None when every row is a single document (plain causal: sdpa's fast `is_causal` path).
-    Bool (True = attend) by default; additive (0 / finfo.min) in `additive_dtype` if given.
-    """
-    seg = segment_ids(position_ids)
-    if bool((seg[:, -1] == 1).all()):
-        return None
-    L = position_ids.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=position_ids.device).tril_()
-    if window:
-        causal.triu_(1 - window)
-    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
-    allowed = allowed[:, None]
-    if additive_dtype is None:
-        return allowed
-    neg = torch.finfo(additive_dtype).min
-    return torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device).masked_fill_(~allowed, neg)
 
 
 def varlen_kwargs(position_ids: torch.Tensor) -> dict:

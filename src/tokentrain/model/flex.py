@@ -44,37 +44,6 @@ def flex_available() -> bool:
     return _FLEX is not None
 
 
-def document_block_masks(position_ids: torch.Tensor, windows) -> dict[int | None, Any]:
-    """One ``BlockMask`` per distinct window in `windows` (`attention.attention_windows` of the
-    model: None, one window, or a dict by layer type) for a (B, L) micro-batch, keyed by the
-    window (None: causal within each document)."""
-    from tokentrain.model.attention import segment_ids
-
-    assert _FLEX is not None, "chosen only when flex_available()"
-    create_block_mask = _FLEX[1]
-    seg = segment_ids(position_ids)
-    b, n = position_ids.shape
-    wanted = set(windows.values()) if isinstance(windows, dict) else {windows or None}
-    masks = {}
-    for w in sorted(wanted, key=lambda x: -1 if x is None else x):
-        masks[w] = create_block_mask(_mask_mod(seg, w), b, None, n, n, device=position_ids.device)
-    return masks
-
-
-def _mask_mod(seg: torch.Tensor, window: int | None):
-    if window:
-
-        def windowed(b, h, q, k):
-            return (seg[b, q] == seg[b, k]) & (k <= q) & (q - k < window)
-
-        return windowed
-
-    def causal(b, h, q, k):
-        return (seg[b, q] == seg[b, k]) & (k <= q)
-
-    return causal
-
-
 _compiled: Callable[..., Any] | None = None
 
 
