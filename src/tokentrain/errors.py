@@ -35,3 +35,10 @@ class UnsafeCheckpointError(CheckpointError):
     loaded (it could run code). Bad input, like bad data (exit 3)."""
 
     exit_code = EXIT_DATA
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none): what a one-line
+    error quotes of a library's multi-line one."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

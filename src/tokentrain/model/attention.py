@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokentrain.errors import ConfigError
+from tokentrain.errors import ConfigError, first_line
 from tokentrain.model.flex import FLEX_IMPL, FLEX_MASKS, flex_available
 from tokentrain.model.masks import block_causal_mask, document_block_masks, segment_ids
 from tokentrain.model.varlen import VARLEN_IMPL, flat_cu_seqlens, varlen_available
@@ -350,7 +350,7 @@ def probe_failure(model, masking: DocMasking, device: torch.device, autocast_dty
         diff = probe_logits(model, masking, device, autocast_dtype)
     except Exception as e:  # a backend that rejects this way of calling it
         log.debug("document masking %r failed its probe", masking.mode, exc_info=True)
-        return f"error: {type(e).__name__}: {_first_line(e)}"
+        return f"error: {type(e).__name__}: {first_line(e)}"
     tol = logits_tolerance(autocast_dtype)
     if diff > tol:
         return (
@@ -379,7 +379,7 @@ def select_masking(
             try:
                 switch_implementation(model, impl)
             except Exception as e:
-                failed[impl] = f"cannot switch to it: {_first_line(e)}"
+                failed[impl] = f"cannot switch to it: {first_line(e)}"
                 continue
         for mode in candidate_modes(impl, "auto" if impl != attn_implementation else requested):
             masking = DocMasking(mode, impl, windows)
@@ -399,8 +399,3 @@ def select_masking(
 
 def _describe(failed: dict[str, str]) -> str:
     return "; ".join(f"{what}: {why}" for what, why in failed.items())
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

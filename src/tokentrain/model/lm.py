@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from tokentrain.errors import ConfigError, TokentrainError
+from tokentrain.errors import ConfigError, TokentrainError, first_line
 from tokentrain.model.attention import DocMasking
 from tokentrain.model.loss import linear_cross_entropy_sum, logits_cross_entropy_sum
 from tokentrain.utils.dtypes import torch_dtype
@@ -46,11 +46,6 @@ def _raised_by_engine(e: BaseException) -> bool:
     return any(("/deepspeed/" in f.filename or "/torch/distributed/" in f.filename) for f in frames)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 def load_tokenizer(path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
@@ -58,7 +53,7 @@ def load_tokenizer(path: str, trust_remote_code: bool):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ConfigError(
-            f"pretrained_model_name_or_path = {path!r}: cannot load the tokenizer: {_first_line(e)}"
+            f"pretrained_model_name_or_path = {path!r}: cannot load the tokenizer: {first_line(e)}"
         ) from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
@@ -154,11 +149,9 @@ def _load_model(
     except Exception as e:
         if _raised_by_engine(e):  # not the folder's fault: say so, exit 1 (not a usage error)
             raise TokentrainError(
-                f"the training engine failed while building the model of {path!r}: {_first_line(e)}"
+                f"the training engine failed while building the model of {path!r}: {first_line(e)}"
             ) from None
-        raise ConfigError(
-            f"pretrained_model_name_or_path = {path!r}: cannot load the model: {_first_line(e)}"
-        ) from None
+        raise ConfigError(f"pretrained_model_name_or_path = {path!r}: cannot load the model: {first_line(e)}") from None
     model.config.use_cache = False
     # transformers wraps PreTrainedModel.to in a decorator whose stub drops `self`
     return model.to(device)  # type: ignore[arg-type]
@@ -211,7 +204,7 @@ class CausalLMWithLoss(nn.Module):
                 hid = decoder(**kw)[0]
                 ok = torch.allclose(head(hid), ref, rtol=1e-4, atol=1e-5)
         except Exception as e:
-            log.warning("loss: the fused loss head failed its check (%s: %s)", type(e).__name__, _first_line(e))
+            log.warning("loss: the fused loss head failed its check (%s: %s)", type(e).__name__, first_line(e))
             ok = False
         finally:
             self.model.train(was)
