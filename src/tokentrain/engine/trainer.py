@@ -82,7 +82,9 @@ class Trainer:
         self._setup_data()
         self.engine = self._make_engine()  # before the model: ZeRO-3 / FSDP2 build it sharded
         self._setup_model()
-        check_datasets(self.train_set, self.val_set, self.vocab_size, cfg.dataset_folder, cfg.val_dataset_folder)
+        check_datasets(
+            self.train_set, self.val_set, self.vocab_size, cfg.dataset_folder, cfg.val_dataset_folder, cfg.datasets
+        )
         self._setup_optimization()
         self.ckpt = CheckpointManager(
             self.work_dir / "checkpoints", env, self.engine, cfg.save_total_limit, every=cfg.save_steps
