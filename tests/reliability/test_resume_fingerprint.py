@@ -99,7 +99,7 @@ def test_a_changed_run_is_not_resumed(case, base, tmp_path, tiny_model):
     assert len(lines) == 1 and "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr[-3000:]
     assert lines[0].startswith("tokentrain: error: cannot resume from ") and "step_4" in lines[0], lines[0]
     assert re.search(pattern, lines[0]), lines[0]
-    assert "resume_ignore = [" in lines[0]
+    assert ("cannot be ignored" if change == "model" else "resume_ignore = [") in lines[0]
     assert {p.name: p.stat().st_mtime_ns for p in (work / "checkpoints").rglob("*")} == before
 
 
@@ -181,3 +181,36 @@ def test_a_document_changed_in_the_middle_of_a_large_file_is_not_resumed(tiny_mo
         r"cannot resume from .*step_2: the training data changed: part-000\.bin has other contents", lines[0]
     ), lines[0]
     assert {p.name: p.stat().st_mtime_ns for p in (work / "checkpoints").rglob("*")} == before
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_key_a_refusal_suggests_lets_the_resume_go_on(case, base, tmp_path, tiny_model):
+    """The `resume_ignore = [...]` a refusal prints works: with it the same resume trains on
+    (a warning per ignored difference); a refusal whose difference cannot be ignored (a model
+    of another shape: its weights do not fit) suggests none."""
+    settings, extra, change, _ = CASES[case]
+    work, data = _case_dir(base, tmp_path, change)
+    settings = {k: (v.format(data=data) if isinstance(v, str) else v) for k, v in settings.items()}
+    if change == "order":
+        (tmp_path / "order.txt").write_text("part-001.bin\npart-000.bin\n")
+        settings["data_order_path"] = str(tmp_path / "order.txt")
+    model = tiny_model
+    if change == "model":
+        from tokentrain.model.tiny import make_tiny_model
+
+        model = make_tiny_model(tmp_path / "m64", vocab_size=512, hidden_size=64, layers=2, heads=4)
+    cfg = write_cfg(tmp_path / "run.py", model, data, max_iters=6, **settings)
+    env = clean_env(TOKENTRAIN_CACHE=str(tmp_path / "c"))
+    r = train(cfg, "--work-dir", work, "--resume", "auto", *extra, env=env)
+    (line,) = error_lines(r.stderr)
+    found = re.search(r"resume_ignore = (\[.*?\])", line)
+    if change == "model":
+        assert r.returncode == 2 and found is None and "cannot be ignored" in line, line
+        return
+    keys = eval(found.group(1))
+    r = train(
+        cfg, "--work-dir", work, "--resume", "auto", *extra, "--cfg-options", f"resume_ignore={','.join(keys)}", env=env
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and re.search(r"resuming from .*step_4 although", r.stderr), r.stderr[-3000:]
+    assert checkpoints(work)["latest"] == "step_6"

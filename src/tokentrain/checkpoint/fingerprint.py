@@ -45,8 +45,9 @@ MODEL_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
 )
-# What resume_ignore may name (besides every key of DATA_SETTINGS).
-IGNORABLE = (*DATA_SETTINGS, "data_order", "dataset", "val_dataset", "global_batch", "model")
+# What resume_ignore may name (besides every key of DATA_SETTINGS). Not "model": the
+# checkpoint's weights do not fit a model of another shape, so no resume could go on.
+IGNORABLE = (*DATA_SETTINGS, "data_order", "dataset", "val_dataset", "global_batch")
 _EDGE = 64 << 10
 
 
@@ -204,7 +205,13 @@ def check_resume(folder: Path | None, fingerprint: dict, ignore: list[str]) -> N
     if refused:
         _, what = refused[0]
         more = f" (and {len(refused) - 1} more: {', '.join(k for k, _ in refused[1:])})" if len(refused) > 1 else ""
+        fixed = [k for k, _ in refused if k not in IGNORABLE]
+        way = (
+            f"; {fixed[0]} cannot be ignored (the checkpoint's weights do not fit this model)"
+            if fixed
+            else f", or set resume_ignore = {[k for k, _ in refused]!r} to go on anyway"
+        )
         raise ConfigError(
             f"cannot resume from {folder}: {what}{more}; resuming would train on something else. Restore it, "
-            f"start a new --work-dir, or set resume_ignore = {[k for k, _ in refused]!r} to go on anyway"
+            f"start a new --work-dir{way}"
         )

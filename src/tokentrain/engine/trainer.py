@@ -244,7 +244,9 @@ class Trainer:
 
     def _load(self, folder: Path) -> dict | None:
         state, rng = self.ckpt.load(folder)
-        self.sampler.load_state_dict(state["sampler"])
+        # Ignoring a change of the data or its settings (resume_ignore) means going on with another stream.
+        relaxed = bool(set(self.cfg.resume_ignore) - {"global_batch", "val_dataset"})
+        self.sampler.load_state_dict(state["sampler"], relaxed=relaxed)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
