@@ -60,13 +60,16 @@ def test_walk_takes_only_file_type(tmp_path):
     assert _rel(tmp_path, fmt.discover_files(tmp_path, ".jsonl")) == ["sub/c.jsonl"]
 
 
-def test_walk_follows_symlinked_folders_and_files(tmp_path):
+def test_walk_follows_symlinked_folders_and_files_reading_each_real_file_once(tmp_path, caplog):
     data, other = tmp_path / "data", tmp_path / "elsewhere"
     _touch(other, "o1.bin", "inner/o2.bin")
     _touch(data, "a.bin")
     os.symlink(other, data / "linked")
     os.symlink(other / "o1.bin", data / "b.bin")
-    assert _rel(data, fmt.discover_files(data)) == ["a.bin", "b.bin", "linked/o1.bin", "linked/inner/o2.bin"]
+    caplog.set_level("WARNING", logger="tokentrain")
+    # linked/o1.bin is b.bin again: read once (the first path found), logged.
+    assert _rel(data, fmt.discover_files(data)) == ["a.bin", "b.bin", "linked/inner/o2.bin"]
+    assert "linked/o1.bin: the same file as" in caplog.text and "read once, not twice" in caplog.text
 
 
 def test_symlink_loop_is_detected_not_followed(tmp_path, caplog):
@@ -79,16 +82,25 @@ def test_symlink_loop_is_detected_not_followed(tmp_path, caplog):
     assert "symlink" in caplog.text
 
 
-def test_two_folder_symlink_cycle_ends_and_sibling_links_are_walked(tmp_path, caplog):
+def test_two_folder_symlink_cycle_ends_and_sibling_links_are_read_once(tmp_path, caplog):
     # A/toB -> B and B/toA -> A: no single link points above itself, yet the walk would
-    # never end without tracking the whole chain of folders above.
+    # never end without tracking the folders already walked; and each folder is read once.
     _touch(tmp_path, "A/a.bin", "B/b.bin")
     os.symlink("../B", tmp_path / "A" / "toB")
     os.symlink("../A", tmp_path / "B" / "toA")
     caplog.set_level("WARNING", logger="tokentrain")
     files = fmt.discover_files(tmp_path)
-    assert _rel(tmp_path, files) == ["A/a.bin", "A/toB/b.bin", "B/b.bin", "B/toA/a.bin"]
-    assert caplog.text.count("symlink loop") >= 2
+    assert _rel(tmp_path, files) == ["A/a.bin", "B/b.bin"]
+    assert caplog.text.count("read once, not twice") == 2
+
+
+def test_a_folder_reached_twice_through_a_symlink_is_read_once(tmp_path, caplog):
+    _touch(tmp_path, "real/a.bin", "real/sub/b.bin")
+    os.symlink("real", tmp_path / "zlink")  # a sibling link to the same folder
+    os.symlink("../real/sub", tmp_path / "real" / "again")  # and one inside it
+    caplog.set_level("WARNING", logger="tokentrain")
+    assert _rel(tmp_path, fmt.discover_files(tmp_path)) == ["real/a.bin", "real/sub/b.bin"]
+    assert "zlink: the same folder as" in caplog.text and "skipped 2 second path(s)" in caplog.text
 
 
 def test_missing_folder(tmp_path):

@@ -143,7 +143,7 @@ def test_over_sampled_source_is_said_in_the_start_up_log(sources, info_logs):
     [
         ([], "non-empty list"),
         ([dict(weight=1)], "'folder'"),
-        ([dict(folder="a", weight=0)], "must be a number > 0"),
+        ([dict(folder="a", weight=0)], "must be a finite number > 0"),
         ([dict(folder="a", wieght=1)], "unknown key 'wieght'"),
         ([dict(folder="x/a"), dict(folder="y/a")], "name 'a' used twice"),
         ([dict(folder="a", weight=1e-6), dict(folder="b", weight=1)], "gets no sample"),

@@ -6,6 +6,8 @@ world size with the same global batch is allowed."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import socket
@@ -97,7 +99,7 @@ def test_a_changed_run_is_not_resumed(case, base, tmp_path, tiny_model):
     assert len(lines) == 1 and "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr[-3000:]
     assert lines[0].startswith("tokentrain: error: cannot resume from ") and "step_4" in lines[0], lines[0]
     assert re.search(pattern, lines[0]), lines[0]
-    assert "resume_ignore = [" in lines[0]
+    assert ("cannot be ignored" if change == "model" else "resume_ignore = [") in lines[0]
     assert {p.name: p.stat().st_mtime_ns for p in (work / "checkpoints").rglob("*")} == before
 
 
@@ -129,3 +131,86 @@ def test_another_world_size_with_the_same_global_batch_resumes(base, tmp_path, t
     r = train(cfg, "--work-dir", work, "--resume", "auto", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [m["step"] for m in metrics(work) if "step" in m][-2:] == [5, 6]
+
+
+def _change_a_middle_document(p):
+    """One token of a document in the middle of `p` becomes another of the same width: the
+    same length, the same meta; the first and last 64 KiB untouched; mtime put back."""
+    st = p.stat()
+    raw = bytearray(p.read_bytes())
+    i = raw.index(b"[", len(raw) // 2) + 1
+    j = i
+    while raw[j : j + 1].isdigit():
+        j += 1
+    old = raw[i:j]
+    raw[i:j] = str((int(old) + 1) % 10 ** len(old)).rjust(len(old), "1").encode()
+    assert raw[i:j] != old and i > 2 * (64 << 10) and len(raw) - i > 64 << 10
+    p.write_bytes(bytes(raw))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_document_changed_in_the_middle_of_a_large_file_is_not_resumed(tiny_model, tmp_path):
+    """A multi-MB file, one document's bytes changed in its middle with the same length and
+    meta (and mtime): the content digest sees it; the same data resumes, also from a
+    checkpoint whose fingerprint predates the digest (3 items per file)."""
+    from tokentrain.data.synth import synth_dataset
+
+    data = tmp_path / "data"
+    synth_dataset(data, files=1, documents=6000, seed=5, mean_length=120, vocab_size=512)
+    big = data / "part-000.bin"
+    assert big.stat().st_size > 2 << 20
+    env = clean_env(TOKENTRAIN_CACHE=str(tmp_path / "c"))
+    cfg = write_cfg(tmp_path / "run.py", tiny_model, data, max_iters=1, save_steps=1)
+    work = tmp_path / "w"
+    assert train(cfg, "--work-dir", work, env=env).returncode == 0
+    fp = work / "checkpoints" / "step_1" / "fingerprint.json"
+    old = json.loads(fp.read_text())
+    assert len(old["dataset"]["part-000.bin"]) == 4
+    legacy = dict(old, dataset={k: v[:3] for k, v in old["dataset"].items()})
+    fp.write_text(json.dumps(legacy))  # as an older version wrote it: still resumes
+    cfg2 = write_cfg(tmp_path / "run2.py", tiny_model, data, max_iters=2, save_steps=1)
+    r = train(cfg2, "--work-dir", work, "--resume", "auto", env=env)
+    assert r.returncode == 0 and "cannot resume" not in r.stderr, r.stderr[-3000:]
+    _change_a_middle_document(big)
+    before = {p.name: p.stat().st_mtime_ns for p in (work / "checkpoints").rglob("*")}
+    cfg3 = write_cfg(tmp_path / "run3.py", tiny_model, data, max_iters=3, save_steps=1)
+    r = train(cfg3, "--work-dir", work, "--resume", "auto", env=env)
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.search(
+        r"cannot resume from .*step_2: the training data changed: part-000\.bin has other contents", lines[0]
+    ), lines[0]
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "checkpoints").rglob("*")} == before
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_key_a_refusal_suggests_lets_the_resume_go_on(case, base, tmp_path, tiny_model):
+    """The `resume_ignore = [...]` a refusal prints works: with it the same resume trains on
+    (a warning per ignored difference); a refusal whose difference cannot be ignored (a model
+    of another shape: its weights do not fit) suggests none."""
+    settings, extra, change, _ = CASES[case]
+    work, data = _case_dir(base, tmp_path, change)
+    settings = {k: (v.format(data=data) if isinstance(v, str) else v) for k, v in settings.items()}
+    if change == "order":
+        (tmp_path / "order.txt").write_text("part-001.bin\npart-000.bin\n")
+        settings["data_order_path"] = str(tmp_path / "order.txt")
+    model = tiny_model
+    if change == "model":
+        from tokentrain.model.tiny import make_tiny_model
+
+        model = make_tiny_model(tmp_path / "m64", vocab_size=512, hidden_size=64, layers=2, heads=4)
+    cfg = write_cfg(tmp_path / "run.py", model, data, max_iters=6, **settings)
+    env = clean_env(TOKENTRAIN_CACHE=str(tmp_path / "c"))
+    r = train(cfg, "--work-dir", work, "--resume", "auto", *extra, env=env)
+    (line,) = error_lines(r.stderr)
+    found = re.search(r"resume_ignore = (\[.*?\])", line)
+    if change == "model":
+        assert r.returncode == 2 and found is None and "cannot be ignored" in line, line
+        return
+    keys = eval(found.group(1))
+    r = train(
+        cfg, "--work-dir", work, "--resume", "auto", *extra, "--cfg-options", f"resume_ignore={','.join(keys)}", env=env
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and re.search(r"resuming from .*step_4 although", r.stderr), r.stderr[-3000:]
+    assert checkpoints(work)["latest"] == "step_6"

@@ -8,8 +8,11 @@ difference is refused in one line naming the setting. ``resume_ignore = ['max_le
 The world size is recorded but not compared: only the global batch matters.
 
 Data files are identified by name (relative to the dataset folder), size, the SHA-256 of
-their meta and of their first and last 64 KiB: cheap for any corpus size, and a file
-rewritten with other documents changes its meta or its bytes.
+their meta, of their first and last 64 KiB, and of their whole contents: a document changed
+anywhere, even with every length the same, is seen. The whole-file digest is cached per
+version of the file (data/digest.py), so it costs one read of a new or changed file, then a
+`stat` per start. Checkpoints written before it (3 items per file) are compared on the items
+they have.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ MODEL_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
 )
-# What resume_ignore may name (besides every key of DATA_SETTINGS).
-IGNORABLE = (*DATA_SETTINGS, "data_order", "dataset", "val_dataset", "global_batch", "model")
+# What resume_ignore may name (besides every key of DATA_SETTINGS). Not "model": the
+# checkpoint's weights do not fit a model of another shape, so no resume could go on.
+IGNORABLE = (*DATA_SETTINGS, "data_order", "dataset", "val_dataset", "global_batch")
 _EDGE = 64 << 10
 
 
@@ -61,9 +65,14 @@ def _edges(path: Path, size: int) -> str:
 
 
 def dataset_fingerprint(folder: str, file_type: str, data_order_path: str | None) -> dict:
-    """{relative name: [size, meta sha, edge sha]} of a dataset's files, in training order."""
+    """{relative name: [size, meta sha, edge sha, content sha]} of a dataset's files, in training order."""
+    import time
+
     from tokentrain.data import format as fmt
+    from tokentrain.data.digest import file_digest
     from tokentrain.data.index import ensure_meta
+
+    t0 = time.perf_counter()
 
     root = Path(folder)
     out = {}
@@ -71,7 +80,12 @@ def dataset_fingerprint(folder: str, file_type: str, data_order_path: str | None
         size = p.stat().st_size
         meta = _sha(ensure_meta(p).read_bytes()) if size else None
         name = p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
-        out[name] = [size, meta, _edges(p, size) if size else None]
+        out[name] = [size, meta, _edges(p, size) if size else None, file_digest(p) if size else None]
+    took = time.perf_counter() - t0
+    if took > 5:
+        log.info(
+            "fingerprinted %d data file(s) of %s in %.1fs (digests cached for the next start)", len(out), folder, took
+        )
     return out
 
 
@@ -134,7 +148,7 @@ def _dataset_change(old: dict, new: dict) -> str:
     for n, (o, w) in ((n, (old[n], new[n])) for n in old):
         if o[0] != w[0]:
             return f"{n} is {w[0]}, {o[0]} then" if n.endswith(" (weight)") else f"{n} is {w[0]} bytes, {o[0]} then"
-        if o[1:] != w[1:]:
+        if any(a != b for a, b in zip(o[1:], w[1:])):  # an older checkpoint has fewer items: those it has
             return f"{n} has other contents (same size)"
     return ""
 
@@ -153,7 +167,9 @@ def differences(old: dict, new: dict) -> list[tuple[str, str]]:
         if (o is None) != (w is None):
             out.append((k, f"the {what} set was {'added' if o is None else 'removed'}"))
         elif o is not None and o != w:
-            out.append((k, f"the {what} data changed: {_dataset_change(o, w) or 'different'}"))
+            change = _dataset_change(o, w)
+            if change:
+                out.append((k, f"the {what} data changed: {change}"))
     o, w = old.get("model", {}), new["model"]
     diff = [f"{k} {o.get(k)} -> {w[k]}" for k in w if o.get(k) != w[k]]
     if diff:
@@ -189,7 +205,13 @@ def check_resume(folder: Path | None, fingerprint: dict, ignore: list[str]) -> N
     if refused:
         _, what = refused[0]
         more = f" (and {len(refused) - 1} more: {', '.join(k for k, _ in refused[1:])})" if len(refused) > 1 else ""
+        fixed = [k for k, _ in refused if k not in IGNORABLE]
+        way = (
+            f"; {fixed[0]} cannot be ignored (the checkpoint's weights do not fit this model)"
+            if fixed
+            else f", or set resume_ignore = {[k for k, _ in refused]!r} to go on anyway"
+        )
         raise ConfigError(
             f"cannot resume from {folder}: {what}{more}; resuming would train on something else. Restore it, "
-            f"start a new --work-dir, or set resume_ignore = {[k for k, _ in refused]!r} to go on anyway"
+            f"start a new --work-dir{way}"
         )

@@ -151,14 +151,15 @@ def _search(root: Path, verify: bool) -> tuple[Path | None, list[tuple[Path, str
     candidates = list(reversed(list_checkpoints(root)))
     pointer = root / LATEST
     if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if is_complete(target):
+        name = _pointer(pointer)
+        target = root / name
+        if name and is_complete(target):
             candidates = [target] + [c for c in candidates if c != target]
         else:
             log.warning(
                 "%s names %s, which is not a complete checkpoint; looking for the newest complete one",
                 pointer,
-                target.name,
+                name or "no step_N folder (garbage)",
             )
     skipped: list[tuple[Path, str]] = []
     for c in candidates:
@@ -206,6 +207,16 @@ def intact_files(folder: Path) -> list[str]:
         except OSError:
             continue
     return good
+
+
+def _pointer(pointer: Path) -> str:
+    """The `step_N` that `latest` names, or "" when it holds anything else (garbage, a path
+    elsewhere, unreadable): then the newest complete checkpoint is used, logged."""
+    try:
+        text = pointer.read_bytes()[:64].decode("ascii", errors="replace").strip()
+    except OSError:
+        return ""
+    return text if re.fullmatch(r"step_\d+", text) else ""
 
 
 def resolve_resume(resume: str | None, ckpt_root: Path, verify: bool = True) -> Path | None:

@@ -34,5 +34,8 @@ def cmd_copy(args) -> int:
     dest = Path(args.dest) / f"{template_path(args.name).stem}_copy.py"
     if dest.exists() and not args.force:
         raise ConfigError(f"{dest} exists (an earlier copy, maybe edited); remove it, copy elsewhere, or pass --force")
-    print(f"Copied to {copy_template(args.name, args.dest)}")
+    try:
+        print(f"Copied to {copy_template(args.name, args.dest)}")
+    except OSError as e:  # a read-only or missing DIR, a file where a folder should be
+        raise ConfigError(f"copy-cfg: cannot write {dest} ({e.strerror}); give a folder you can write in") from None
     return 0

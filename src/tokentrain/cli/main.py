@@ -10,6 +10,7 @@ that need them.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -123,6 +124,12 @@ def _run(argv: list[str]) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `tokentrain data show ... | head`
         return 0
+    except OSError as e:  # a path of the user's that cannot be written or read: one line naming it
+        line = path_error(e)
+        if args.debug or line is None:
+            raise
+        print(f"tokentrain: error: {line}", file=sys.stderr)
+        return EXIT_FAILURE if e.errno in (errno.ENOSPC, errno.EDQUOT) else EXIT_USAGE
     except Exception as e:
         if args.debug:
             raise
@@ -130,6 +137,31 @@ def _run(argv: list[str]) -> int:
             f"tokentrain: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr
         )
         return EXIT_FAILURE
+
+
+# What to do about a path a command could not use (errno -> advice).
+_PATH_ADVICE = {
+    errno.ENAMETOOLONG: "use a shorter file or folder name (at most 255 bytes each)",
+    errno.ENOENT: "create the folder first or give a path that exists",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; fix the path",
+    errno.EISDIR: "it is a folder; give a file path",
+    errno.EACCES: "it is not writable (or readable) by you; give another path or fix its permissions",
+    errno.EPERM: "it is not writable (or readable) by you; give another path or fix its permissions",
+    errno.EROFS: "it is on a read-only file system; give another path",
+    errno.ENOSPC: "no space left on device; free space or give another path",
+    errno.EDQUOT: "disk quota exceeded; free space or give another path",
+    errno.ELOOP: "too many levels of symbolic links; fix the path",
+}
+
+
+def path_error(e: OSError) -> str | None:
+    """One line for an OSError on a named path a user gave or chose, or None (not a user's situation)."""
+    advice = _PATH_ADVICE.get(e.errno or 0)
+    if advice is None or e.filename is None:
+        return None
+    name = str(e.filename)
+    shown = name if len(name) <= 160 else name[:60] + "..." + name[-90:]
+    return f"{shown}: {e.strerror}; {advice}"
 
 
 if __name__ == "__main__":

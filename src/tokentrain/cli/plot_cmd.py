@@ -68,5 +68,7 @@ def plot_metrics(rows: list[dict], out: Path) -> Path:
 def cmd_plot(args) -> int:
     work = Path(args.work_dir)
     out = Path(args.output) if args.output else work / "metrics.png"
+    if not out.parent.is_dir():
+        raise ConfigError(f"-o {out}: the folder {out.parent} does not exist; create it or give another path")
     print(plot_metrics(read_metrics(work / "metrics.jsonl"), out))
     return 0

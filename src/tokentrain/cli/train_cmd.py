@@ -185,7 +185,23 @@ def check_deepspeed(source: str, ds) -> dict:
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
         raise ConfigError(f"--deepspeed {source}: zero_optimization.stage = {stage!r}: must be 0, 1, 2 or 3")
+    # The trainer builds the optimizer and steps the lr schedule itself: DeepSpeed's own sections
+    # would be ignored (optimizer) or fight ours (a WarmupLR left lr at 0 for a whole run).
+    for section, keys in OWN_SECTIONS.items():
+        if section in ds:
+            kind = ds[section].get("type") if isinstance(ds[section], dict) else None
+            raise ConfigError(
+                f"--deepspeed {source}: the {section!r} section{f' ({kind})' if kind else ''} is not used, "
+                f"tokentrain sets it from the training config; remove it and set {keys} there"
+            )
     return ds
+
+
+# DeepSpeed config sections the trainer replaces, and the training-config keys that do their job.
+OWN_SECTIONS = {
+    "optimizer": "lr, betas, weight_decay (AdamW)",
+    "scheduler": "lr, warm_up_ratio, min_lr_ratio (warm-up then cosine)",
+}
 
 
 def cmd_train(args) -> int:

@@ -80,13 +80,26 @@ def _has_target(dataset) -> bool:
     return any(bool((np.asarray(dataset[k]["labels"]) != IGNORE_INDEX).any()) for k in range(len(dataset)))
 
 
-def check_datasets(train_set, val_set, vocab_size: int, train_folder: str, val_folder: str | None) -> None:
-    """Every set has a target token; every validation id is < the vocabulary size."""
-    if not _has_target(train_set):  # stops at the first sample that has one
-        raise DataError(
-            f"dataset_folder = {train_folder!r}: no target token in any of its {len(train_set)} sample(s) (every "
-            "token negative, i.e. masked); training would learn nothing. Check the sign convention of the data"
-        )
+def check_datasets(
+    train_set, val_set, vocab_size: int, train_folder: str, val_folder: str | None, sources: list | None = None
+) -> None:
+    """Every set (every source of a `datasets` mixture) has a target token; every validation id
+    is < the vocabulary size."""
+    # A mixture is checked source by source: one source with no target would only dilute the others.
+    parts = getattr(train_set, "datasets", None)
+    if parts is not None and sources:
+        folders = [
+            f"datasets[{i}] ({n!r}): folder {s['folder']!r}" for i, (n, s) in enumerate(zip(train_set.names, sources))
+        ]
+    else:
+        parts, folders = [train_set], [f"dataset_folder = {train_folder!r}"]
+    for part, where in zip(parts, folders):
+        if not _has_target(part):  # stops at the first sample that has one
+            raise DataError(
+                f"{where}: no target token in any of its {len(part)} sample(s) (every token negative, i.e. "
+                "masked); training would learn nothing. Check the sign convention of the data"
+                + (", or drop the source" if len(parts) > 1 else "")
+            )
     if val_set is None:
         return
     found = False

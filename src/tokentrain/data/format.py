@@ -6,6 +6,8 @@ A *dataset* is a folder. Its data files are found by `discover_files`:
   name) come before its sub-folders (visited in sorted order) -- the order InternLM's own
   tools use; files are taken when their name ends with ``file_type`` (default ``.bin``);
   symlink loops are detected and skipped (counted in the log), never followed forever;
+  a folder or file reached a second time (a symlink to a sibling, to a file already
+  found) is read once, by real path (logged);
 * or, when a ``data_order_path`` text file is given, exactly the files it lists (paths
   relative to the folder, one per line, blank lines ignored), in that order.
 
@@ -62,27 +64,51 @@ def discover_files(
         return _files_from_order(root, Path(data_order_path))
 
     files: list[Path] = []
-    loops = 0
+    loops = twice = 0
     # Real paths of each walked folder and of all folders above it on its walk path: a
     # sub-folder resolving to one of them is a symlink loop (the walk would never end).
-    # A link to a sibling is no loop and is walked, as os.walk does.
     chain: dict[str, frozenset[str]] = {str(root): frozenset({os.path.realpath(root)})}
+    # Every folder and file is read once, by real path: a second way to it (a symlink to a
+    # sibling, a link to a file) would silently double its documents' share of training.
+    claimed: dict[str, str] = {os.path.realpath(root): str(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         above = chain.pop(dirpath)
         keep = []
-        for d in sorted(dirnames):
+        # Real folders claim their path before the links beside them (`again -> sub`: sub is read).
+        for d in sorted(dirnames, key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d)):
             sub = os.path.join(dirpath, d)
             real = os.path.realpath(sub)
             if real in above:
                 loops += 1
                 log.warning("%s: symlink loop (points back to %s); not followed", sub, real)
+            elif real in claimed:
+                twice += 1
+                log.warning("%s: the same folder as %s (a symlink); read once, not twice", sub, claimed[real])
             else:
                 keep.append(d)
+                claimed[real] = sub
                 chain[sub] = above | {real}
-        dirnames[:] = keep
-        files.extend(Path(dirpath) / n for n in sorted(filenames) if n.endswith(file_type))
+        dirnames[:] = sorted(keep)
+        for n in sorted(filenames):
+            if not n.endswith(file_type):
+                continue
+            p = os.path.join(dirpath, n)
+            real = os.path.realpath(p)
+            if real in claimed:
+                twice += 1
+                log.warning("%s: the same file as %s (a link); read once, not twice", p, claimed[real])
+                continue
+            claimed[real] = p
+            files.append(Path(p))
     if loops:
         log.warning("skipped %d symlink loop(s) under %s", loops, root)
+    if twice:
+        log.warning(
+            "skipped %d second path(s) to a folder or file already read under %s (to repeat data, use a "
+            "`datasets` mixture weight)",
+            twice,
+            root,
+        )
     if not files:
         raise DataError(f"{root}: no files ending with {file_type!r} found; check `dataset_folder` and `file_type`")
     return files

@@ -117,7 +117,7 @@ def _check_empty(data_path: Path) -> None:
 
 def _cached_meta_path(data_path: Path) -> Path:
     h = hashlib.sha1(str(data_path.resolve()).encode()).hexdigest()[:16]
-    return cache_root() / "meta" / f"{h}-{data_path.name}.meta"
+    return cache_root() / "meta" / f"{h}-{data_path.name[-200:]}.meta"  # a name fits 255 bytes
 
 
 def _file_sizes(files: list[Path]) -> list[int]:

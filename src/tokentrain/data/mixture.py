@@ -29,6 +29,7 @@ Mixture positions are unbounded: one *mixture epoch* is as many packs as all sou
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,23 +62,34 @@ def parse_sources(entries, where: str = "datasets") -> list[Source]:
         folder = e.get("folder")
         if not isinstance(folder, str) or not folder:
             raise ValueError(f"{at}: 'folder' must be a non-empty string")
-        weight = e.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ValueError(f"{at}: 'weight' = {weight!r}: must be a number > 0")
+        weight = _weight(e.get("weight", 1.0), at)
         name = e.get("name") or PurePath(folder.rstrip("/")).name or f"source{i}"
         if not isinstance(name, str):
             raise ValueError(f"{at}: 'name' must be a string")
         if name in names:
             raise ValueError(f"{at}: name {name!r} used twice; give each source its own 'name'")
         names.add(name)
-        out.append(Source(folder, float(weight), name))
+        out.append(Source(folder, weight, name))
     quotas(np.array([s.weight for s in out]))  # weights too small to get a slot: said now
     return out
+
+
+def _weight(value, at: str) -> float:
+    """A finite number > 0 that fits a float: inf, NaN or 10**400 would make every share NaN or 0."""
+    try:
+        w = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        w = math.inf
+    if not (math.isfinite(w) and w > 0):
+        shown = repr(value) if len(repr(value)) <= 24 else repr(value)[:20] + "..."
+        raise ValueError(f"{at}: 'weight' = {shown}: must be a finite number > 0 (a relative share)")
+    return w
 
 
 def quotas(weights: np.ndarray) -> np.ndarray:
     """Integer slots per period for each weight (largest remainder), each >= 1."""
     w = np.asarray(weights, dtype=np.float64)
+    w = w / w.max()  # two weights near the float maximum would sum to inf
     share = w / w.sum() * PERIOD
     q = np.floor(share).astype(np.int64)
     rest = PERIOD - int(q.sum())

@@ -69,8 +69,26 @@ class ResumableSampler:
             "world_size": self.world_size,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, relaxed: bool = False) -> None:
+        """`relaxed`: the user let a change of the data go on (`resume_ignore`): another sample
+        stream goes on at the same epoch and the same fraction of it, instead of being refused."""
         mine = getattr(self, "fingerprint", "")
+        same = state.get("stream", "") == mine and (state["num_samples"], state["seed"]) == (
+            self.num_samples,
+            self.seed,
+        )
+        if relaxed and not same:
+            done = state["consumed"] * state["world_size"] / max(1, state["num_samples"])  # of the epoch
+            self.epoch, self.consumed = state["epoch"], min(len(self), int(done * self.num_samples) // self.world_size)
+            import logging
+
+            logging.getLogger("tokentrain.train").warning(
+                "the sample stream changed (resume_ignore): going on at epoch %d, %.1f%% into it; samples of the "
+                "new stream before that point are not seen this epoch",
+                self.epoch,
+                100 * done,
+            )
+            return
         if state.get("stream", "") != mine:
             from tokentrain.errors import DataError
 

@@ -84,7 +84,9 @@ class Trainer:
         self._setup_data()
         self.engine = self._make_engine()  # before the model: ZeRO-3 / FSDP2 build it sharded
         self._setup_model()
-        check_datasets(self.train_set, self.val_set, self.vocab_size, cfg.dataset_folder, cfg.val_dataset_folder)
+        check_datasets(
+            self.train_set, self.val_set, self.vocab_size, cfg.dataset_folder, cfg.val_dataset_folder, cfg.datasets
+        )
         self._setup_optimization()
         self.ckpt = CheckpointManager(
             self.work_dir / "checkpoints", env, self.engine, cfg.save_total_limit, every=cfg.save_steps
@@ -247,7 +249,9 @@ class Trainer:
 
     def _load(self, folder: Path) -> dict | None:
         state, rng = self.ckpt.load(folder)
-        self.sampler.load_state_dict(state["sampler"])
+        # Ignoring a change of the data or its settings (resume_ignore) means going on with another stream.
+        relaxed = bool(set(self.cfg.resume_ignore) - {"global_batch", "val_dataset"})
+        self.sampler.load_state_dict(state["sampler"], relaxed=relaxed)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])

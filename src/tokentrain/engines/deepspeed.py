@@ -198,10 +198,22 @@ class DeepSpeedEngine(Collectives, LocalEngine):
         self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
 
     def load(self, folder: Path) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(folder), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
-        )
-        if path is None:
-            from tokentrain.errors import CheckpointError
+        from tokentrain.errors import CheckpointError, TokentrainError
 
+        try:
+            path, _ = self.engine.load_checkpoint(
+                str(folder),
+                tag=DS_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+                load_module_strict=True,
+            )
+        except TokentrainError:
+            raise
+        except Exception as e:  # state files that are not DeepSpeed's (KeyError: 'module'), or of another model
+            raise CheckpointError(
+                f"{folder / DS_TAG}: not a DeepSpeed checkpoint this run can load ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); use another checkpoint or start a new --work-dir"
+            ) from None
+        if path is None:
             raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint in {DS_TAG}/")

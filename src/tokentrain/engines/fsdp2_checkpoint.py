@@ -114,10 +114,25 @@ def _reader(path: Path):
 def save(model, optimizer, folder: Path) -> None:
     """Every rank's shards of model and optimizer state into `folder/fsdp/` (collective)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({MODEL: msd, OPTIM: {"state": osd["state"]}}, checkpoint_id=str(folder / FSDP_DIR))
+    try:
+        dcp.save({MODEL: msd, OPTIM: {"state": osd["state"]}}, checkpoint_id=str(folder / FSDP_DIR))
+    except CheckpointException as e:  # a BaseException: `except Exception` up the stack would miss it
+        raise plain_error(e, folder / FSDP_DIR) from None
+
+
+def plain_error(e: BaseException, path: Path) -> Exception:
+    """DCP's CheckpointException as an ordinary exception: the first rank's own failure (an
+    OSError keeps its errno and file, so a full disk reads as one), else a RuntimeError."""
+    failures = getattr(e, "failures", None) or {}
+    for exc, _trace in failures.values():
+        if isinstance(exc, OSError):
+            return OSError(exc.errno, exc.strerror, exc.filename or str(path))
+    first = next((exc for exc, _ in failures.values()), e)
+    return RuntimeError(f"{path}: {type(first).__name__}: {_first_line(first)}")
 
 
 def load(model, optimizer, folder: Path) -> None:
@@ -159,11 +174,15 @@ def read_full_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 def _dcp_load(state: dict, path: Path, **kwargs) -> None:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         dcp.load(state, storage_reader=_reader(path), **kwargs)
     except UnsafeCheckpoint:
         raise
+    except CheckpointException as e:  # a BaseException (see `save`)
+        first = plain_error(e, path)
+        raise UnsafeCheckpoint(f"{path}: cannot be read ({_first_line(first)}); use another checkpoint") from None
     except Exception as e:
         raise UnsafeCheckpoint(
             f"{path}: cannot be read ({type(e).__name__}: {_first_line(e)}); use another checkpoint"

@@ -124,7 +124,7 @@ class MetricsLogger:
             )
             self.sinks += [tb] if tb else []
         if wandb:
-            wb = optional_sink("Weights & Biases", "wandb", lambda: WandbSink(work_dir, config))
+            wb = optional_sink("Weights & Biases", "wandb", lambda: WandbSink(work_dir, config, resumed=start_step > 0))
             self.sinks += [wb] if wb else []
         from tqdm import tqdm
 

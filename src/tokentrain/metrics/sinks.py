@@ -84,15 +84,20 @@ class TensorBoardSink(Sink):
 
 
 class WandbSink(Sink):
-    """One W&B run per work dir: its id is kept in WORK_DIR/wandb_run_id, so a resumed run
-    continues it. Project from WANDB_PROJECT (default "tokentrain"); WANDB_MODE=offline writes
-    the run under WORK_DIR/wandb for a later `wandb sync`, with no network."""
+    """One W&B run per training run: its id is kept in WORK_DIR/wandb_run_id, so a resumed run
+    (`resumed`: it continues from a checkpoint) continues it; any fresh start (a new work dir,
+    `--overwrite`) gets a new id, else its steps 1.. would be logged over the old run's.
+    Project from WANDB_PROJECT (default "tokentrain"); WANDB_MODE=offline writes the run under
+    WORK_DIR/wandb for a later `wandb sync`, with no network."""
 
-    def __init__(self, work_dir: Path, config: dict | None = None):
+    def __init__(self, work_dir: Path, config: dict | None = None, resumed: bool = False):
         import wandb  # ImportError without the wandb extra
 
         id_file = work_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        old = id_file.read_text().strip() if id_file.is_file() else ""
+        run_id = old if resumed and old else secrets.token_hex(4)
+        if old and run_id != old:
+            log.info("Weights & Biases: a new run %s (not resumed: the earlier run %s is left as it is)", run_id, old)
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "tokentrain"),
             name=work_dir.resolve().name,
@@ -101,7 +106,10 @@ class WandbSink(Sink):
             resume="allow",
             config=config or {},
         )
-        id_file.write_text(run_id + "\n")
+        from tokentrain.utils.atomic import atomic_file
+
+        with atomic_file(id_file, "w") as f:
+            f.write(run_id + "\n")
 
     def write(self, record: dict) -> None:
         self.run.log(scalars(record), step=int(record["step"]))

@@ -174,8 +174,21 @@ class WorkDirLock:
                 "wait for that run to end, stop it, or use another --work-dir"
             ) from None
 
+    def _check_files(self) -> None:
+        """The lock and owner files must be plain files: opening a symlinked lock would create
+        or truncate its target; a folder there is no lock at all (and a traceback)."""
+        for name in (LOCK, OWNER):
+            p = self.work_dir / name
+            what = "a symlink" if p.is_symlink() else "a folder" if p.is_dir() else None
+            if what:
+                raise ConfigError(
+                    f"--work-dir {self.work_dir}: {p} is {what}, not tokentrain's {'lock' if name == LOCK else 'owner'}"
+                    " file; remove it (no run holds it) and start again"
+                )
+
     def acquire(self) -> WorkDirLock:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._check_files()
         previous = read_owner(self.work_dir)
         self._take(previous)
         if previous and not _is_me(previous):
@@ -204,6 +217,7 @@ class WorkDirLock:
     def probe(self) -> None:
         """Refuse now (one line) if another run holds the lock; holds nothing afterwards
         (the launcher's parent process checks before starting the ranks)."""
+        self._check_files()
         if (self.work_dir / LOCK).exists():
             self._take()
             self._lock.release()

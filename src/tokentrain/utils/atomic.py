@@ -41,11 +41,17 @@ def make_temp_dir(prefix: str, dir: str | os.PathLike) -> Path:
     return tmp
 
 
+def _short(name: str) -> str:
+    """The start of a name, for a temporary file beside it: a name of 240+ characters plus the
+    random part and suffix would pass the 255-byte limit (ENAMETOOLONG) where the name itself fits."""
+    return name if len(name.encode()) <= 100 else name.encode()[:100].decode(errors="ignore")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside `path`; on clean exit fsync it and rename it over `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{_short(path.name)}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
@@ -67,7 +73,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(f".{path.name}.", path.parent)
+    tmp = make_temp_dir(f".{_short(path.name)}.", path.parent)
     try:
         yield tmp
         try:
