@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -134,3 +135,14 @@ def checkpoints(work: Path) -> dict:
         "incomplete": [p.name for p in steps if not (p / "COMPLETE").is_file()],
         "partial": sorted(p.name for p in root.glob(".step_*.partial")),
     }
+
+
+def one_error_line(r, code: int, pattern: str) -> str:
+    """The run exited with `code` and said why in exactly one line matching `pattern` (no
+    traceback, no internal error); that line."""
+    lines = error_lines(r.stderr)
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("tokentrain: error: "), r.stderr[-3000:]
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]

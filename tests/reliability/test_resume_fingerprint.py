@@ -78,9 +78,9 @@ def _case_dir(base, tmp_path, change):
     return work, data
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_a_changed_run_is_not_resumed(case, base, tmp_path, tiny_model):
-    settings, extra, change, pattern = CASES[case]
+def _changed_run(case: str, base, tmp_path, tiny_model, max_iters: int):
+    """The work dir of the base run (a copy) and a config that differs from it as `case` says."""
+    settings, _, change, _ = CASES[case]
     work, data = _case_dir(base, tmp_path, change)
     settings = {k: (v.format(data=data) if isinstance(v, str) else v) for k, v in settings.items()}
     if change == "order":
@@ -91,7 +91,13 @@ def test_a_changed_run_is_not_resumed(case, base, tmp_path, tiny_model):
         from tokentrain.model.tiny import make_tiny_model
 
         model = make_tiny_model(tmp_path / "m64", vocab_size=512, hidden_size=64, layers=2, heads=4)
-    cfg = write_cfg(tmp_path / "run.py", model, data, max_iters=8, **settings)
+    return work, write_cfg(tmp_path / "run.py", model, data, max_iters=max_iters, **settings)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_changed_run_is_not_resumed(case, base, tmp_path, tiny_model):
+    _, extra, change, pattern = CASES[case]
+    work, cfg = _changed_run(case, base, tmp_path, tiny_model, max_iters=8)
     before = {p.name: p.stat().st_mtime_ns for p in (work / "checkpoints").rglob("*")}
     r = train(cfg, "--work-dir", work, "--resume", "auto", *extra, env=clean_env(TOKENTRAIN_CACHE=str(tmp_path / "c")))
     lines = error_lines(r.stderr)
@@ -167,7 +173,11 @@ def test_a_document_changed_in_the_middle_of_a_large_file_is_not_resumed(tiny_mo
     old = json.loads(fp.read_text())
     assert len(old["dataset"]["part-000.bin"]) == 4
     legacy = dict(old, dataset={k: v[:3] for k, v in old["dataset"].items()})
-    fp.write_text(json.dumps(legacy))  # as an older version wrote it: still resumes
+    fp.write_text(json.dumps(legacy))  # as an older version wrote it (its manifest agreeing): still resumes
+    from tokentrain.checkpoint.manager import COMPLETE, manifest
+
+    done = fp.parent / COMPLETE
+    done.write_text(json.dumps(dict(json.loads(done.read_text()), files=manifest(fp.parent))))
     cfg2 = write_cfg(tmp_path / "run2.py", tiny_model, data, max_iters=2, save_steps=1)
     r = train(cfg2, "--work-dir", work, "--resume", "auto", env=env)
     assert r.returncode == 0 and "cannot resume" not in r.stderr, r.stderr[-3000:]
@@ -188,18 +198,8 @@ def test_every_key_a_refusal_suggests_lets_the_resume_go_on(case, base, tmp_path
     """The `resume_ignore = [...]` a refusal prints works: with it the same resume trains on
     (a warning per ignored difference); a refusal whose difference cannot be ignored (a model
     of another shape: its weights do not fit) suggests none."""
-    settings, extra, change, _ = CASES[case]
-    work, data = _case_dir(base, tmp_path, change)
-    settings = {k: (v.format(data=data) if isinstance(v, str) else v) for k, v in settings.items()}
-    if change == "order":
-        (tmp_path / "order.txt").write_text("part-001.bin\npart-000.bin\n")
-        settings["data_order_path"] = str(tmp_path / "order.txt")
-    model = tiny_model
-    if change == "model":
-        from tokentrain.model.tiny import make_tiny_model
-
-        model = make_tiny_model(tmp_path / "m64", vocab_size=512, hidden_size=64, layers=2, heads=4)
-    cfg = write_cfg(tmp_path / "run.py", model, data, max_iters=6, **settings)
+    _, extra, change, _ = CASES[case]
+    work, cfg = _changed_run(case, base, tmp_path, tiny_model, max_iters=6)
     env = clean_env(TOKENTRAIN_CACHE=str(tmp_path / "c"))
     r = train(cfg, "--work-dir", work, "--resume", "auto", *extra, env=env)
     (line,) = error_lines(r.stderr)

@@ -13,18 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import checkpoints, clean_env, error_lines, train, write_cfg
+from .helpers import checkpoints, clean_env, one_error_line, train, write_cfg
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
-
-
-def _one_line(r, code: int, pattern: str) -> str:
-    lines = error_lines(r.stderr)
-    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("tokentrain: error: "), r.stderr[-3000:]
-    assert re.search(pattern, lines[0]), lines[0]
-    return lines[0]
 
 
 def _write_set(folder: Path, docs) -> Path:
@@ -58,7 +49,7 @@ def test_mixture_weights_inf_nan_or_overflowing_are_refused(weight, tiny_model, 
         assert r.returncode == 0, r.stderr[-3000:]
         assert re.search(r"mixture source a: weight 0\.5000", r.stderr), r.stderr[-3000:]
         return
-    _one_line(r, 2, rf"run\.py: datasets\[0\]: 'weight' = {WEIGHTS[weight]}.*: must be a finite number > 0")
+    one_error_line(r, 2, rf"run\.py: datasets\[0\]: 'weight' = {WEIGHTS[weight]}.*: must be a finite number > 0")
     assert not (tmp_path / "w").exists()
 
 
@@ -67,7 +58,7 @@ def test_a_mixture_source_with_no_target_token_is_refused(tiny_model, tiny_data,
     mix = [dict(folder=str(tiny_data), weight=3, name="good"), dict(folder=str(masked), weight=1, name="masked")]
     cfg = write_cfg(tmp_path / "run.py", tiny_model, "", datasets=mix, max_length=32, max_iters=2)
     r = train(cfg, "--work-dir", tmp_path / "w", env=_env(tmp_path))
-    _one_line(r, 3, rf"datasets\[1\] \('masked'\): folder '{masked}': no target token in any of its \d+ sample")
+    one_error_line(r, 3, rf"datasets\[1\] \('masked'\): folder '{masked}': no target token in any of its \d+ sample")
     assert not checkpoints(tmp_path / "w")["complete"]
 
 
@@ -100,7 +91,7 @@ def test_a_deepspeed_optimizer_or_scheduler_section_is_refused(section, body, ke
     cfg = write_cfg(tmp_path / "run.py", tiny_model, tiny_data, max_iters=2)
     r = train(cfg, "--work-dir", tmp_path / "w", "--deepspeed", tmp_path / "ds.json", env=_env(tmp_path))
     kind = body["type"]
-    _one_line(r, 2, rf"--deepspeed .*ds\.json: the '{section}' section \({kind}\) is not used.*set {keys}")
+    one_error_line(r, 2, rf"--deepspeed .*ds\.json: the '{section}' section \({kind}\) is not used.*set {keys}")
     assert not (tmp_path / "w").exists()
 
 
