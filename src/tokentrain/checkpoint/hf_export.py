@@ -15,6 +15,7 @@ import torch
 
 from tokentrain.errors import TokentrainError
 from tokentrain.utils.atomic import make_temp_dir, with_umask
+from tokentrain.utils.disk import disk_full
 from tokentrain.utils.dtypes import DTYPE_NAMES, torch_dtype
 
 
@@ -56,7 +57,7 @@ def export_hf(model, tokenizer, out: Path, export_dtype: str = "float32", max_sh
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and _no_space(e, out.parent):
+        if isinstance(e, Exception) and disk_full(e, out.parent):
             raise TokentrainError(
                 f"cannot write the Hugging Face export {out}: no space left on device; the checkpoints are intact: "
                 "free space, then export the last one with `tokentrain convert pth_to_hf CFG WORK_DIR OUT`"
@@ -76,13 +77,3 @@ def _record_dtype(config_json: Path, dtype: torch.dtype) -> None:
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = name
     config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _no_space(e: Exception, where: Path) -> bool:
-    """safetensors reports a full disk as its own error type, not OSError: trust the free space too."""
-    if getattr(e, "errno", None) in (28, 122) or "No space left" in str(e) or "os error 28" in str(e):
-        return True
-    try:
-        return shutil.disk_usage(where).free < (1 << 20)
-    except OSError:
-        return False

@@ -45,6 +45,7 @@ from tokentrain.checkpoint.rng import rng_state
 from tokentrain.errors import CheckpointError, ConfigError, TokentrainError, UnsafeCheckpointError
 from tokentrain.utils import faults
 from tokentrain.utils.atomic import atomic_file, with_umask
+from tokentrain.utils.disk import disk_full, free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -377,20 +378,10 @@ class CheckpointManager:
         """Remove the partial folder; a one-line error naming it, the cause and what is still usable."""
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            free = shutil.disk_usage(self.root).free
-        except OSError:
-            free = None
         prev = find_latest(self.root, verify=False)
         need = sum(p.stat().st_size for p in prev.rglob("*") if p.is_file()) if prev else 0
-        # torch.save reports a full disk as "file write failed" or "unexpected pos": also trust
-        # the free space left when it is less than one checkpoint.
-        nospace = (
-            getattr(e, "errno", None) in (28, 122)
-            or any(m in str(e) for m in ("No space left", "file write failed", "unexpected pos"))
-            or free == 0
-            or (free is not None and free < need)
-        )
+        nospace = disk_full(e, self.root, max(need, 1))  # less left than one checkpoint: full
+        free = free_bytes(self.root)
         cause = "no space left on device" if nospace else f"{type(e).__name__}: {e}"
         keep = (
             f"the previous checkpoint {prev} is intact; free space, then resume with --resume auto"

@@ -9,10 +9,7 @@ training), a validation set smaller than one pack.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import numpy as np
 
 from tokentrain.data.format import IGNORE_INDEX
 from tokentrain.errors import ConfigError, DataError, TokentrainError
+from tokentrain.utils.disk import UNWRITABLE, free_bytes, what_failed
 
 
 def _cache_name() -> str:
@@ -62,16 +60,16 @@ def build_named(settings, key: str):
             raise
         raise DataError(f"{key} = {settings.folder!r}: {e}") from None
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        if e.errno not in UNWRITABLE:
             raise
         in_cache = e.filename is not None and Path(e.filename).resolve().is_relative_to(cache_root().resolve())
         if e.filename is None:
-            with contextlib.suppress(OSError):
-                in_cache = shutil.disk_usage(cache_root()).free < (1 << 20)
+            free = free_bytes(cache_root())
+            in_cache = free is not None and free < (1 << 20)
         where = _cache_name() if in_cache else f"{key} = {settings.folder!r}"
-        what = "no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+        named = f" ({e.filename})" if e.filename else ""
         raise TokentrainError(
-            f"{where}: {what} while writing the data index or a meta{f' ({e.filename})' if e.filename else ''}; "
+            f"{where}: {what_failed(e)} while writing the data index or a meta{named}; "
             "free space or point TOKENTRAIN_CACHE elsewhere"
         ) from None
 
