@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tokentrain.run import parent_watch
+
 INSIDE_LAUNCHER_VARS = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID")
 
 
@@ -71,7 +73,13 @@ def spawn_torchrun(train_args: list[str]) -> int:
     quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG and "--debug" not in train_args
     with tempfile.TemporaryDirectory(prefix="tokentrain-exit-") as codes:
         env = dict(os.environ, TOKENTRAIN_EXIT_DIR=codes)
-        proc = subprocess.Popen(torchrun_command(train_args), env=env, stderr=subprocess.PIPE if quiet else None)
+        proc = subprocess.Popen(
+            # torchrun ends (on SIGTERM it stops its ranks, SIGKILL after 30 s) when this process
+            # dies, however it dies; the ranks watch torchrun (run/parent_watch.py).
+            parent_watch.tied_to_this_process(torchrun_command(train_args)),
+            env=env,
+            stderr=subprocess.PIPE if quiet else None,
+        )
         # Forward preemption signals; torchrun passes them on to the ranks.
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, lambda s, _f: proc.send_signal(s))
