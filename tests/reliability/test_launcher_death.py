@@ -2,11 +2,12 @@
 `tokentrain` process that started torchrun, or a bare torchrun, and every rank and data-loader
 worker is gone within seconds -- after a checkpoint when the ranks can still write one, else
 after `TOKENTRAIN_ORPHAN_GRACE`. torchrun puts each rank in a session of its own, so nothing
-but the ranks themselves can end them."""
+but the ranks themselves can end them. And NPROC_PER_NODE is checked before anything starts."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,6 +129,18 @@ def test_killing_torchrun_ends_every_rank_even_one_stuck_in_a_checkpoint(tiny_mo
     assert not checkpoints(work)["complete"], err[-3000:]
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "", "1.5"])
+def test_an_invalid_nproc_per_node_is_one_line(value, tiny_model, tiny_data, tmp_path):
+    args, work = _job(tiny_model, tiny_data, tmp_path)
+    r = train(*args, env=clean_env(None, TOKENTRAIN_CACHE=str(tmp_path / "cache"), NPROC_PER_NODE=value), timeout=60)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert error_lines(r.stderr) == [
+        f"tokentrain: error: NPROC_PER_NODE={value!r}: must be a whole number of ranks per node, 1 or more "
+        "(e.g. NPROC_PER_NODE=2); unset it to train in one process"
+    ], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not work.exists()
+
+
 def test_an_invalid_orphan_grace_is_one_line(tiny_model, tiny_data, tmp_path):
     args, work = _job(tiny_model, tiny_data, tmp_path)
     env = clean_env(None, TOKENTRAIN_CACHE=str(tmp_path / "cache"), NPROC_PER_NODE="2", TOKENTRAIN_ORPHAN_GRACE="0")
@@ -135,3 +148,19 @@ def test_an_invalid_orphan_grace_is_one_line(tiny_model, tiny_data, tmp_path):
     assert r.returncode == 2, r.stderr[-3000:]
     assert [x.split(":")[2] for x in error_lines(r.stderr)] == [" TOKENTRAIN_ORPHAN_GRACE='0'"], r.stderr[-3000:]
     assert not work.exists()
+
+
+def test_many_more_ranks_than_cores_on_cpu_is_a_warning(tiny_model, tiny_data, tmp_path):
+    """The warning comes before torchrun starts; the config error after it shows that nothing
+    else was started (a valid run of 64 ranks would take minutes here)."""
+    args, _ = _job(tiny_model, tiny_data, tmp_path, batch_size=0)
+    cores = len(os.sched_getaffinity(0))
+    r = train(*args, env=clean_env(None, TOKENTRAIN_CACHE=str(tmp_path / "cache"), NPROC_PER_NODE="64"), timeout=60)
+    assert r.returncode == 2, r.stderr[-3000:]
+    warned = re.search(
+        rf"^\[tokentrain\] .*NPROC_PER_NODE=64 ranks on {cores} CPU core\(s\) and no GPU: each rank gets .* of a core, "
+        rf"slower than {cores} rank\(s\) would be; use NPROC_PER_NODE={cores} or fewer$",
+        r.stderr,
+        re.M,
+    )
+    assert warned and r.stderr.index(warned[0]) < r.stderr.index("batch_size"), r.stderr[-3000:]
