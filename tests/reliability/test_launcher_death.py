@@ -129,6 +129,30 @@ def test_killing_torchrun_ends_every_rank_even_one_stuck_in_a_checkpoint(tiny_mo
     assert not checkpoints(work)["complete"], err[-3000:]
 
 
+def test_torchrun_is_not_started_for_a_launcher_already_gone():
+    """The wrapper `tokentrain` starts torchrun through, when the pid it is tied to is no longer
+    its parent (it died before the child could ask for the signal)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "tokentrain.run.parent_watch", "1", "json.tool", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and not r.stdout, r
+    assert r.stderr == "tokentrain: the process that started json.tool (pid 1) is gone; not starting it\n"
+    ok = subprocess.run(
+        [sys.executable, "-c", _TIED_TO_ME, "json.tool", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert ok.returncode == 0 and "json.tool" in ok.stdout, ok
+
+
+_TIED_TO_ME = """
+import subprocess, sys
+from tokentrain.run.parent_watch import tied_to_this_process
+sys.exit(subprocess.run(tied_to_this_process([sys.executable, "-m", *sys.argv[1:]])).returncode)
+"""
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "abc", "", "1.5"])
 def test_an_invalid_nproc_per_node_is_one_line(value, tiny_model, tiny_data, tmp_path):
     args, work = _job(tiny_model, tiny_data, tmp_path)
