@@ -50,7 +50,10 @@ def _prctl():
 def set_death_signal(sig: int, prctl=None) -> bool:
     """Ask for `sig` when the parent dies; whether the kernel took the request."""
     prctl = prctl or _prctl()
-    return prctl is not None and prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    if prctl is None:
+        return False
+    zero = ctypes.c_ulong(0)
+    return prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(int(sig)), zero, zero, zero) == 0
 
 
 def grace_seconds(environ=os.environ) -> float:
@@ -129,7 +132,7 @@ def _watch(parent: int, grace: float, signalled: bool) -> None:
         f"the ranks can still write one), within {grace:g} s ({GRACE_VAR})"
     )
     if signal.getsignal(signal.SIGALRM) == signal.SIG_DFL:  # a backstop the kernel enforces
-        signal.alarm(int(grace) + 10)
+        signal.alarm(min(int(grace) + 10, 2**31 - 1))
     if not signalled:
         os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(grace)
