@@ -101,12 +101,8 @@ def test_killing_the_tokentrain_launcher_ends_every_rank(tiny_model, tiny_data, 
     assert checkpoints(work)["latest"] is not None, err[-3000:]  # they stopped as if preempted
 
 
-def test_killing_torchrun_ends_every_rank_even_one_stuck_in_a_checkpoint(tiny_model, tiny_data, tmp_path):
-    """A bare torchrun, SIGKILLed: its ranks get SIGTERM from the kernel and start a
-    checkpoint, which hangs here (`save_sleep`, as a collective with a dead peer would); the
-    grace period ends them anyway, and their data-loader workers with them."""
-    args, work = _job(tiny_model, tiny_data, tmp_path)
-    cmd = [
+def _torchrun(args: list[str]) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -118,8 +114,27 @@ def test_killing_torchrun_ends_every_rank_even_one_stuck_in_a_checkpoint(tiny_mo
         "--launcher",
         "pytorch",
     ]
+
+
+def test_killing_torchrun_stops_its_ranks_as_if_preempted(tiny_model, tiny_data, tmp_path):
+    """A bare torchrun, SIGKILLed: its ranks get SIGTERM from the kernel, finish the step, write
+    a checkpoint and exit, their data-loader workers with them."""
+    args, work = _job(tiny_model, tiny_data, tmp_path)
+    proc, running = _start(_torchrun(args), clean_env(None, TOKENTRAIN_CACHE=str(tmp_path / "cache")), work)
+    assert len(running) >= 1 + 2 + 2, running  # torchrun, 2 ranks, a worker each
+    left, took, err = _orphans_after_killing(proc, work, within=45)
+    print(f"{len(running)} processes; all gone {took:.1f} s after the SIGKILL")
+    assert not left, (left, err[-3000:])
+    assert checkpoints(work)["latest"] is not None, err[-3000:]
+    assert re.search(r"stopped by SIGTERM after step \d+; checkpoint written", err), err[-3000:]
+
+
+def test_killing_torchrun_ends_every_rank_even_one_stuck_in_a_checkpoint(tiny_model, tiny_data, tmp_path):
+    """The same, with the checkpoint made to hang (`save_sleep`, as a collective with a dead
+    peer would): the grace period ends the ranks anyway, and their workers with them."""
+    args, work = _job(tiny_model, tiny_data, tmp_path)
     env = clean_env("save_sleep=600", TOKENTRAIN_CACHE=str(tmp_path / "cache"), TOKENTRAIN_ORPHAN_GRACE="5")
-    proc, running = _start(cmd, env, work)
+    proc, running = _start(_torchrun(args), env, work)
     assert len(running) >= 1 + 2 + 2, running  # torchrun, 2 ranks, a worker each
     left, took, err = _orphans_after_killing(proc, work, within=30)
     print(f"{len(running)} processes; all gone {took:.1f} s after the SIGKILL")
