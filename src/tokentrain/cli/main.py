@@ -106,7 +106,10 @@ def _run(argv: list[str]) -> int:
 
         if args.command == "train" and spawn.wants_spawn():
             from tokentrain.cli.train_cmd import preflight
+            from tokentrain.run.parent_watch import grace_seconds
 
+            spawn.check_nproc()
+            grace_seconds()  # the ranks read it too: one line here rather than one per rank
             preflight(args, probe_lock=True)  # a usage error: one line here, not one per rank plus torchrun's
             return spawn.spawn_torchrun(argv[argv.index("train") + 1 :])
         return int(args.func(args) or 0)

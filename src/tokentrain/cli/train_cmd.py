@@ -208,6 +208,10 @@ def cmd_train(args) -> int:
     from tokentrain.checkpoint.safety import weights_only_everywhere
 
     weights_only_everywhere()  # every rank, before anything can load a checkpoint: no code from one
+    if args.launcher != "none":  # a rank: it ends when its launcher dies (docs/reliability.md)
+        from tokentrain.run.parent_watch import watch_launcher
+
+        watch_launcher()
     cfg, deepspeed = preflight(args)  # (under NPROC_PER_NODE, cli.main spawned torchrun instead of calling this)
     work_dir = work_dir_of(args, cfg)
     cfg = cfg.replace(work_dir=str(work_dir))

@@ -9,6 +9,7 @@ returned.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -17,11 +18,51 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tokentrain.run import parent_watch
+
 INSIDE_LAUNCHER_VARS = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_PROCID")
 
 
 def wants_spawn(environ=os.environ) -> bool:
-    return bool(environ.get("NPROC_PER_NODE")) and not any(v in environ for v in INSIDE_LAUNCHER_VARS)
+    """NPROC_PER_NODE is set (even to nothing: `check_nproc` refuses that) outside a launcher."""
+    return "NPROC_PER_NODE" in environ and not any(v in environ for v in INSIDE_LAUNCHER_VARS)
+
+
+def check_nproc(environ=os.environ) -> int:
+    """NPROC_PER_NODE as a number of ranks, before anything starts: a value torchrun would
+    reject after its own traceback is one line here; many more ranks than cores on a CPU-only
+    machine is a warning (each rank gets a sliver of a core: slower than fewer ranks, and
+    collectives may time out)."""
+    from tokentrain.errors import ConfigError
+
+    value = environ["NPROC_PER_NODE"]
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(
+            f"NPROC_PER_NODE={value!r}: must be a whole number of ranks per node, 1 or more "
+            "(e.g. NPROC_PER_NODE=2); unset it to train in one process"
+        )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n > cores and not _has_gpu():
+        logging.getLogger(__name__).warning(
+            "NPROC_PER_NODE=%d ranks on %d CPU core(s) and no GPU: each rank gets %.2g of a core, slower than "
+            "%d rank(s) would be; use NPROC_PER_NODE=%d or fewer",
+            n,
+            cores,
+            cores / n,
+            cores,
+            cores,
+        )
+    return n
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _free_port() -> int:
@@ -66,12 +107,16 @@ def torchrun_command(train_args: list[str], environ=os.environ) -> list[str]:
 
 
 def spawn_torchrun(train_args: list[str]) -> int:
-    import logging
-
     quiet = logging.getLogger().getEffectiveLevel() > logging.DEBUG and "--debug" not in train_args
     with tempfile.TemporaryDirectory(prefix="tokentrain-exit-") as codes:
         env = dict(os.environ, TOKENTRAIN_EXIT_DIR=codes)
-        proc = subprocess.Popen(torchrun_command(train_args), env=env, stderr=subprocess.PIPE if quiet else None)
+        proc = subprocess.Popen(
+            # torchrun ends (on SIGTERM it stops its ranks, SIGKILL after 30 s) when this process
+            # dies, however it dies; the ranks watch torchrun (run/parent_watch.py).
+            parent_watch.tied_to_this_process(torchrun_command(train_args)),
+            env=env,
+            stderr=subprocess.PIPE if quiet else None,
+        )
         # Forward preemption signals; torchrun passes them on to the ranks.
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, lambda s, _f: proc.send_signal(s))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from tokentrain.data.batch import Batch, collate
 from tokentrain.errors import DataError, TokentrainError
 from tokentrain.metrics.flops import sum_sq_doc_lengths
+from tokentrain.run.parent_watch import worker_init_fn
 
 
 @dataclass
@@ -78,7 +79,7 @@ class StepStream:
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 drop_last=True,
-                worker_init_fn=_worker_init if self.num_workers else None,
+                worker_init_fn=worker_init_fn(_worker_init) if self.num_workers else None,  # die with the rank
                 # Its own generator: otherwise each new iterator draws a seed from the global RNG
                 # and a resumed run's dropout stream would differ from an uninterrupted one.
                 generator=torch.Generator().manual_seed(self.sampler.seed + self.sampler.epoch),

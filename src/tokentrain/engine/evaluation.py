@@ -12,6 +12,7 @@ import logging
 import torch
 
 from tokentrain.data.batch import collate
+from tokentrain.run.parent_watch import worker_init_fn
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,14 @@ def validation_loss(engine, dataset, env, batch_size: int, num_workers: int) -> 
     from tokentrain.data.sampler import ResumableSampler
 
     sampler = ResumableSampler(len(dataset), env.rank, env.world_size, seed=0, shuffle=False)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        worker_init_fn=worker_init_fn() if num_workers else None,  # workers die with the rank
+    )
     module = engine.unwrapped  # no DDP hooks needed without backward
     was = module.training
     module.eval()
