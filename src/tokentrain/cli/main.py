@@ -18,6 +18,7 @@ import sys
 from tokentrain import __version__
 from tokentrain.errors import EXIT_FAILURE, EXIT_USAGE, TokentrainError
 from tokentrain.run.signals import EXIT_INTERRUPTED, ignore_while_ending, install_startup_handlers, restore_handlers
+from tokentrain.utils import disk
 
 # Each module defines `register(subparsers, parent)`, which adds its commands and sets
 # `func` on them (a callable taking the parsed args and returning an exit code).
@@ -132,7 +133,7 @@ def _run(argv: list[str]) -> int:
         if args.debug or line is None:
             raise
         print(f"tokentrain: error: {line}", file=sys.stderr)
-        return EXIT_FAILURE if e.errno in (errno.ENOSPC, errno.EDQUOT) else EXIT_USAGE
+        return EXIT_FAILURE if e.errno in disk.FULL else EXIT_USAGE
     except Exception as e:
         if args.debug:
             raise

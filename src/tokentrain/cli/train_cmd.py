@@ -13,13 +13,13 @@ start without --resume on one that holds checkpoints is refused (or --overwrite)
 
 from __future__ import annotations
 
-import errno
 import logging
 import shutil
 import sys
 from pathlib import Path
 
 from tokentrain.errors import TokentrainError
+from tokentrain.utils.disk import UNWRITABLE, what_failed
 
 
 def add_train_arguments(p) -> None:
@@ -259,7 +259,7 @@ def cmd_train(args) -> int:
         _keep_exit_code(env)
         raise
     except OSError as e:  # the work dir's disk is full or became unwritable (metrics, logs, export)
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        if e.errno not in UNWRITABLE:
             raise
         _keep_exit_code(env)
         raise disk_error(e, work_dir) from e
@@ -274,7 +274,7 @@ def cmd_train(args) -> int:
 def disk_error(e: OSError, work_dir: Path) -> TokentrainError:
     from tokentrain.checkpoint.manager import find_latest
 
-    what = "no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+    what = what_failed(e)
     try:
         free = f" ({shutil.disk_usage(work_dir).free / 2**20:.1f} MiB free)"
     except OSError:
