@@ -41,3 +41,42 @@ def test_every_module_imports_alone():
 
 def test_distributed_is_launch_topology_only():
     assert sorted(p.name for p in (SRC / "distributed").glob("*.py")) == ["__init__.py", "env.py", "spawn.py"]
+
+
+def _imports(path: Path) -> set[str]:
+    """The tokentrain modules one file imports, at its top or inside a function (a lazy import
+    is still a tie: two modules that need each other are one piece cut in two)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tokentrain"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from tokentrain.x import module`
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("tokentrain"))
+    return found & set(MODULES)
+
+
+def test_no_two_modules_import_each_other_in_a_circle():
+    graph = {
+        m: _imports(SRC.joinpath(*m.split(".")[1:]).with_suffix(".py")) - {m}
+        for m in MODULES
+        if SRC.joinpath(*m.split(".")[1:]).with_suffix(".py").is_file()
+    }
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    circles = []
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                circles.append(" -> ".join([*path[path.index(n) :], n]))
+            elif n not in state:
+                visit(n, [*path, n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert circles == []

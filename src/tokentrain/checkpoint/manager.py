@@ -28,11 +28,9 @@ folder and raises a one-line `CheckpointError`; `latest` still names the previou
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import time
@@ -42,6 +40,7 @@ from pathlib import Path
 import torch
 
 from tokentrain.checkpoint.rng import rng_state
+from tokentrain.checkpoint.safety import refused_as_unsafe
 from tokentrain.errors import CheckpointError, ConfigError, TokentrainError, UnsafeCheckpointError
 from tokentrain.utils import faults
 from tokentrain.utils.atomic import atomic_file, with_umask
@@ -436,17 +435,6 @@ class CheckpointManager:
             "%s has no RNG state for rank %d (different world size); RNG streams restart", folder, self.env.rank
         )
         return state, None
-
-
-@contextlib.contextmanager
-def refused_as_unsafe(folder: Path):
-    """A file that a (forced) weights-only load refused, inside an engine's own loader: one line."""
-    try:
-        yield
-    except pickle.UnpicklingError as e:
-        from tokentrain.checkpoint.safety import refusal
-
-        raise UnsafeCheckpointError(refusal(folder, e)) from None
 
 
 def _fsync_tree(path: Path) -> None:

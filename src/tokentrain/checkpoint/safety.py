@@ -17,6 +17,7 @@ link is a plain file to both: checked, and loaded weights-only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -24,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from tokentrain.errors import UnsafeCheckpointError
 
 FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 FORCE_NOT = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # torch refuses both set; ours wins
@@ -110,3 +113,12 @@ def refusal(path: Path, e: BaseException) -> str:
         f"{path}: refused: it holds {what}, outside the allow-list of what tokentrain's engines write "
         "(loading it could run code); do not use this checkpoint"
     )
+
+
+@contextlib.contextmanager
+def refused_as_unsafe(folder: Path):
+    """A file that a (forced) weights-only load refused, inside an engine's own loader: one line."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(refusal(folder, e)) from None

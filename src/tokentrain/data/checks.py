@@ -9,6 +9,7 @@ training), a validation set smaller than one pack.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -47,14 +48,14 @@ def check_cache_root() -> None:
         ) from None
 
 
-def build_named(settings, key: str):
-    """build_dataset, with the set's config key and folder in any error that does not name it,
-    and a full or unwritable disk (index cache, metas) as one line."""
-    from tokentrain.data.dataset import build_dataset
+@contextlib.contextmanager
+def naming_errors(settings, key: str):
+    """Around building the set of config key `key`: its errors name the key and folder when
+    they do not already, and a full or unwritable disk (index cache, metas) is one line."""
     from tokentrain.data.index import cache_root
 
     try:
-        return build_dataset(settings)
+        yield
     except DataError as e:
         if str(settings.folder) in str(e):
             raise

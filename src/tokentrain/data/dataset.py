@@ -75,14 +75,20 @@ def build_mixture(cfg):
     return MixtureDataset(parts, [s.name for s in sources], [s.weight for s in sources], cfg.seed)
 
 
+def build_named(settings: DataSettings, key: str):
+    """`build_dataset`, its errors naming the config key `key` (data.checks.naming_errors)."""
+    from tokentrain.data.checks import naming_errors
+
+    with naming_errors(settings, key):
+        return build_dataset(settings)
+
+
 def build_train_data(cfg, rank: int = 0, world_size: int = 1):
     """(training dataset, its sampler) for a config: one `dataset_folder` (shuffled per epoch)
     or a `datasets` mixture (its own seeded order, read as a stream)."""
     from tokentrain.data.sampler import ResumableSampler, StreamSampler
 
     if not getattr(cfg, "datasets", None):
-        from tokentrain.data.checks import build_named  # errors name the config key
-
         ds = build_named(settings_for(cfg, cfg.dataset_folder), "dataset_folder")
         return ds, ResumableSampler(len(ds), rank, world_size, seed=cfg.seed, shuffle=True)
     mix = build_mixture(cfg)

@@ -33,7 +33,7 @@ from tokentrain.checkpoint.hf_export import export_hf
 from tokentrain.checkpoint.manager import CheckpointManager
 from tokentrain.checkpoint.rng import set_rng_state
 from tokentrain.config.schema import TrainConfig
-from tokentrain.data.checks import build_named, check_datasets
+from tokentrain.data.checks import check_datasets
 from tokentrain.engine.batch_checks import check_token_ids, describe_samples
 from tokentrain.engine.data_stream import MicroBatch, StepStream
 from tokentrain.engine.evaluation import Evaluator
@@ -132,7 +132,7 @@ class Trainer:
         return engine
 
     def _setup_data(self) -> None:
-        from tokentrain.data.dataset import build_train_data, settings_for
+        from tokentrain.data.dataset import build_named, build_train_data, settings_for
 
         cfg, env = self.cfg, self.env
         # One dataset_folder, or a `datasets` mixture (data/mixture.py): the dataset and its sampler.

@@ -135,7 +135,7 @@ def _reader_module(folder: Path):
 
 def read_model_state(folder: Path) -> dict:
     """The HF model's state dict from any engine's checkpoint, on the CPU, no process group."""
-    from tokentrain.checkpoint.manager import refused_as_unsafe
+    from tokentrain.checkpoint.safety import refused_as_unsafe
 
     fmt, module = _reader_module(folder)
     with refused_as_unsafe(folder):
