@@ -36,6 +36,7 @@ import shutil
 import time
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -45,6 +46,9 @@ from tokentrain.errors import CheckpointError, ConfigError, TokentrainError, Uns
 from tokentrain.utils import faults
 from tokentrain.utils.atomic import atomic_file, with_umask
 from tokentrain.utils.disk import disk_full, free_bytes
+
+if TYPE_CHECKING:
+    from tokentrain.engines.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +267,7 @@ _NONE, _REFUSED, _AS_GIVEN = -1.0, -2.0, -3.0  # rank 0's choice of checkpoint, 
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, env, engine, keep: int, every: int = 1):
+    def __init__(self, root: Path, env, engine: Engine, keep: int, every: int = 1):
         self.root = Path(root)
         self.env = env
         self.engine = engine
@@ -368,8 +372,8 @@ class CheckpointManager:
         """Which engine wrote the checkpoint, in what format: a resume with another engine is
         refused naming it (engines.registry.check_resumable)."""
         e = self.engine
-        record = {"engine": e.name, "format": getattr(e, "checkpoint_format", e.name)}
-        if getattr(e, "stage", None) is not None:
+        record: dict[str, str | int] = {"engine": e.name, "format": e.checkpoint_format}
+        if e.stage is not None:
             record["zero_stage"] = e.stage
         return record
 

@@ -8,16 +8,20 @@ ranks) divided by their count.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokentrain.data.batch import collate
 from tokentrain.run.parent_watch import worker_init_fn
 
+if TYPE_CHECKING:
+    from tokentrain.engines.base import Engine
+
 log = logging.getLogger(__name__)
 
 
-def validation_loss(engine, dataset, env, batch_size: int, num_workers: int) -> float:
+def validation_loss(engine: Engine, dataset, env, batch_size: int, num_workers: int) -> float:
     from torch.utils.data import DataLoader
 
     from tokentrain.data.sampler import ResumableSampler
@@ -43,8 +47,8 @@ def validation_loss(engine, dataset, env, batch_size: int, num_workers: int) -> 
                 count += batch.num_targets
     finally:
         module.train(was)
-    loss_sum, count = engine.all_reduce_sum([loss_sum, float(count)])
-    return loss_sum / count if count else 0.0
+    total, targets = engine.all_reduce_sum([loss_sum, float(count)])
+    return total / targets if targets else 0.0
 
 
 def build_prompt(tokenizer, text: str, system: str) -> str:
@@ -101,7 +105,7 @@ def generate_samples(
 class Evaluator:
     """Validation loss and sample generations, every `evaluation_freq` steps and at the end."""
 
-    def __init__(self, cfg, env, engine, val_set, hf_model, tokenizer, compute_dtype, work_dir, metrics):
+    def __init__(self, cfg, env, engine: Engine, val_set, hf_model, tokenizer, compute_dtype, work_dir, metrics):
         self.cfg, self.env, self.engine, self.val_set = cfg, env, engine, val_set
         self.hf_model, self.tokenizer, self.compute_dtype = hf_model, tokenizer, compute_dtype
         self.path = work_dir / "generations.jsonl"

@@ -40,7 +40,6 @@ from tokentrain.engine.evaluation import Evaluator
 from tokentrain.engine.preemption import Preemption
 from tokentrain.engine.schedule import WarmupCosine
 from tokentrain.engine.step import StepOutcome, StepTotals, enable_checkpointing, seed_everything
-from tokentrain.engines.base import as_step_result
 from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, TokentrainError
 from tokentrain.metrics.flops import FlopCounter, peak_tflops
 from tokentrain.metrics.logger import MetricsLogger
@@ -50,6 +49,8 @@ from tokentrain.utils import faults
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from tokentrain.engines.base import Engine
 
 log = logging.getLogger("tokentrain.train")
 
@@ -122,13 +123,13 @@ class Trainer:
         if rng is not None:
             set_rng_state(rng)  # last: nothing may draw from the RNG between here and the loop
 
-    def _make_engine(self):
+    def _make_engine(self) -> Engine:
         from tokentrain.engines.registry import build_engine, choose
 
         name = choose(self.cfg.engine, deepspeed=self.deepspeed is not None, world_size=self.env.world_size)
         engine = build_engine(name, self.cfg, self.env, self.deepspeed)
         if self.env.is_main:
-            log.info("engine: %s", getattr(engine, "description", name))
+            log.info("engine: %s", engine.description)
         return engine
 
     def _setup_data(self) -> None:
@@ -177,7 +178,6 @@ class Trainer:
         from tokentrain.model.lm import (
             CausalLMWithLoss,
             autocast_dtype,
-            load_model,
             load_tokenizer,
             soft_caps_attention,
         )
@@ -190,8 +190,7 @@ class Trainer:
         impl = choose_attn_implementation(cfg.attn_implementation, env.device, cfg.use_varlen_attn, capped)
         self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
         fallback = "eager" if cfg.attn_implementation == "auto" else None  # a model without `impl` (gemma2: sdpa)
-        load = getattr(self.engine, "load_model", load_model)  # FSDP2 builds the model sharded
-        self.hf_model: PreTrainedModel = load(
+        self.hf_model: PreTrainedModel = self.engine.load_model(  # FSDP2 builds it sharded
             cfg.pretrained_model_name_or_path, cfg.trust_remote_code, impl, env.device, cfg.seed, fallback
         )
         impl = self.hf_model.config._attn_implementation
@@ -371,17 +370,17 @@ class Trainer:
                 engine.backward(part * scale)
             loss_sum += part.detach()
         if faults.FAULTS and faults.at_step("inf_grad_at_step", self.step + 1, self.env.rank):
-            p = next((p for p in engine.unwrapped.parameters() if p.grad is not None), None)
-            if p is not None:  # (a ZeRO engine keeps its gradients in its own buffers)
-                p.grad.fill_(math.inf)
-        result = as_step_result(engine.step(self.cfg.max_norm))  # a non-finite gradient norm applies no update
+            grad = next((p.grad for p in engine.unwrapped.parameters() if p.grad is not None), None)
+            if grad is not None:  # (a ZeRO engine keeps its gradients in its own buffers)
+                grad.fill_(math.inf)
+        result = engine.step(self.cfg.max_norm)  # a non-finite gradient norm applies no update
         return StepOutcome(loss_sum, global_targets, lr, result.grad_norm, result.applied, result.loss_scale_overflow)
 
     def _sum_over_ranks(self, outcome: StepOutcome, micro: list[MicroBatch]) -> StepTotals:
-        real = sum(m.real_tokens for m in micro)
-        sq = sum(m.sq_doc_lengths for m in micro)
+        local_real = sum(m.real_tokens for m in micro)
+        local_sq = sum(m.sq_doc_lengths for m in micro)
         total_loss, stop, real, sq, *per_source = self.engine.all_reduce_sum(
-            [float(outcome.loss_sum), float(self.preemption.requested), float(real), float(sq)]
+            [float(outcome.loss_sum), float(self.preemption.requested), float(local_real), float(local_sq)]
             + self.source_tokens.local(micro)
         )
         self.source_tokens.add(per_source)

@@ -14,7 +14,6 @@ used by `convert` without a process group) and the pickled globals its `.pt` fil
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -35,19 +34,32 @@ class StepResult:
     loss_scale_overflow: bool = False
 
 
-def as_step_result(value: StepResult | float) -> StepResult:
-    """An engine may return its grad norm alone: then the update was applied iff it is finite."""
-    if isinstance(value, StepResult):
-        return value
-    norm = float(value)
-    return StepResult(norm, math.isfinite(norm))
-
-
 @runtime_checkable
 class Engine(Protocol):
     name: str  # "local", "ddp", "deepspeed", "fsdp2"
     checkpoint_format: str  # what save() writes: "plain", "deepspeed", "fsdp2"; recorded in COMPLETE
     resumes_on_other_world_size: bool  # can load() read a checkpoint written by another world size?
+
+    optimizer: Any  # the optimizer the engine steps (FSDP2 rebuilds it over its shards)
+
+    @property
+    def description(self) -> str:
+        """One line for the log: the engine and how it runs (ZeRO stage, ranks, offload)."""
+
+    @property
+    def stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage; None for the other engines (recorded in checkpoints)."""
+
+    def load_model(
+        self,
+        path: str,
+        trust_remote_code: bool,
+        attn_implementation: str,
+        device: torch.device,
+        seed: int = 0,
+        fallback: str | None = None,
+    ) -> Any:
+        """The HF model, built the way this engine needs it (FSDP2: sharded as it is built)."""
 
     @property
     def partitioned_params(self) -> bool:
@@ -69,7 +81,7 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self, max_norm: float) -> StepResult | float: ...
+    def step(self, max_norm: float) -> StepResult: ...
 
     def zero_grad(self) -> None: ...
 

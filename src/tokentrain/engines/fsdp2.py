@@ -62,6 +62,7 @@ class FSDP2Engine(Collectives):
     name = "fsdp2"
     checkpoint_format = "fsdp2"  # step_N/fsdp/: DCP shards, resharded on load
     resumes_on_other_world_size = True
+    stage: int | None = None  # DeepSpeed's ZeRO stage; none here
 
     def __init__(self, env, compute_dtype: torch.dtype | None = None, cpu_offload: bool = False):
         self.env = env

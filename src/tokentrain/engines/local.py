@@ -57,10 +57,31 @@ class LocalEngine:
     checkpoint_format = "plain"
     resumes_on_other_world_size = True
 
+    stage: int | None = None  # DeepSpeed's ZeRO stage; none here
+
     def __init__(self, env):
         self.env = env
         self.module: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def description(self) -> str:
+        return self.name
+
+    def load_model(
+        self,
+        path: str,
+        trust_remote_code: bool,
+        attn_implementation: str,
+        device: torch.device,
+        seed: int = 0,
+        fallback: str | None = None,
+    ):
+        """The HF model whole, on `device` (DDP and DeepSpeed too: ZeRO-3's zero.Init partitions
+        it as it is built)."""
+        from tokentrain.model.lm import load_model
+
+        return load_model(path, trust_remote_code, attn_implementation, device, seed, fallback)
 
     @property
     def partitioned_params(self) -> bool:

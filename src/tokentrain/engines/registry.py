@@ -27,7 +27,6 @@ CHOICES = ("auto", *ENGINES)
 MODULES = {name: f"tokentrain.engines.{name}" for name in ENGINES}
 # How to select the engine that writes each checkpoint format (for messages).
 FLAGS = {"plain": "the local or ddp engine (no --deepspeed)", "deepspeed": "--deepspeed", "fsdp2": "--engine fsdp2"}
-FORMAT_OF = {"local": "plain", "ddp": "plain", "deepspeed": "deepspeed", "fsdp2": "fsdp2"}
 
 
 def engine_module(name: str):
@@ -150,13 +149,13 @@ def safe_globals(folder: Path) -> list:
     return list(allowed()) if callable(allowed) else list(allowed or [])
 
 
-def check_resumable(folder: Path, engine, world_size: int) -> None:
+def check_resumable(folder: Path, engine: Engine, world_size: int) -> None:
     """Refuse, in one line, a checkpoint the chosen engine cannot read: another engine's
     format (naming it and the flag to use), or another world size for an engine that
     cannot change it."""
     record = checkpoint_record(folder)
     fmt = checkpoint_format(folder)
-    mine = getattr(engine, "checkpoint_format", FORMAT_OF.get(engine.name))
+    mine = engine.checkpoint_format
     writer = record.get("engine") or ("local/ddp" if fmt == "plain" else fmt)
     if fmt != mine:
         flag = f"--engine {writer}" if fmt is None else FLAGS.get(fmt, f"--engine {writer}")
@@ -166,14 +165,14 @@ def check_resumable(folder: Path, engine, world_size: int) -> None:
             f"{folder} was written by the {writer} engine ({fmt} format) and cannot be read by the {engine.name} "
             f"engine; resume with {flag}, or convert it with `tokentrain convert pth_to_hf` and start from that folder"
         )
-    stage, mine_stage = record.get("zero_stage"), getattr(engine, "stage", None)
+    stage, mine_stage = record.get("zero_stage"), engine.stage
     if fmt == "deepspeed" and stage is not None and mine_stage is not None and stage != mine_stage:
         raise ConfigError(
             f"{folder} was written with DeepSpeed ZeRO stage {stage}, this run uses stage {mine_stage}; resume with "
             f"--deepspeed deepspeed_zero{stage} (or the JSON it was trained with)"
         )
     written = record.get("world_size")
-    if written and written != world_size and not getattr(engine, "resumes_on_other_world_size", True):
+    if written and written != world_size and not engine.resumes_on_other_world_size:
         raise ConfigError(
             f"{folder} was written by {written} ranks; the {engine.name} engine resumes only on the same world size: "
             f"run with {written} ranks, or convert it with `tokentrain convert pth_to_hf` and start from that folder"
