@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from tokentrain.data import format as data_format
 from tokentrain.data import index as data_index
 from tokentrain.distributed.env import DistEnv
-from tokentrain.engines import fsdp2, fsdp2_checkpoint
+from tokentrain.engines import deepspeed, fsdp2
 from tokentrain.model import varlen
 
 data_format.inputs_and_targets  # the format spec's reference (inputs, targets) of a document; tests check it
@@ -20,7 +20,7 @@ data_index.build_index  # the one-call index builder; tests build indexes with i
 data_index.IndexStats.built_metas  # counted while indexing; tests read it (metas built vs reused)
 DistEnv.distributed  # world_size > 1; the engine test worker reads it
 fsdp2.FSDP2Engine.owns_group  # whether the engine made the process group; tests check it
-fsdp2_checkpoint.read_full_state_dict  # called by name through engines.registry.FORMATS
+deepspeed.DeepSpeedEngine  # built by name from its row in engines/specs.py
 varlen.varlen_attention.attention_mask  # transformers' attention-function parameter (some models pass it by name)
 ndarray.flags.writeable  # numpy's array flag (data/packing.py sets it)
 Tokenizer.pre_tokenizer  # the tokenizers library's attribute (model/tiny.py sets it)

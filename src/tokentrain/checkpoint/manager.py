@@ -372,7 +372,9 @@ class CheckpointManager:
         """Which engine wrote the checkpoint, in what format: a resume with another engine is
         refused naming it (engines.registry.check_resumable)."""
         e = self.engine
-        record: dict[str, str | int] = {"engine": e.name, "format": e.checkpoint_format}
+        from tokentrain.engines.specs import SPECS
+
+        record: dict[str, str | int] = {"engine": e.name, "format": SPECS[e.name].checkpoint_format}
         if e.stage is not None:
             record["zero_stage"] = e.stage
         return record

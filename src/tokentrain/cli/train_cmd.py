@@ -18,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from tokentrain.engines.specs import CHOICES
 from tokentrain.errors import TokentrainError
 from tokentrain.utils.disk import UNWRITABLE, what_failed
 
@@ -52,7 +53,7 @@ def add_train_arguments(p) -> None:
     )
     p.add_argument(
         "--engine",
-        choices=("auto", "local", "ddp", "deepspeed", "fsdp2"),
+        choices=CHOICES,
         help="overrides the config's `engine` (default auto: deepspeed with --deepspeed, ddp on several ranks, "
         "else local)",
     )
@@ -130,10 +131,9 @@ def preflight(args, probe_lock: bool = False):
     check_ignore_keys(cfg.resume_ignore)
     if getattr(args, "engine", None):
         cfg = cfg.replace(engine=args.engine)
-    if args.deepspeed and cfg.engine not in ("auto", "deepspeed"):
-        from tokentrain.errors import ConfigError
+    from tokentrain.engines.registry import choose
 
-        raise ConfigError(f"--deepspeed and engine {cfg.engine!r} exclude each other; drop one of them")
+    choose(cfg.engine, deepspeed=bool(args.deepspeed), world_size=1)  # flag conflicts, before any rank starts
     check_local_model(cfg.pretrained_model_name_or_path)
     work_dir = work_dir_of(args, cfg)
     workdir.check_usable(work_dir)
@@ -159,9 +159,6 @@ def preflight(args, probe_lock: bool = False):
             )
 
         deepspeed = check_deepspeed(args.deepspeed, load_deepspeed_config(args.deepspeed))
-    from tokentrain.engines.registry import choose
-
-    choose(cfg.engine, deepspeed=deepspeed is not None, world_size=1)  # flag conflicts, before any rank starts
     return cfg, deepspeed
 
 

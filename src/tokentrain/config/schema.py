@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from tokentrain.engines.specs import CHOICES as ENGINES  # the one table of engines
 from tokentrain.utils.dtypes import DTYPE_NAMES
 
 DTYPES = ("auto", *DTYPE_NAMES)
@@ -18,7 +19,6 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen", "flex", "flash_attention_2", "flash_attention_3")
 DOC_MASKING = ("auto", "positions", "mask4d", "varlen", "flex")
 NAN_POLICIES = ("stop", "skip")
-ENGINES = ("auto", "local", "ddp", "deepspeed", "fsdp2")  # engines.registry.CHOICES
 MAX_LENGTH_LIMIT = 1 << 24
 
 

@@ -125,9 +125,11 @@ class Trainer:
 
     def _make_engine(self) -> Engine:
         from tokentrain.engines.registry import build_engine, choose
+        from tokentrain.model.lm import autocast_dtype
 
+        self.compute_dtype = autocast_dtype(self.cfg.dtype, self.env.device)  # resolved once, handed on
         name = choose(self.cfg.engine, deepspeed=self.deepspeed is not None, world_size=self.env.world_size)
-        engine = build_engine(name, self.cfg, self.env, self.deepspeed)
+        engine = build_engine(name, self.cfg, self.env, self.deepspeed, self.compute_dtype)
         if self.env.is_main:
             log.info("engine: %s", engine.description)
         return engine
@@ -177,13 +179,11 @@ class Trainer:
         from tokentrain.model.attention import auto_attention, choose_attn_implementation, select_masking
         from tokentrain.model.lm import (
             CausalLMWithLoss,
-            autocast_dtype,
             load_tokenizer,
             soft_caps_attention,
         )
 
         cfg, env = self.cfg, self.env
-        self.compute_dtype = autocast_dtype(cfg.dtype, env.device)
         capped = env.device.type == "cuda" and soft_caps_attention(
             cfg.pretrained_model_name_or_path, cfg.trust_remote_code
         )

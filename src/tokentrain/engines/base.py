@@ -8,7 +8,8 @@ that its gradient reduction produces that rule (`loss_scale`).
 Each engine also owns its checkpoint format: what `save(folder)` writes, `load(folder)`
 reads back, `read_model_state(folder)` (a module-level function of the engine's module,
 used by `convert` without a process group) and the pickled globals its `.pt` files may hold
-(`SAFE_GLOBALS`, checked before anything is loaded).
+(`safe_globals()`, checked before anything is loaded). Which engine writes which format, and
+whether its checkpoints move to another world size, is its row in `engines/specs.py`.
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ class StepResult:
 @runtime_checkable
 class Engine(Protocol):
     name: str  # "local", "ddp", "deepspeed", "fsdp2"
-    checkpoint_format: str  # what save() writes: "plain", "deepspeed", "fsdp2"; recorded in COMPLETE
-    resumes_on_other_world_size: bool  # can load() read a checkpoint written by another world size?
 
     optimizer: Any  # the optimizer the engine steps (FSDP2 rebuilds it over its shards)
+
+    @classmethod
+    def create(cls, cfg, env, deepspeed: dict | None, compute_dtype: torch.dtype | None) -> Engine:
+        """The engine of a run from its config (`deepspeed`: the DeepSpeed JSON, "auto" values
+        unresolved; `compute_dtype`: resolved once by the trainer)."""
 
     @property
     def description(self) -> str:

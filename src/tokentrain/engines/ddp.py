@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from tokentrain.engines.base import Collectives
-from tokentrain.engines.local import SAFE_GLOBALS, LocalEngine, owns_checkpoint, read_model_state
+from tokentrain.engines.local import LocalEngine, owns_checkpoint, read_model_state, safe_globals
 
-__all__ = ["SAFE_GLOBALS", "DDPEngine", "owns_checkpoint", "read_model_state"]
+__all__ = ["DDPEngine", "owns_checkpoint", "read_model_state", "safe_globals"]
 
 
 class DDPEngine(Collectives, LocalEngine):

@@ -110,8 +110,6 @@ def _join_process_group(env) -> None:
 
 class DeepSpeedEngine(Collectives, LocalEngine):
     name = "deepspeed"
-    checkpoint_format = "deepspeed"
-    resumes_on_other_world_size = False
 
     def __init__(self, env, ds_config: dict):
         super().__init__(env)
@@ -128,6 +126,13 @@ class DeepSpeedEngine(Collectives, LocalEngine):
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+
+    @classmethod
+    def create(cls, cfg, env, deepspeed: dict | None, compute_dtype: torch.dtype | None):
+        from tokentrain.engines.deepspeed_config import resolve_for_run
+
+        assert deepspeed is not None, "choose() picks 'deepspeed' only with a DeepSpeed config"
+        return cls(env, resolve_for_run(deepspeed, cfg, env, compute_dtype))
 
     @property
     def description(self) -> str:

@@ -108,15 +108,13 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def resolve_for_run(ds: dict, cfg, env) -> dict:
+def resolve_for_run(ds: dict, cfg, env, compute) -> dict:
     """The DeepSpeed config of this run: "auto" values from the training config, the world
-    size and the model's hidden size (read from its config.json)."""
+    size, the run's compute dtype (`compute`, None: fp32) and the model's hidden size (read from
+    its config.json)."""
     import torch
     from transformers import AutoConfig
 
-    from tokentrain.model.lm import autocast_dtype
-
-    compute = autocast_dtype(cfg.dtype, env.device)
     path, remote = cfg.pretrained_model_name_or_path, cfg.trust_remote_code
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     return fill_auto(

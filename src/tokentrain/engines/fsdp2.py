@@ -60,9 +60,11 @@ def decoder_layers(model: Any) -> list[nn.Module]:
 
 class FSDP2Engine(Collectives):
     name = "fsdp2"
-    checkpoint_format = "fsdp2"  # step_N/fsdp/: DCP shards, resharded on load
-    resumes_on_other_world_size = True
     stage: int | None = None  # DeepSpeed's ZeRO stage; none here
+
+    @classmethod
+    def create(cls, cfg, env, deepspeed: dict | None, compute_dtype: torch.dtype | None):
+        return cls(env, compute_dtype, cfg.fsdp_cpu_offload)
 
     def __init__(self, env, compute_dtype: torch.dtype | None = None, cpu_offload: bool = False):
         self.env = env

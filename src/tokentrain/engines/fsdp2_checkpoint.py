@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tokentrain.errors import DataError
+from tokentrain.errors import DataError, first_line
 
 FSDP_DIR = "fsdp"
 METADATA = ".metadata"
@@ -132,7 +132,7 @@ def plain_error(e: BaseException, path: Path) -> Exception:
         if isinstance(exc, OSError):
             return OSError(exc.errno, exc.strerror, exc.filename or str(path))
     first = next((exc for exc, _ in failures.values()), e)
-    return RuntimeError(f"{path}: {type(first).__name__}: {_first_line(first)}")
+    return RuntimeError(f"{path}: {type(first).__name__}: {first_line(first)}")
 
 
 def load(model, optimizer, folder: Path) -> None:
@@ -182,13 +182,18 @@ def _dcp_load(state: dict, path: Path, **kwargs) -> None:
         raise
     except CheckpointException as e:  # a BaseException (see `save`)
         first = plain_error(e, path)
-        raise UnsafeCheckpoint(f"{path}: cannot be read ({_first_line(first)}); use another checkpoint") from None
+        raise UnsafeCheckpoint(f"{path}: cannot be read ({first_line(first)}); use another checkpoint") from None
     except Exception as e:
         raise UnsafeCheckpoint(
-            f"{path}: cannot be read ({type(e).__name__}: {_first_line(e)}); use another checkpoint"
+            f"{path}: cannot be read ({type(e).__name__}: {first_line(e)}); use another checkpoint"
         ) from None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+# The contract of a checkpoint-format module (engines/specs.FORMAT_MODULES).
+owns_checkpoint = is_fsdp_checkpoint
+read_model_state = read_full_state_dict
+
+
+def safe_globals() -> list:
+    """Nothing: DCP's tensor files load weights-only, its index by the restricted reader."""
+    return []

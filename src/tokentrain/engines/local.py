@@ -18,7 +18,11 @@ from tokentrain.engines.base import StepResult
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
-SAFE_GLOBALS: list = []  # optimizer.pt holds tensors, numbers and containers only
+
+
+def safe_globals() -> list:
+    """Nothing beyond tensors: optimizer.pt holds tensors, numbers and containers only."""
+    return []
 
 
 def owns_checkpoint(folder: Path) -> bool:
@@ -54,8 +58,6 @@ def grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 
 class LocalEngine:
     name = "local"
-    checkpoint_format = "plain"
-    resumes_on_other_world_size = True
 
     stage: int | None = None  # DeepSpeed's ZeRO stage; none here
 
@@ -63,6 +65,10 @@ class LocalEngine:
         self.env = env
         self.module: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def create(cls, cfg, env, deepspeed: dict | None, compute_dtype: torch.dtype | None):
+        return cls(env)
 
     @property
     def description(self) -> str:

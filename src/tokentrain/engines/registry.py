@@ -22,20 +22,16 @@ from tokentrain.errors import ConfigError
 if TYPE_CHECKING:
     from tokentrain.engines.base import Engine
 
-ENGINES = ("local", "ddp", "deepspeed", "fsdp2")
-CHOICES = ("auto", *ENGINES)
-MODULES = {name: f"tokentrain.engines.{name}" for name in ENGINES}
-# How to select the engine that writes each checkpoint format (for messages).
-FLAGS = {"plain": "the local or ddp engine (no --deepspeed)", "deepspeed": "--deepspeed", "fsdp2": "--engine fsdp2"}
+from tokentrain.engines.specs import CHOICES, ENGINES, FLAGS, FORMAT_MODULES, SPECS
 
 
-def engine_module(name: str):
+def _import(module: str, what: str):
     try:
-        return importlib.import_module(MODULES[name])
+        return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name != MODULES[name]:
+        if e.name != module:
             raise
-        raise ConfigError(f"engine {name!r} is not available in this installation ({MODULES[name]} is missing)") from e
+        raise ConfigError(f"{what} is not available in this installation ({module} is missing)") from e
 
 
 def choose(requested: str, *, deepspeed: bool, world_size: int) -> str:
@@ -43,7 +39,7 @@ def choose(requested: str, *, deepspeed: bool, world_size: int) -> str:
     if requested not in CHOICES:
         raise ConfigError(f"engine {requested!r}: unknown; choose one of {', '.join(CHOICES)}")
     if deepspeed and requested not in ("auto", "deepspeed"):
-        raise ConfigError(f"--deepspeed selects the deepspeed engine, but engine = {requested!r}; drop one of them")
+        raise ConfigError(f"--deepspeed and engine {requested!r} exclude each other; drop one of them")
     if requested == "auto":
         return "deepspeed" if deepspeed else ("ddp" if world_size > 1 else "local")
     if requested == "deepspeed" and not deepspeed:
@@ -55,29 +51,15 @@ def choose(requested: str, *, deepspeed: bool, world_size: int) -> str:
     return requested
 
 
-def build_engine(name: str, cfg, env, deepspeed: dict | None = None) -> Engine:
+def build_engine(name: str, cfg, env, deepspeed: dict | None, compute_dtype) -> Engine:
     """The engine of a run, made before the model (ZeRO-3 and FSDP2 build it sharded).
-    `deepspeed` is the DeepSpeed config with its "auto" values unresolved."""
-    if name == "local":
-        from tokentrain.engines.local import LocalEngine
-
-        return LocalEngine(env)
-    if name == "ddp":
-        from tokentrain.engines.ddp import DDPEngine
-
-        return DDPEngine(env)
-    if name == "deepspeed":
-        from tokentrain.engines.deepspeed import DeepSpeedEngine
-        from tokentrain.engines.deepspeed_config import resolve_for_run
-
-        assert deepspeed is not None, "choose() picks 'deepspeed' only with a DeepSpeed config"
-        return DeepSpeedEngine(env, resolve_for_run(deepspeed, cfg, env))
-    if name == "fsdp2":
-        from tokentrain.model.lm import autocast_dtype
-
-        compute = autocast_dtype(cfg.dtype, env.device)
-        return engine_module("fsdp2").FSDP2Engine(env, compute, cfg.fsdp_cpu_offload)
-    raise ConfigError(f"engine {name!r}: unknown; choose one of {', '.join(ENGINES)}")
+    `deepspeed` is the DeepSpeed config with its "auto" values unresolved; `compute_dtype` the
+    run's (resolved once, by the trainer)."""
+    if name not in SPECS:
+        raise ConfigError(f"engine {name!r}: unknown; choose one of {', '.join(ENGINES)}")
+    spec = SPECS[name]
+    cls = getattr(_import(spec.module, f"engine {name!r}"), spec.cls)
+    return cls.create(cfg, env, deepspeed, compute_dtype)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -92,33 +74,18 @@ def checkpoint_record(folder: Path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-# format -> (module, "does this folder hold it" function, "HF state dict from it" function,
-# allow-list of pickled globals: a function or a list, or None for nothing beyond tensors)
-FORMATS = {
-    "plain": ("tokentrain.engines.local", "owns_checkpoint", "read_model_state", "SAFE_GLOBALS"),
-    "deepspeed": ("tokentrain.engines.deepspeed", "owns_checkpoint", "read_model_state", "safe_globals"),
-    "fsdp2": ("tokentrain.engines.fsdp2_checkpoint", "is_fsdp_checkpoint", "read_full_state_dict", None),
-}
-
-
 def _format_module(fmt: str):
-    module = FORMATS[fmt][0]
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name != module:
-            raise
-        raise ConfigError(f"checkpoint format {fmt!r} needs {module}, which is not in this installation") from e
+    return _import(FORMAT_MODULES[fmt], f"checkpoint format {fmt!r}")
 
 
 def checkpoint_format(folder: Path) -> str | None:
     """The format a checkpoint folder holds: recorded in COMPLETE, else told by its files."""
     fmt = checkpoint_record(folder).get("format")
-    if fmt in FORMATS:
+    if fmt in FORMAT_MODULES:
         return fmt
-    for name, (_, owns, _, _) in FORMATS.items():
+    for name in FORMAT_MODULES:
         try:
-            if getattr(_format_module(name), owns)(Path(folder)):
+            if _format_module(name).owns_checkpoint(Path(folder)):
                 return name
         except ConfigError:
             continue
@@ -136,17 +103,15 @@ def read_model_state(folder: Path) -> dict:
     """The HF model's state dict from any engine's checkpoint, on the CPU, no process group."""
     from tokentrain.checkpoint.safety import refused_as_unsafe
 
-    fmt, module = _reader_module(folder)
+    _, module = _reader_module(folder)
     with refused_as_unsafe(folder):
-        return getattr(module, FORMATS[fmt][2])(Path(folder))
+        return module.read_model_state(Path(folder))
 
 
 def safe_globals(folder: Path) -> list:
     """The pickled globals the `.pt` files of this checkpoint may hold (its engine's allow-list)."""
-    fmt, module = _reader_module(folder)
-    name = FORMATS[fmt][3]
-    allowed = getattr(module, name, None) if name else None
-    return list(allowed()) if callable(allowed) else list(allowed or [])
+    _, module = _reader_module(folder)
+    return list(module.safe_globals())
 
 
 def check_resumable(folder: Path, engine: Engine, world_size: int) -> None:
@@ -155,7 +120,8 @@ def check_resumable(folder: Path, engine: Engine, world_size: int) -> None:
     cannot change it."""
     record = checkpoint_record(folder)
     fmt = checkpoint_format(folder)
-    mine = engine.checkpoint_format
+    spec = SPECS[engine.name]
+    mine = spec.checkpoint_format
     writer = record.get("engine") or ("local/ddp" if fmt == "plain" else fmt)
     if fmt != mine:
         flag = f"--engine {writer}" if fmt is None else FLAGS.get(fmt, f"--engine {writer}")
@@ -172,7 +138,7 @@ def check_resumable(folder: Path, engine: Engine, world_size: int) -> None:
             f"--deepspeed deepspeed_zero{stage} (or the JSON it was trained with)"
         )
     written = record.get("world_size")
-    if written and written != world_size and not engine.resumes_on_other_world_size:
+    if written and written != world_size and not spec.resumes_on_other_world_size:
         raise ConfigError(
             f"{folder} was written by {written} ranks; the {engine.name} engine resumes only on the same world size: "
             f"run with {written} ranks, or convert it with `tokentrain convert pth_to_hf` and start from that folder"
