@@ -44,7 +44,7 @@ format: venv
 # (under 3 minutes: a gate that fails fast; `make test` runs everything).
 check: lint typecheck
 	$(VPY) -m pytest -q -x -m "not slow and not slurm and not deepspeed and not distributed" \
-		tests/data tests/config tests/engines/test_imports.py tests/engine/test_loss_schedule_flops.py
+		tests/data tests/config tests/engines/test_imports.py tests/training/test_loss_schedule_flops.py
 
 demo: venv
 	bash scripts/demo.sh

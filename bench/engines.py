@@ -54,7 +54,7 @@ def worker(out: Path, model: str, data: str, engine: str, steps: int, max_length
     from tokentrain.config.loader import build_config
     from tokentrain.distributed.deepspeed_config import load_deepspeed_config
     from tokentrain.distributed.env import destroy_distributed, init_distributed
-    from tokentrain.engine.trainer import Trainer
+    from tokentrain.training.trainer import Trainer
 
     env = init_distributed("pytorch", timeout_s=600)
     settings = dict(

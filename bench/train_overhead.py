@@ -61,7 +61,7 @@ def tokentrain_run(model_dir: Path, data: Path, work: Path, max_length: int, ste
     """Per-step seconds of the real trainer (after its first step)."""
     from tokentrain.config.loader import build_config
     from tokentrain.distributed.env import DistEnv
-    from tokentrain.engine.trainer import Trainer
+    from tokentrain.training.trainer import Trainer
 
     cfg = build_config(
         dict(

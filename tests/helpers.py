@@ -47,7 +47,7 @@ def local_env():
 
 
 def train(cfg, work_dir: Path, resume=None, env=None) -> int:
-    from tokentrain.engine.trainer import Trainer
+    from tokentrain.training.trainer import Trainer
 
     t = Trainer(cfg.replace(work_dir=str(work_dir)), env or local_env(), Path(work_dir), resume)
     t.setup()

@@ -9,8 +9,8 @@ import pytest
 from tokentrain.config.schema import TrainConfig
 from tokentrain.data.dataset import build_train_data, log_mixture_plan, planned_counts
 from tokentrain.data.mixture import parse_sources
-from tokentrain.engine.data_stream import StepStream
 from tokentrain.errors import DataError
+from tokentrain.training.data_stream import StepStream
 
 from .helpers import write_bin
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tokentrain.config.loader import build_config
 from tokentrain.distributed.env import destroy_distributed, init_distributed
-from tokentrain.engine.trainer import Trainer
 from tokentrain.engines.deepspeed_config import load_deepspeed_config
+from tokentrain.training.trainer import Trainer
 
 SETTINGS = dict(
     max_length=128,

@@ -245,7 +245,7 @@ def cmd_train(args) -> int:
             logging.getLogger("tokentrain.train").info(
                 "work dir %s, %d rank(s) on %s", work_dir, env.world_size, env.device
             )
-        from tokentrain.engine.trainer import run
+        from tokentrain.training.trainer import run
 
         code = run(cfg, env, work_dir, args.resume, deepspeed, started=on_started)
         ignore_while_ending()

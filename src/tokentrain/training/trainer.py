@@ -34,17 +34,17 @@ from tokentrain.checkpoint.manager import CheckpointManager
 from tokentrain.checkpoint.rng import set_rng_state
 from tokentrain.config.schema import TrainConfig
 from tokentrain.data.checks import check_datasets
-from tokentrain.engine.batch_checks import check_token_ids, describe_samples
-from tokentrain.engine.data_stream import MicroBatch, StepStream
-from tokentrain.engine.evaluation import Evaluator
-from tokentrain.engine.preemption import Preemption
-from tokentrain.engine.schedule import WarmupCosine
-from tokentrain.engine.step import StepOutcome, StepTotals, enable_checkpointing, seed_everything
 from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, TokentrainError
 from tokentrain.metrics.flops import FlopCounter, peak_tflops
 from tokentrain.metrics.logger import MetricsLogger
 from tokentrain.metrics.sources import SourceTokens
 from tokentrain.metrics.window import Window, memory_gb
+from tokentrain.training.batch_checks import check_token_ids, describe_samples
+from tokentrain.training.data_stream import MicroBatch, StepStream
+from tokentrain.training.evaluation import Evaluator
+from tokentrain.training.preemption import Preemption
+from tokentrain.training.schedule import WarmupCosine
+from tokentrain.training.step import StepOutcome, StepTotals, enable_checkpointing, seed_everything
 from tokentrain.utils import faults
 
 if TYPE_CHECKING:

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokentrain.engine.schedule import lr_factor
 from tokentrain.metrics.flops import FlopCounter, sum_sq_doc_lengths
 from tokentrain.model.loss import linear_cross_entropy_sum, logits_cross_entropy_sum
+from tokentrain.training.schedule import lr_factor
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 0])

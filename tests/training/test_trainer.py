@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.helpers import checkpoint_weights, local_env, make_config, max_rel_diff, metrics, train, write_config
-from tokentrain.engine.trainer import Trainer
+from tokentrain.training.trainer import Trainer
 
 SPLITS = [(4, 1), (1, 4), (2, 2)]
 # The seed template's lr. What remains between splits is fp32 summation order; AdamW
