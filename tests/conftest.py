@@ -43,6 +43,19 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     return cache
 
 
+@pytest.fixture(autouse=True)
+def _torch_load_as_asked():
+    """`train`/`convert` run in-process force weights-only loading for the whole process
+    (checkpoint/safety.weights_only_everywhere, by design); a later test in the same worker --
+    one that crafts a pickle with ``weights_only=False`` -- must not inherit it."""
+    from tokentrain.checkpoint.safety import FORCE, FORCE_NOT
+
+    for name in (FORCE, FORCE_NOT):
+        os.environ.pop(name, None)
+    yield
+    os.environ.pop(FORCE, None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_and_small():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
