@@ -195,7 +195,7 @@ def test_checkpoints_latest_pointer_and_save_total_limit(tiny_model, tiny_data, 
         p.name for p in ck.iterdir()
     }
     state = torch.load(ck / "trainer_state.pt", weights_only=True)
-    assert state["step"] == 5 and state["sampler"]["consumed"] == 5 and state["scheduler"]["step"] == 5
+    assert state["trainer"]["step"] == 5 and state["sampler"]["consumed"] == 5 and state["scheduler"]["step"] == 5
     assert json.loads((ck / "config.json").read_text())["max_iters"] == 5
 
     # An incomplete newer checkpoint (crash while writing) is never resumed from.
@@ -247,3 +247,30 @@ def test_gradient_checkpointing_and_workers_change_nothing(tiny_model, tiny_data
     assert [r["loss"] for r in metrics(tmp_path / "ckpt")] == pytest.approx(
         [r["loss"] for r in metrics(tmp_path / "plain")], rel=1e-6
     )
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes_where_it_stopped(tiny_model, tiny_data, tmp_path):
+    """trainer_state.pt once held the trainer's counters at the top level, beside the sampler,
+    scheduler and source counts; such a checkpoint resumes to the same curve as the new layout."""
+    import shutil
+
+    from tokentrain.checkpoint.manager import COMPLETE, manifest
+
+    cfg = make_config(tiny_model, tiny_data, max_iters=4, save_steps=2)
+    assert train(cfg, tmp_path / "new") == 0
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    shutil.rmtree(tmp_path / "old/checkpoints/step_4")
+    (tmp_path / "old/checkpoints/latest").write_text("step_2\n")
+    step = tmp_path / "old/checkpoints/step_2"
+    parts = torch.load(step / "trainer_state.pt", weights_only=True)
+    assert set(parts) == {"trainer", "sampler", "scheduler", "source_tokens"}
+    torch.save({**parts.pop("trainer"), **parts}, step / "trainer_state.pt")  # as the earlier version wrote it
+    done = json.loads((step / COMPLETE).read_text())
+    (step / COMPLETE).write_text(json.dumps(dict(done, files=manifest(step))))
+
+    assert train(cfg, tmp_path / "old", resume="auto") == 0
+    assert [r["loss"] for r in metrics(tmp_path / "old")] == [r["loss"] for r in metrics(tmp_path / "new")]
+    a, b = checkpoint_weights(tmp_path / "new", 4), checkpoint_weights(tmp_path / "old", 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(tmp_path / "old/checkpoints/step_4/trainer_state.pt", weights_only=True)
+    assert state["trainer"]["step"] == 4 and state["sampler"]["consumed"] == 4

@@ -5,7 +5,8 @@ Layout of one checkpoint::
     step_N/
       model.safetensors     weights (fp32 master copy)           -- engine.save (local, ddp)
       optimizer.pt          optimizer state (tensors only)       -- engine.save (local, ddp)
-      trainer_state.pt      step, scheduler, sampler, counters
+      trainer_state.pt      the run's states by name (CheckpointManager.states): trainer
+                            counters, sampler, scheduler, per-source token counts
       rng_rank{R}.pt        every rank's RNG states (torch, CUDA, numpy, python; checkpoint/rng.py)
       config.json           the resolved config of the run
       COMPLETE              written last inside the folder: step, world size, and the
@@ -48,6 +49,8 @@ from tokentrain.utils.atomic import atomic_file, with_umask
 from tokentrain.utils.disk import disk_full, free_bytes
 
 if TYPE_CHECKING:
+    from torch.distributed.checkpoint.stateful import Stateful
+
     from tokentrain.engines.base import Engine
 
 log = logging.getLogger(__name__)
@@ -263,61 +266,88 @@ def resolve_resume(resume: str | None, ckpt_root: Path, verify: bool = True) -> 
 # ------------------------------------------------------------------ saving
 
 
-_NONE, _REFUSED, _AS_GIVEN = -1.0, -2.0, -3.0  # rank 0's choice of checkpoint, as sent (else a step)
-
-
 class CheckpointManager:
-    def __init__(self, root: Path, env, engine: Engine, keep: int, every: int = 1):
+    """Saves and restores one run's checkpoints. What a checkpoint holds is listed once, in
+    `states` (name -> an object with ``state_dict``/``load_state_dict``: the trainer's counters,
+    the sampler, the lr schedule, the per-source token counts), plus the engine's model and
+    optimizer and every rank's RNG; `fingerprint` (checkpoint/fingerprint.py) is saved with
+    each and compared on resume (`ignore`: the differences the user lets go on)."""
+
+    def __init__(
+        self,
+        root: Path,
+        env,
+        engine: Engine,
+        keep: int,
+        every: int = 1,
+        *,
+        states: dict[str, Stateful],
+        fingerprint: dict | None = None,
+        ignore: list[str] | tuple[str, ...] = (),
+    ):
         self.root = Path(root)
         self.env = env
         self.engine = engine
         self.keep = keep  # -1: keep all
         self.every = every  # save_steps
-        self.fingerprint: dict | None = None  # the run fingerprint, saved with every checkpoint
+        self.states = states
+        self.fingerprint = fingerprint
+        self.ignore = list(ignore)
         self.written: list[str] = []  # this run's checkpoints, in the order written (pruning keeps the newest)
 
     def resolve(self, resume: str | None) -> Path | None:
         """The checkpoint to resume from (`--resume`), chosen and its files verified by the main
-        rank; every rank takes the same one (a refusal on rank 0 stops every rank). Rank 0 sends
-        a code: the step of the checkpoint it found under the work dir (the other ranks, not
-        reading every file again, could see a newer damaged one), or that `--resume` itself is
-        the checkpoint (any folder name: a copy kept elsewhere), or none, or a refusal."""
+        rank and sent to every other (they do not read every file again, and could otherwise
+        see a newer damaged one); a refusal on rank 0 stops every rank."""
         if self.env.world_size == 1:
             return resolve_resume(resume, self.root)
-        error, found = None, None
+        choice: str | None = None
+        error: TokentrainError | None = None
         if self.env.is_main:
             try:
                 found = resolve_resume(resume, self.root)
+                choice = None if found is None else str(found)
             except TokentrainError as e:
                 error = e
-        if error:
-            code = _REFUSED
-        elif found is None:
-            code = _NONE
-        elif resume and found == Path(resume):
-            code = _AS_GIVEN
-        else:
-            step = step_of(found)
-            assert step is not None, f"{found}: find_latest returns step_N folders"
-            code = float(step)
-        (code,) = self.engine.all_reduce_sum([code if self.env.is_main else 0.0])
+        refused, choice = self.engine.broadcast_object((error is not None, choice))
         if error:
             raise error
-        if code == _REFUSED:
+        if refused:
             raise CheckpointError(f"--resume {resume}: refused by rank 0 (see its message)")
-        if self.env.is_main or code == _NONE:
-            return found
-        if code == _AS_GIVEN:
-            return Path(str(resume))
-        mine = resolve_resume(resume, self.root, verify=False)  # the same folder, without reading it again
-        assert mine is not None, "rank 0 found one"
-        return mine.parent / f"step_{int(code)}"
+        return None if choice is None else Path(choice)
+
+    def restore(self, resume: str | None) -> tuple[Path, dict | None] | None:
+        """Resume (`--resume`): the checkpoint chosen, checked against this run's fingerprint,
+        loaded into the engine and every state; (its folder, this rank's RNG state), or None
+        when there is nothing to resume. The caller applies the RNG state (`set_rng_state`) as
+        the very last thing before training continues, so nothing in between draws from it."""
+        from tokentrain.checkpoint.fingerprint import check_resume
+        from tokentrain.engines.registry import check_resumable
+
+        folder = self.resolve(resume)
+        if folder is None:
+            return None
+        if self.fingerprint is not None:
+            check_resume(folder, self.fingerprint, self.ignore)  # a changed run is refused in one line
+        check_resumable(folder, self.engine, self.env.world_size)
+        with refused_as_unsafe(folder):
+            self.engine.load(folder)
+        saved = _parts(torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True))
+        for name, part in self.states.items():
+            part.load_state_dict(saved.get(name) or {})  # (source_tokens: not in the oldest checkpoints)
+        rng = folder / f"rng_rank{self.env.rank}.pt"
+        if rng.is_file():
+            return folder, torch.load(rng, map_location="cpu", weights_only=True)
+        log.warning(
+            "%s has no RNG state for rank %d (different world size); RNG streams restart", folder, self.env.rank
+        )
+        return folder, None
 
     def due(self, step: int, *, last: bool, stop: bool) -> bool:
         """Whether to checkpoint after step `step`: every `save_steps`, at the end, on preemption."""
         return step % self.every == 0 or last or stop
 
-    def save(self, step: int, trainer_state: dict, config: dict) -> Path:
+    def save(self, step: int, config: dict) -> Path:
         final = self.root / f"step_{step}"
         tmp = self.root / f".step_{step}.partial"
         try:
@@ -332,7 +362,7 @@ class CheckpointManager:
                 raise OSError(28, os.strerror(28), str(tmp / "optimizer.pt"))
             torch.save(rng_state(), tmp / f"rng_rank{self.env.rank}.pt")
             if self.env.is_main:
-                torch.save(trainer_state, tmp / TRAINER_STATE)
+                torch.save({name: part.state_dict() for name, part in self.states.items()}, tmp / TRAINER_STATE)
                 (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
                 if self.fingerprint is not None:
                     from tokentrain.checkpoint.fingerprint import save as save_fingerprint
@@ -422,25 +452,14 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
             log.debug("removed old checkpoint %s", old)
 
-    def load(self, folder: Path) -> tuple[dict, dict | None]:
-        """Restore model and optimizer; return the trainer state and this rank's RNG state.
 
-        The caller applies the RNG state (`set_rng_state`) as the very last thing before
-        training continues, so nothing in between can draw from it.
-        """
-        from tokentrain.engines.registry import check_resumable
-
-        check_resumable(folder, self.engine, self.env.world_size)
-        with refused_as_unsafe(folder):
-            self.engine.load(folder)
-        state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
-        rng = folder / f"rng_rank{self.env.rank}.pt"
-        if rng.is_file():
-            return state, torch.load(rng, map_location="cpu", weights_only=True)
-        log.warning(
-            "%s has no RNG state for rank %d (different world size); RNG streams restart", folder, self.env.rank
-        )
-        return state, None
+def _parts(saved: dict) -> dict:
+    """The saved states by name; a checkpoint of an earlier version kept the trainer's counters
+    at the top level beside the others."""
+    if "trainer" in saved:
+        return saved
+    parts = ("scheduler", "sampler", "source_tokens")
+    return {"trainer": {k: v for k, v in saved.items() if k not in parts}, **{k: saved.get(k) for k in parts}}
 
 
 def _fsync_tree(path: Path) -> None:

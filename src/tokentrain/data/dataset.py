@@ -88,11 +88,14 @@ def build_train_data(cfg, rank: int = 0, world_size: int = 1):
     or a `datasets` mixture (its own seeded order, read as a stream)."""
     from tokentrain.data.sampler import ResumableSampler, StreamSampler
 
+    # Ignoring a change of the data or its settings (resume_ignore) means going on with another stream.
+    relaxed = bool(set(cfg.resume_ignore) - {"global_batch", "val_dataset"})
     if not getattr(cfg, "datasets", None):
         ds = build_named(settings_for(cfg, cfg.dataset_folder), "dataset_folder")
-        return ds, ResumableSampler(len(ds), rank, world_size, seed=cfg.seed, shuffle=True)
+        return ds, ResumableSampler(len(ds), rank, world_size, seed=cfg.seed, shuffle=True, relaxed=relaxed)
     mix = build_mixture(cfg)
-    return mix, StreamSampler(len(mix), rank, world_size, seed=cfg.seed, fingerprint=mixture_fingerprint(mix))
+    fingerprint = mixture_fingerprint(mix)
+    return mix, StreamSampler(len(mix), rank, world_size, seed=cfg.seed, fingerprint=fingerprint, relaxed=relaxed)
 
 
 def mixture_fingerprint(mix) -> str:

@@ -20,7 +20,15 @@ import numpy as np
 
 
 class ResumableSampler:
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        num_samples: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        relaxed: bool = False,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in world of {world_size}")
         if num_samples < world_size:
@@ -32,6 +40,7 @@ class ResumableSampler:
         self.num_samples = num_samples
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
+        self.relaxed = relaxed  # the user let a change of the data go on (resume_ignore)
         self.epoch = 0
         self.consumed = 0  # samples of this epoch already consumed by this rank
 
@@ -69,15 +78,16 @@ class ResumableSampler:
             "world_size": self.world_size,
         }
 
-    def load_state_dict(self, state: dict, relaxed: bool = False) -> None:
-        """`relaxed`: the user let a change of the data go on (`resume_ignore`): another sample
-        stream goes on at the same epoch and the same fraction of it, instead of being refused."""
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint of another sample stream is refused, unless `relaxed` (the user let a
+        change of the data go on, `resume_ignore`): then the new stream goes on at the same
+        epoch and the same fraction of it."""
         mine = getattr(self, "fingerprint", "")
         same = state.get("stream", "") == mine and (state["num_samples"], state["seed"]) == (
             self.num_samples,
             self.seed,
         )
-        if relaxed and not same:
+        if self.relaxed and not same:
             done = state["consumed"] * state["world_size"] / max(1, state["num_samples"])  # of the epoch
             self.epoch, self.consumed = state["epoch"], min(len(self), int(done * self.num_samples) // self.world_size)
             import logging
@@ -127,8 +137,16 @@ class StreamSampler(ResumableSampler):
     ``fingerprint`` names the stream (sources and weights): a checkpoint of another mixture
     is refused rather than resumed at a position that means something else."""
 
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, fingerprint: str = ""):
-        super().__init__(num_samples, rank, world_size, seed, shuffle=False)
+    def __init__(
+        self,
+        num_samples: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        fingerprint: str = "",
+        relaxed: bool = False,
+    ):
+        super().__init__(num_samples, rank, world_size, seed, shuffle=False, relaxed=relaxed)
         self.fingerprint = fingerprint
 
     def order(self, epoch: int) -> np.ndarray:

@@ -93,6 +93,9 @@ class Engine(Protocol):
 
     def all_reduce_sum(self, values: list[float]) -> list[float]: ...
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` (picklable), on every rank: what one rank decided (the checkpoint to resume)."""
+
     def barrier(self) -> None: ...
 
     def save(self, folder: Path) -> None: ...
@@ -101,8 +104,8 @@ class Engine(Protocol):
 
 
 class Collectives:
-    """`all_reduce_sum` and `barrier` over the default process group: the same for every
-    engine that runs with ranks (ddp, deepspeed, fsdp2; a 1-rank group included)."""
+    """`all_reduce_sum`, `broadcast_object` and `barrier` over the default process group: the
+    same for every engine that runs with ranks (ddp, deepspeed, fsdp2; a 1-rank group included)."""
 
     env: Any
 
@@ -110,6 +113,11 @@ class Collectives:
         t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)  # on NCCL, through the current CUDA device
+        return box[0]
 
     def barrier(self) -> None:
         dist.barrier()

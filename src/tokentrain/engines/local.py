@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -150,6 +151,9 @@ class LocalEngine:
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return list(values)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
 
     def barrier(self) -> None:
         pass

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tokentrain.checkpoint.fingerprint import check_resume, run_fingerprint
+from tokentrain.checkpoint.fingerprint import run_fingerprint
 from tokentrain.checkpoint.hf_export import export_hf
 from tokentrain.checkpoint.manager import CheckpointManager
 from tokentrain.checkpoint.rng import set_rng_state
@@ -90,14 +90,24 @@ class Trainer:
         )
         self._setup_optimization()
         self.ckpt = CheckpointManager(
-            self.work_dir / "checkpoints", env, self.engine, cfg.save_total_limit, every=cfg.save_steps
+            self.work_dir / "checkpoints",
+            env,
+            self.engine,
+            cfg.save_total_limit,
+            every=cfg.save_steps,
+            # What a checkpoint holds, listed once: saved and restored through state_dict/load_state_dict.
+            states={
+                "trainer": self,
+                "sampler": self.sampler,
+                "scheduler": self.scheduler,
+                "source_tokens": self.source_tokens,
+            },
+            fingerprint=run_fingerprint(cfg, self.hf_model.config, self.vocab_size, env.world_size),
+            ignore=cfg.resume_ignore,
         )
         self.flops = FlopCounter.for_model(self.hf_model)
         self.peak = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
-        resume_from = self.ckpt.resolve(self.resume)
-        self.ckpt.fingerprint = run_fingerprint(cfg, self.hf_model.config, self.vocab_size, env.world_size)
-        check_resume(resume_from, self.ckpt.fingerprint, cfg.resume_ignore)  # refuse a changed run in one line
-        rng = self._load(resume_from) if resume_from is not None else None
+        rng = self._resume()
         # (the JSONL sink drops the records after a resumed step itself)
         self.metrics = MetricsLogger(
             self.work_dir,
@@ -233,35 +243,23 @@ class Trainer:
         self.scheduler = WarmupCosine(optimizer, self.total_steps, cfg.warm_up_ratio, cfg.min_lr_ratio)
 
     # ================================================================== checkpoint state
-    def trainer_state(self) -> dict:
+    def state_dict(self) -> dict:
+        """The trainer's own part of a checkpoint: its counters (CheckpointManager.states)."""
         return {
             "step": self.step,
             "total_steps": self.total_steps,
             "skipped_steps": self.skipped_steps,
             "tokens_seen": self.tokens_seen,
-            "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "source_tokens": self.source_tokens.state_dict(),
             "world_size": self.env.world_size,
             "engine": self.engine.name,
         }
 
-    def _load(self, folder: Path) -> dict | None:
-        state, rng = self.ckpt.load(folder)
-        # Ignoring a change of the data or its settings (resume_ignore) means going on with another stream.
-        relaxed = bool(set(self.cfg.resume_ignore) - {"global_batch", "val_dataset"})
-        self.sampler.load_state_dict(state["sampler"], relaxed=relaxed)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        self.skipped_steps = int(state["skipped_steps"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.source_tokens.load_state_dict(state.get("source_tokens"))
-        if state["total_steps"] != self.total_steps:
-            log.warning(
-                "the checkpoint was taken in a run of %d steps, this one has %d: the lr schedule changes",
-                state["total_steps"],
-                self.total_steps,
-            )
+    def _resume(self) -> dict | None:
+        """Restore the checkpoint `--resume` names, if any; this rank's RNG state to apply last."""
+        restored = self.ckpt.restore(self.resume)
+        if restored is None:
+            return None
+        folder, rng = restored
         if self.env.is_main:
             log.info(
                 "resumed from %s at step %d (epoch %d, %d samples into it on each rank)",
@@ -272,8 +270,19 @@ class Trainer:
             )
         return rng
 
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.tokens_seen = int(state["tokens_seen"])
+        if state["total_steps"] != self.total_steps:
+            log.warning(
+                "the checkpoint was taken in a run of %d steps, this one has %d: the lr schedule changes",
+                state["total_steps"],
+                self.total_steps,
+            )
+
     def save(self) -> None:
-        path = self.ckpt.save(self.step, self.trainer_state(), self.cfg.to_dict())
+        path = self.ckpt.save(self.step, self.cfg.to_dict())
         self.metrics.message(f"checkpoint {path}")
         if self.started is not None:  # the new run is proven: --overwrite may now delete the old one
             started, self.started = self.started, None
