@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from tests.reliability.helpers import clean_env as clean_env  # one child environment for every suite
 from tests.reliability.helpers import error_lines as error_lines
+from tests.reliability.helpers import torchrun_cmd as torchrun_cmd
 
 TT = [sys.executable, "-m", "tokentrain"]
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.engines.engine_helpers import write_cfg
+from tests.engines.engine_helpers import torchrun_cmd, write_cfg
 from tokentrain.distributed.spawn import _free_port
 
 HERE = Path(__file__).parent
@@ -282,18 +282,7 @@ def test_a_killed_rank_ends_the_whole_job(job, tmp_path, launcher, request):
     tt = str(Path(sys.executable).with_name("tokentrain"))
     args = [str(job["cfg"]), "--work-dir", str(work), "--cfg-options", "max_iters=100000", "save_steps=100000"]
     if launcher == "torchrun":
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
-            "-m",
-            "tokentrain.train",
-            *args,
-            "--launcher",
-            "pytorch",
-        ]
+        cmd = torchrun_cmd(*args)
         env = clean_env(TOKENTRAIN_CACHE=job["cache"])
     else:
         cmd = [

@@ -7,11 +7,19 @@ helper that served a store nobody connected to)."""
 from __future__ import annotations
 
 import shutil
-import sys
 
 import pytest
 
-from tests.engines.engine_helpers import clean_env, error_lines, losses, rel_diff, tokentrain, weights, write_cfg
+from tests.engines.engine_helpers import (
+    clean_env,
+    error_lines,
+    losses,
+    rel_diff,
+    tokentrain,
+    torchrun_cmd,
+    weights,
+    write_cfg,
+)
 from tokentrain.distributed.spawn import _free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -60,9 +68,7 @@ def test_one_rank_launchers_with_deepspeed(job, launch, tmp_path):
 def _torchrun_one(args: list, env: dict):
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}"]
-    cmd += ["-m", "tokentrain.train", *map(str, args), "--launcher", "pytorch"]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(torchrun_cmd(*args, nproc=1), env=env, capture_output=True, text=True, timeout=240)
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,14 @@ def clean_env(faults: str | None = None, **extra) -> dict:
     return env
 
 
+def torchrun_cmd(*args, nproc: int = 2) -> list[str]:
+    """`torchrun --nproc_per_node=N -m tokentrain.train ARGS --launcher pytorch` on a free port."""
+    from tokentrain.distributed.spawn import _free_port
+
+    run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+    return [*run, "-m", "tokentrain.train", *map(str, args), "--launcher", "pytorch"]
+
+
 def train(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*TT, "train", *map(str, args)], env=env or clean_env(), capture_output=True, text=True, timeout=timeout

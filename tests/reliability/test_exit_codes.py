@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tokentrain.distributed.spawn import _free_port
 
-from .helpers import BIN, TT, checkpoints, clean_env, error_lines, metrics, wait_for, write_cfg
+from .helpers import BIN, TT, checkpoints, clean_env, error_lines, metrics, torchrun_cmd, wait_for, write_cfg
 
 pytestmark = pytest.mark.distributed  # starts several processes
 
@@ -124,18 +123,7 @@ def test_exit_code_through_nproc_per_node(case, tiny_model, tiny_data, tmp_path)
 def test_exit_code_through_torchrun(case, tiny_model, tiny_data, tmp_path):
     """A bare torchrun says 1 for any failed worker, whatever its code; 0 stays 0."""
     args, faults = _args(case, tiny_model, tiny_data, tmp_path)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "-m",
-        "tokentrain.train",
-        *args,
-        "--launcher",
-        "pytorch",
-    ]
+    cmd = torchrun_cmd(*args)
     rc, err = _run(cmd, clean_env(faults, TOKENTRAIN_CACHE=str(tmp_path / "cache")), case, tmp_path / "w")
     print(f"torchrun, {case}: exit {rc}")
     _check(case, rc, err, tmp_path / "w", TORCHRUN_CODES[case], traceback_ok=True)

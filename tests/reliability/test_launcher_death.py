@@ -18,7 +18,7 @@ import pytest
 
 from tokentrain.distributed.spawn import _free_port
 
-from .helpers import TT, checkpoints, clean_env, error_lines, metrics, train, wait_for, write_cfg
+from .helpers import TT, checkpoints, clean_env, error_lines, metrics, torchrun_cmd, train, wait_for, write_cfg
 
 pytestmark = pytest.mark.distributed  # starts several processes
 
@@ -101,26 +101,11 @@ def test_killing_the_tokentrain_launcher_ends_every_rank(tiny_model, tiny_data, 
     assert checkpoints(work)["latest"] is not None, err[-3000:]  # they stopped as if preempted
 
 
-def _torchrun(args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "-m",
-        "tokentrain.train",
-        *args,
-        "--launcher",
-        "pytorch",
-    ]
-
-
 def test_killing_torchrun_stops_its_ranks_as_if_preempted(tiny_model, tiny_data, tmp_path):
     """A bare torchrun, SIGKILLed: its ranks get SIGTERM from the kernel, finish the step, write
     a checkpoint and exit, their data-loader workers with them."""
     args, work = _job(tiny_model, tiny_data, tmp_path)
-    proc, running = _start(_torchrun(args), clean_env(None, TOKENTRAIN_CACHE=str(tmp_path / "cache")), work)
+    proc, running = _start(torchrun_cmd(*args), clean_env(None, TOKENTRAIN_CACHE=str(tmp_path / "cache")), work)
     assert len(running) >= 1 + 2 + 2, running  # torchrun, 2 ranks, a worker each
     left, took, err = _orphans_after_killing(proc, work, within=45)
     print(f"{len(running)} processes; all gone {took:.1f} s after the SIGKILL")
@@ -134,7 +119,7 @@ def test_killing_torchrun_ends_every_rank_even_one_stuck_in_a_checkpoint(tiny_mo
     peer would): the grace period ends the ranks anyway, and their workers with them."""
     args, work = _job(tiny_model, tiny_data, tmp_path)
     env = clean_env("save_sleep=600", TOKENTRAIN_CACHE=str(tmp_path / "cache"), TOKENTRAIN_ORPHAN_GRACE="5")
-    proc, running = _start(_torchrun(args), env, work)
+    proc, running = _start(torchrun_cmd(*args), env, work)
     assert len(running) >= 1 + 2 + 2, running  # torchrun, 2 ranks, a worker each
     left, took, err = _orphans_after_killing(proc, work, within=30)
     print(f"{len(running)} processes; all gone {took:.1f} s after the SIGKILL")

@@ -8,13 +8,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .helpers import TT, checkpoints, clean_env, error_lines, metrics, train, wait_for, write_cfg
+from .helpers import TT, checkpoints, clean_env, error_lines, metrics, torchrun_cmd, train, wait_for, write_cfg
 
 
 def _sources_of_step(cfg_data: Path, step: int, batch_size: int = 2, seed: int = 3) -> list[tuple[str, int]]:
@@ -142,26 +141,10 @@ def test_a_killed_rank_ends_a_deepspeed_job(tiny_model, tiny_data, tmp_path):
     """kill -9 of one of 2 DeepSpeed ZeRO-2 ranks under torchrun: every rank exits, non-zero,
     within 60 s (the DDP variant, under torchrun and srun, is in tests/engines)."""
     from tests.engines.test_engines import _alive, _rank_pids
-    from tokentrain.distributed.spawn import _free_port
 
     cfg = write_cfg(tmp_path / "run.py", tiny_model, tiny_data, batch_size=1, max_iters=100000, save_steps=100000)
     work = tmp_path / "w"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "-m",
-        "tokentrain.train",
-        str(cfg),
-        "--work-dir",
-        str(work),
-        "--launcher",
-        "pytorch",
-        "--deepspeed",
-        "deepspeed_zero2",
-    ]
+    cmd = torchrun_cmd(cfg, "--work-dir", work, "--deepspeed", "deepspeed_zero2")
     proc = subprocess.Popen(
         cmd, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
