@@ -7,7 +7,9 @@ the whole forward -- decoder, masking, loss -- runs inside the wrapper's hooks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -92,6 +94,11 @@ def soft_caps_attention(path: str, trust_remote_code: bool) -> bool:
     return bool(getattr(cfg, "attn_logit_softcapping", None))
 
 
+# An engine's placement step (FSDP2: shard): `hook(model, materialize)` takes the freshly built
+# model instead of it being moved to the device; `materialize`: the model is on the meta device.
+ShardHook = Callable[[nn.Module, bool], None]
+
+
 def load_model(
     path: str,
     trust_remote_code: bool,
@@ -99,17 +106,29 @@ def load_model(
     device: torch.device,
     seed: int = 0,
     fallback: str | None = None,
+    shard: ShardHook | None = None,
 ) -> PreTrainedModel:
-    """The HF model in fp32 (the master weights; compute runs in the autocast dtype).
+    """The HF model in fp32 (the master weights; compute runs in the autocast dtype): the one
+    builder of every engine, so a folder it cannot read gives the same one-line error on each.
 
     A local folder with a config.json but no weights starts from random weights
     (seeded, the same on every rank): training from scratch. When the model refuses
     `attn_implementation` (gemma2 has no sdpa: sdpa cannot soft-cap) and a `fallback` is
     given ('auto' chose the implementation), it is loaded with the fallback, logged; the
     implementation in use is ``model.config._attn_implementation``.
+
+    `shard` (FSDP2's): the model is handed to it rather than moved to `device` -- loaded whole
+    on the host when the folder has weights; else built on the meta device and materialised
+    by the hook unit by unit under the seeded RNG, so the whole model never exists on one rank.
+    ZeRO-3 needs no hook: transformers' zero.Init partitions the model as it is built.
     """
+    scratch = not has_weights(path)
+    if scratch:
+        how = ", building it sharded" if shard else ""
+        log.info("%s has a config but no weights: training from scratch (random init, seed %d%s)", path, seed, how)
+    meta = scratch and shard is not None
     try:
-        return _load_model(path, trust_remote_code, attn_implementation, device, seed)
+        model = _build(path, trust_remote_code, attn_implementation, seed, scratch, meta)
     except ConfigError as e:
         refused = "does not support an attention implementation" in str(e) or "attn_implementation" in str(e)
         if fallback is None or fallback == attn_implementation or not refused:
@@ -119,42 +138,49 @@ def load_model(
             str(e).split(": cannot load the model: ")[-1],
             fallback,
         )
-        return _load_model(path, trust_remote_code, fallback, device, seed)
+        model = _build(path, trust_remote_code, fallback, seed, scratch, meta)
+    model.config.use_cache = False
+    if shard is None:
+        # transformers wraps PreTrainedModel.to in a decorator whose stub drops `self`
+        return model.to(device)  # type: ignore[arg-type]
+    with seeded(seed) if meta else contextlib.nullcontext():
+        shard(model, meta)
+    return model
 
 
-def _load_model(
-    path: str, trust_remote_code: bool, attn_implementation: str, device: torch.device, seed: int
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Draws from a stream seeded with `seed`, the caller's RNG state untouched: a random init
+    that is the same on every rank and leaves the run's own stream where it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _build(
+    path: str, trust_remote_code: bool, attn_implementation: str, seed: int, scratch: bool, meta: bool
 ) -> PreTrainedModel:
+    """from_pretrained, or from_config for a config-only folder (`scratch`: seeded; `meta`: on the
+    meta device, for a hook to materialise); any failure reading the folder is one ConfigError."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    impl, remote = attn_implementation, trust_remote_code
     try:
-        if has_weights(path):
-            model = AutoModelForCausalLM.from_pretrained(
-                path,
-                dtype=torch.float32,
-                attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code,
+        if not scratch:
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, attn_implementation=impl, trust_remote_code=remote
             )
-        else:
-            log.info("%s has a config but no weights: training from scratch (random init, seed %d)", path, seed)
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = AutoModelForCausalLM.from_config(
-                    config,
-                    dtype=torch.float32,
-                    attn_implementation=attn_implementation,
-                    trust_remote_code=trust_remote_code,
-                )
+        config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+        with torch.device("meta") if meta else seeded(seed):
+            return AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, attn_implementation=impl, trust_remote_code=remote
+            )
     except Exception as e:
         if _raised_by_engine(e):  # not the folder's fault: say so, exit 1 (not a usage error)
             raise TokentrainError(
                 f"the training engine failed while building the model of {path!r}: {first_line(e)}"
             ) from None
         raise ConfigError(f"pretrained_model_name_or_path = {path!r}: cannot load the model: {first_line(e)}") from None
-    model.config.use_cache = False
-    # transformers wraps PreTrainedModel.to in a decorator whose stub drops `self`
-    return model.to(device)  # type: ignore[arg-type]
 
 
 def _fused_parts(model: PreTrainedModel) -> tuple[nn.Module, nn.Linear] | None:
