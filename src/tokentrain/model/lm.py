@@ -8,6 +8,7 @@ the whole forward -- decoder, masking, loss -- runs inside the wrapper's hooks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from tokentrain.model.loss import linear_cross_entropy_sum, logits_cross_entropy
 from tokentrain.utils.dtypes import torch_dtype
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +81,26 @@ def has_weights(path: str) -> bool:
     return any((p / f).is_file() for f in WEIGHT_FILES) or any(p.glob("*.safetensors"))
 
 
+def read_config(path: str, trust_remote_code: bool) -> PretrainedConfig:
+    """The model's HF config, read in this one place: a config.json that is no JSON or names a
+    model_type transformers does not know is one ConfigError naming the file, whatever the engine."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ConfigError(
+            f"pretrained_model_name_or_path = {path!r}: cannot read its config.json: {first_line(e)}"
+        ) from None
+
+
 def soft_caps_attention(path: str, trust_remote_code: bool) -> bool:
     """Whether the model's config soft-caps attention scores (gemma2): no varlen kernel of
     PyTorch's can, so 'auto' picks flex_attention on CUDA. False when the config cannot be
     read (`load_model` then says why)."""
-    from transformers import AutoConfig
-
     try:
-        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception:
+        cfg = read_config(path, trust_remote_code)
+    except ConfigError:
         return False
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return bool(getattr(cfg, "attn_logit_softcapping", None))
@@ -122,13 +134,14 @@ def load_model(
     by the hook unit by unit under the seeded RNG, so the whole model never exists on one rank.
     ZeRO-3 needs no hook: transformers' zero.Init partitions the model as it is built.
     """
+    config = read_config(path, trust_remote_code)
     scratch = not has_weights(path)
     if scratch:
         how = ", building it sharded" if shard else ""
         log.info("%s has a config but no weights: training from scratch (random init, seed %d%s)", path, seed, how)
     meta = scratch and shard is not None
     try:
-        model = _build(path, trust_remote_code, attn_implementation, seed, scratch, meta)
+        model = _build(path, config, trust_remote_code, attn_implementation, seed, scratch, meta)
     except ConfigError as e:
         refused = "does not support an attention implementation" in str(e) or "attn_implementation" in str(e)
         if fallback is None or fallback == attn_implementation or not refused:
@@ -138,7 +151,7 @@ def load_model(
             str(e).split(": cannot load the model: ")[-1],
             fallback,
         )
-        model = _build(path, trust_remote_code, fallback, seed, scratch, meta)
+        model = _build(path, config, trust_remote_code, fallback, seed, scratch, meta)
     model.config.use_cache = False
     if shard is None:
         # transformers wraps PreTrainedModel.to in a decorator whose stub drops `self`
@@ -158,19 +171,25 @@ def seeded(seed: int):
 
 
 def _build(
-    path: str, trust_remote_code: bool, attn_implementation: str, seed: int, scratch: bool, meta: bool
+    path: str,
+    config: PretrainedConfig,
+    trust_remote_code: bool,
+    attn_implementation: str,
+    seed: int,
+    scratch: bool,
+    meta: bool,
 ) -> PreTrainedModel:
     """from_pretrained, or from_config for a config-only folder (`scratch`: seeded; `meta`: on the
-    meta device, for a hook to materialise); any failure reading the folder is one ConfigError."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    meta device, for a hook to materialise); a failure is one ConfigError (or the engine's)."""
+    from transformers import AutoModelForCausalLM
 
     impl, remote = attn_implementation, trust_remote_code
     try:
         if not scratch:
             return AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32, attn_implementation=impl, trust_remote_code=remote
+                path, config=config, dtype=torch.float32, attn_implementation=impl, trust_remote_code=remote
             )
-        config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+        config = copy.deepcopy(config)  # from_config sets dtype and attention on it: a retry starts clean
         with torch.device("meta") if meta else seeded(seed):
             return AutoModelForCausalLM.from_config(
                 config, dtype=torch.float32, attn_implementation=impl, trust_remote_code=remote
