@@ -38,7 +38,7 @@ class StepResult:
 
 @runtime_checkable
 class Engine(Protocol):
-    name: str  # "local", "ddp", "deepspeed", "fsdp2"
+    name: str  # its row in engines/specs.py:SPECS
 
     optimizer: Any  # the optimizer the engine steps (FSDP2 rebuilds it over its shards)
 
