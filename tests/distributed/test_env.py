@@ -71,6 +71,17 @@ def test_missing_launcher_env_is_a_config_error(monkeypatch):
         denv.read_launcher_env("mpi")
 
 
+def test_the_cli_offers_the_launchers_of_the_one_table():
+    import argparse
+
+    from tokentrain.cli.train_cmd import add_train_arguments
+
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    launcher = next(a for a in p._actions if a.dest == "launcher")
+    assert launcher.choices == denv.LAUNCHERS and all(f"{n}:" in (launcher.help or "") for n in denv.LAUNCHERS)
+
+
 def test_tasks_per_node_forms():
     assert denv._slurm_tasks_on_node("4", 0) == 4
     assert denv._slurm_tasks_on_node("2(x3),1", 2) == 2

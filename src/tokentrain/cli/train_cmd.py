@@ -18,6 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from tokentrain.distributed.env import LAUNCHER_HELP, LAUNCHERS
 from tokentrain.engines.specs import CHOICES
 from tokentrain.errors import TokentrainError
 from tokentrain.utils.disk import UNWRITABLE, what_failed
@@ -30,9 +31,9 @@ def add_train_arguments(p) -> None:
     )
     p.add_argument(
         "--launcher",
-        choices=("none", "pytorch", "slurm"),
+        choices=LAUNCHERS,
         default="none",
-        help="none: one process; pytorch: under torchrun; slurm: one task per rank under srun",
+        help="; ".join(f"{name}: {how}" for name, how in LAUNCHER_HELP.items()),
     )
     p.add_argument(
         "--resume", metavar="auto|PATH", help="auto: newest complete checkpoint in the work dir; or a step_N folder"

@@ -78,7 +78,7 @@ class TrainConfig:
     fsdp_cpu_offload: bool = False  # FSDP2: parameter shards and optimizer state in host memory
     peak_tflops: float | None = None  # for MFU; None: known GPUs, or measured on CPU
     work_dir: str | None = None
-    engine: str = "auto"  # local | ddp | deepspeed | fsdp2; auto: deepspeed with --deepspeed, ddp on >1 rank
+    engine: str = "auto"  # one of engines/specs.py:CHOICES; auto: deepspeed with --deepspeed, ddp on >1 rank
     resume_ignore: list[str] = field(default_factory=list)  # fingerprint keys a resume may differ in (logged)
 
     def replace(self, **changes) -> TrainConfig:

@@ -1,1 +1,1 @@
-"""Process topology: who am I (rank, world, device) under none | pytorch | slurm launchers."""
+"""Process topology: who am I (rank, world, device) under each launcher of `env.LAUNCHERS`."""

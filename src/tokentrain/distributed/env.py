@@ -27,7 +27,10 @@ from tokentrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-LAUNCHERS = ("none", "pytorch", "slurm")
+# The launchers, the one list of their names (--launcher's choices and help, the messages):
+# name -> how it starts the ranks. `read_launcher_env` reads each one's variables.
+LAUNCHER_HELP = {"none": "one process", "pytorch": "under torchrun", "slurm": "one task per rank under srun"}
+LAUNCHERS = tuple(LAUNCHER_HELP)
 
 
 @dataclass

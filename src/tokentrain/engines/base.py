@@ -15,6 +15,7 @@ whether its checkpoints move to another world size, is its row in `engines/specs
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -37,7 +38,7 @@ class StepResult:
 
 @runtime_checkable
 class Engine(Protocol):
-    name: str  # "local", "ddp", "deepspeed", "fsdp2"
+    name: str  # its row in engines/specs.py:SPECS
 
     optimizer: Any  # the optimizer the engine steps (FSDP2 rebuilds it over its shards)
 
@@ -54,16 +55,11 @@ class Engine(Protocol):
     def stage(self) -> int | None:
         """The DeepSpeed ZeRO stage; None for the other engines (recorded in checkpoints)."""
 
-    def load_model(
-        self,
-        path: str,
-        trust_remote_code: bool,
-        attn_implementation: str,
-        device: torch.device,
-        seed: int = 0,
-        fallback: str | None = None,
-    ) -> Any:
-        """The HF model, built the way this engine needs it (FSDP2: sharded as it is built)."""
+    @property
+    def shard_hook(self) -> Callable[[nn.Module, bool], None] | None:
+        """What the model builder (`model/lm.py:load_model`, the same for every engine) hands the
+        freshly built model to instead of moving it to the device: FSDP2 shards it (see
+        `ShardHook` there); None: whole on the device (ZeRO-3's zero.Init partitions it itself)."""
 
     @property
     def partitioned_params(self) -> bool:

@@ -11,13 +11,14 @@ directly, not the HF model's forward, so its forward is registered as an FSDP fo
 method of the root (`register_fsdp_forward_method`): the root's parameters are gathered
 for exactly that call, and backward reduce-scatters them as usual.
 
-Building: `load_model` builds a model folder *sharded*. Without weights (config only) the
-model is created on the meta device and materialised one FSDP unit at a time -- a unit is
-allocated whole, initialised by the model's own `_init_weights` from one seeded stream,
-then sharded -- so the whole model never exists on one rank, and the initial weights are
-the same at any world size. With weights, the model is loaded (whole, on the host) and
-then sharded. The optimizer the trainer builds afterwards already holds the shards; one
-built earlier is rebuilt over them (same class, same param-group hyperparameters).
+Building: the one model builder (`model/lm.py:load_model`, every engine's: the same config
+reading, attention fallback and errors) calls `shard` as its hook. Without weights (config
+only) it builds the model on the meta device and `shard` materialises it one FSDP unit at a
+time -- a unit is allocated whole, initialised by the model's own `_init_weights` from one
+seeded stream, then sharded -- so the whole model never exists on one rank, and the initial
+weights are the same at any world size. With weights, the model is loaded (whole, on the
+host) and then sharded. The optimizer the trainer builds afterwards already holds the
+shards; one built earlier is rebuilt over them (same class, same param-group hyperparameters).
 
 Loss scaling and accumulation as for DDP: FSDP averages gradients over ranks, so
 `loss_scale` is the world size; gradient sync is off on all but the last micro-batch.
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,6 @@ from torch import nn
 
 from tokentrain.engines import fsdp2_checkpoint as ckpt
 from tokentrain.engines.base import Collectives, StepResult
-
-log = logging.getLogger(__name__)
 
 LOSS_METHOD = "tokentrain_loss"  # the loss module's forward, registered on the FSDP root
 
@@ -109,47 +107,11 @@ class FSDP2Engine(Collectives):
             kw["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type == "cuda")
         return kw
 
-    def load_model(
-        self,
-        path: str,
-        trust_remote_code: bool,
-        attn_implementation: str,
-        device,
-        seed: int = 0,
-        fallback: str | None = None,
-    ):
-        """The HF model of `path`, sharded (see the module docstring); the trainer's build hook.
-        `fallback`: the attention implementation to use when the model refuses the chosen one."""
-        from tokentrain.model.lm import has_weights, load_model
-
-        if has_weights(path):
-            model = load_model(path, trust_remote_code, attn_implementation, torch.device("cpu"), seed, fallback)
-            self.shard(model)
-            return model
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        log.info("%s has a config but no weights: building it sharded (seeded init %d)", path, seed)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            try:
-                model = AutoModelForCausalLM.from_config(
-                    config,
-                    dtype=torch.float32,
-                    attn_implementation=attn_implementation,
-                    trust_remote_code=trust_remote_code,
-                )
-            except ValueError:  # the model refuses the implementation (gemma2: sdpa)
-                if fallback is None:
-                    raise
-                log.info("%s refuses attn_implementation %r; building it with %r", path, attn_implementation, fallback)
-                model = AutoModelForCausalLM.from_config(
-                    config, dtype=torch.float32, attn_implementation=fallback, trust_remote_code=trust_remote_code
-                )
-        model.config.use_cache = False
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.shard(model, materialize=True)
-        return model
+    @property
+    def shard_hook(self):
+        """The model builder (`model/lm.py:load_model`) hands it the model it built: loaded on the
+        host, or on the meta device for a config-only folder (see the module docstring)."""
+        return self.shard
 
     def shard(self, model: nn.Module, materialize: bool = False) -> None:
         """fully_shard each decoder layer, then the root; `materialize`: the model is on the
@@ -172,7 +134,7 @@ class FSDP2Engine(Collectives):
         self.hf_model = model
 
     def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
-        """Shard `module.model` (if `load_model` did not), route the loss module's forward
+        """Shard `module.model` (if the builder's hook did not), route the loss module's forward
         through the root's FSDP hooks, and make sure the optimizer holds the shards."""
         from torch.distributed.fsdp import register_fsdp_forward_method
 

@@ -75,20 +75,11 @@ class LocalEngine:
     def description(self) -> str:
         return self.name
 
-    def load_model(
-        self,
-        path: str,
-        trust_remote_code: bool,
-        attn_implementation: str,
-        device: torch.device,
-        seed: int = 0,
-        fallback: str | None = None,
-    ):
-        """The HF model whole, on `device` (DDP and DeepSpeed too: ZeRO-3's zero.Init partitions
-        it as it is built)."""
-        from tokentrain.model.lm import load_model
-
-        return load_model(path, trust_remote_code, attn_implementation, device, seed, fallback)
+    @property
+    def shard_hook(self) -> None:
+        """The model whole on the device (DDP and DeepSpeed too: ZeRO-3's zero.Init partitions it
+        as transformers builds it)."""
+        return None
 
     @property
     def partitioned_params(self) -> bool:

@@ -7,7 +7,10 @@ the whole forward -- decoder, masking, loss -- runs inside the wrapper's hooks.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,7 +22,7 @@ from tokentrain.model.loss import linear_cross_entropy_sum, logits_cross_entropy
 from tokentrain.utils.dtypes import torch_dtype
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +81,34 @@ def has_weights(path: str) -> bool:
     return any((p / f).is_file() for f in WEIGHT_FILES) or any(p.glob("*.safetensors"))
 
 
+def read_config(path: str, trust_remote_code: bool) -> PretrainedConfig:
+    """The model's HF config, read in this one place: a config.json that is no JSON or names a
+    model_type transformers does not know is one ConfigError naming the file, whatever the engine."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ConfigError(
+            f"pretrained_model_name_or_path = {path!r}: cannot read its config.json: {first_line(e)}"
+        ) from None
+
+
 def soft_caps_attention(path: str, trust_remote_code: bool) -> bool:
     """Whether the model's config soft-caps attention scores (gemma2): no varlen kernel of
     PyTorch's can, so 'auto' picks flex_attention on CUDA. False when the config cannot be
     read (`load_model` then says why)."""
-    from transformers import AutoConfig
-
     try:
-        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception:
+        cfg = read_config(path, trust_remote_code)
+    except ConfigError:
         return False
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return bool(getattr(cfg, "attn_logit_softcapping", None))
+
+
+# An engine's placement step (FSDP2: shard): `hook(model, materialize)` takes the freshly built
+# model instead of it being moved to the device; `materialize`: the model is on the meta device.
+ShardHook = Callable[[nn.Module, bool], None]
 
 
 def load_model(
@@ -99,17 +118,30 @@ def load_model(
     device: torch.device,
     seed: int = 0,
     fallback: str | None = None,
+    shard: ShardHook | None = None,
 ) -> PreTrainedModel:
-    """The HF model in fp32 (the master weights; compute runs in the autocast dtype).
+    """The HF model in fp32 (the master weights; compute runs in the autocast dtype): the one
+    builder of every engine, so a folder it cannot read gives the same one-line error on each.
 
     A local folder with a config.json but no weights starts from random weights
     (seeded, the same on every rank): training from scratch. When the model refuses
     `attn_implementation` (gemma2 has no sdpa: sdpa cannot soft-cap) and a `fallback` is
     given ('auto' chose the implementation), it is loaded with the fallback, logged; the
     implementation in use is ``model.config._attn_implementation``.
+
+    `shard` (FSDP2's): the model is handed to it rather than moved to `device` -- loaded whole
+    on the host when the folder has weights; else built on the meta device and materialised
+    by the hook unit by unit under the seeded RNG, so the whole model never exists on one rank.
+    ZeRO-3 needs no hook: transformers' zero.Init partitions the model as it is built.
     """
+    config = read_config(path, trust_remote_code)
+    scratch = not has_weights(path)
+    if scratch:
+        how = ", building it sharded" if shard else ""
+        log.info("%s has a config but no weights: training from scratch (random init, seed %d%s)", path, seed, how)
+    meta = scratch and shard is not None
     try:
-        return _load_model(path, trust_remote_code, attn_implementation, device, seed)
+        model = _build(path, config, trust_remote_code, attn_implementation, seed, scratch, meta)
     except ConfigError as e:
         refused = "does not support an attention implementation" in str(e) or "attn_implementation" in str(e)
         if fallback is None or fallback == attn_implementation or not refused:
@@ -119,42 +151,55 @@ def load_model(
             str(e).split(": cannot load the model: ")[-1],
             fallback,
         )
-        return _load_model(path, trust_remote_code, fallback, device, seed)
+        model = _build(path, config, trust_remote_code, fallback, seed, scratch, meta)
+    model.config.use_cache = False
+    if shard is None:
+        # transformers wraps PreTrainedModel.to in a decorator whose stub drops `self`
+        return model.to(device)  # type: ignore[arg-type]
+    with seeded(seed) if meta else contextlib.nullcontext():
+        shard(model, meta)
+    return model
 
 
-def _load_model(
-    path: str, trust_remote_code: bool, attn_implementation: str, device: torch.device, seed: int
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Draws from a stream seeded with `seed`, the caller's RNG state untouched: a random init
+    that is the same on every rank and leaves the run's own stream where it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _build(
+    path: str,
+    config: PretrainedConfig,
+    trust_remote_code: bool,
+    attn_implementation: str,
+    seed: int,
+    scratch: bool,
+    meta: bool,
 ) -> PreTrainedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """from_pretrained, or from_config for a config-only folder (`scratch`: seeded; `meta`: on the
+    meta device, for a hook to materialise); a failure is one ConfigError (or the engine's)."""
+    from transformers import AutoModelForCausalLM
 
+    impl, remote = attn_implementation, trust_remote_code
     try:
-        if has_weights(path):
-            model = AutoModelForCausalLM.from_pretrained(
-                path,
-                dtype=torch.float32,
-                attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code,
+        if not scratch:
+            return AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=torch.float32, attn_implementation=impl, trust_remote_code=remote
             )
-        else:
-            log.info("%s has a config but no weights: training from scratch (random init, seed %d)", path, seed)
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = AutoModelForCausalLM.from_config(
-                    config,
-                    dtype=torch.float32,
-                    attn_implementation=attn_implementation,
-                    trust_remote_code=trust_remote_code,
-                )
+        config = copy.deepcopy(config)  # from_config sets dtype and attention on it: a retry starts clean
+        with torch.device("meta") if meta else seeded(seed):
+            return AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, attn_implementation=impl, trust_remote_code=remote
+            )
     except Exception as e:
         if _raised_by_engine(e):  # not the folder's fault: say so, exit 1 (not a usage error)
             raise TokentrainError(
                 f"the training engine failed while building the model of {path!r}: {first_line(e)}"
             ) from None
         raise ConfigError(f"pretrained_model_name_or_path = {path!r}: cannot load the model: {first_line(e)}") from None
-    model.config.use_cache = False
-    # transformers wraps PreTrainedModel.to in a decorator whose stub drops `self`
-    return model.to(device)  # type: ignore[arg-type]
 
 
 def _fused_parts(model: PreTrainedModel) -> tuple[nn.Module, nn.Linear] | None:

@@ -187,11 +187,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         from tokentrain.model.attention import auto_attention, choose_attn_implementation, select_masking
-        from tokentrain.model.lm import (
-            CausalLMWithLoss,
-            load_tokenizer,
-            soft_caps_attention,
-        )
+        from tokentrain.model.lm import CausalLMWithLoss, load_model, load_tokenizer, soft_caps_attention
 
         cfg, env = self.cfg, self.env
         capped = env.device.type == "cuda" and soft_caps_attention(
@@ -200,8 +196,14 @@ class Trainer:
         impl = choose_attn_implementation(cfg.attn_implementation, env.device, cfg.use_varlen_attn, capped)
         self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
         fallback = "eager" if cfg.attn_implementation == "auto" else None  # a model without `impl` (gemma2: sdpa)
-        self.hf_model: PreTrainedModel = self.engine.load_model(  # FSDP2 builds it sharded
-            cfg.pretrained_model_name_or_path, cfg.trust_remote_code, impl, env.device, cfg.seed, fallback
+        self.hf_model: PreTrainedModel = load_model(  # one builder; FSDP2 shards as it builds
+            cfg.pretrained_model_name_or_path,
+            cfg.trust_remote_code,
+            impl,
+            env.device,
+            cfg.seed,
+            fallback,
+            shard=self.engine.shard_hook,
         )
         impl = self.hf_model.config._attn_implementation
         emb = self.hf_model.get_input_embeddings()
