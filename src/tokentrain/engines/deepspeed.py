@@ -203,6 +203,8 @@ class DeepSpeedEngine(Collectives, LocalEngine):
         self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
 
     def load(self, folder: Path) -> None:
+        import pickle
+
         from tokentrain.errors import CheckpointError, TokentrainError
 
         try:
@@ -213,7 +215,7 @@ class DeepSpeedEngine(Collectives, LocalEngine):
                 load_lr_scheduler_states=False,
                 load_module_strict=True,
             )
-        except TokentrainError:
+        except (TokentrainError, pickle.UnpicklingError):  # (a refused pickle: checkpoint/safety says so)
             raise
         except Exception as e:  # state files that are not DeepSpeed's (KeyError: 'module'), or of another model
             raise CheckpointError(
