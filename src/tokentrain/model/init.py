@@ -66,12 +66,10 @@ def init_by_name(model: nn.Module, seed: int, modules: list[nn.Module] | None = 
 
     `modules`: a part of the model whose tensors are allocated (FSDP2: one unit before it is
     sharded); the values do not depend on how the model is cut into such parts."""
-    from transformers.initialization import guard_torch_init_functions
-
     chosen = None if modules is None else {id(m) for m in modules}
     samples: dict[str, bytes] = {}
     first: dict[int, tuple[torch.Tensor, str]] = {}  # initialised tensors (kept alive: ids stay unique), first name
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), guard_torch_init_functions():
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), _guarded():
         for name, module, owner in post_order(model):
             if chosen is not None and id(module) not in chosen:
                 continue
@@ -95,6 +93,26 @@ def init_by_name(model: nn.Module, seed: int, modules: list[nn.Module] | None = 
                         if id(o) in first:
                             samples[first[id(o)][1]] = _sample(t)
     return samples
+
+
+def no_init_weights() -> contextlib.AbstractContextManager:
+    """transformers' context that builds a model without initialising it (`init_by_name` does)."""
+    import importlib
+
+    try:
+        module = importlib.import_module("transformers.initialization")  # transformers 5
+    except ImportError:
+        module = importlib.import_module("transformers.modeling_utils")  # transformers 4
+    return module.no_init_weights()
+
+
+def _guarded() -> contextlib.AbstractContextManager:
+    """torch.nn.init functions that respect FLAG, as transformers 5 runs `_init_weights` (4 has none)."""
+    try:
+        from transformers.initialization import guard_torch_init_functions
+    except ImportError:
+        return contextlib.nullcontext()
+    return guard_torch_init_functions()
 
 
 def digest(samples: dict[str, bytes]) -> str:

@@ -183,7 +183,8 @@ def _build(
     `init_by_name`, tied; `meta`: on the meta device, for a hook to materialise); a failure is one
     ConfigError (or the engine's)."""
     from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+
+    from tokentrain.model.init import no_init_weights
 
     impl, remote = attn_implementation, trust_remote_code
     try:
