@@ -180,7 +180,7 @@ def test_two_ranks_fsdp2_match_one_process_and_the_sharded_build_does_not_depend
         "__0_0.distcp",
         "__1_0.distcp",
     ]
-    # Config-only, 2 ranks: each unit initialised whole from one seeded stream, then sharded.
+    # Config-only, 2 ranks: each unit initialised by name (model/init.py), then sharded.
     one = job.run("config_only_1", job.config_only_cfg())
     two = job.run("config_only_2", job.config_only_cfg(), nproc=2)
     assert rel_diff(weights(two), weights(one)) <= 1e-5

@@ -15,14 +15,16 @@ whether its checkpoints move to another world size, is its row in `engines/specs
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from tokentrain.model.lm import ShardHook
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Engine(Protocol):
         """The DeepSpeed ZeRO stage; None for the other engines (recorded in checkpoints)."""
 
     @property
-    def shard_hook(self) -> Callable[[nn.Module, bool], None] | None:
+    def shard_hook(self) -> ShardHook | None:
         """What the model builder (`model/lm.py:load_model`, the same for every engine) hands the
         freshly built model to instead of moving it to the device: FSDP2 shards it (see
         `ShardHook` there); None: whole on the device (ZeRO-3's zero.Init partitions it itself)."""

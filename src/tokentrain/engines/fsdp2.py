@@ -14,9 +14,9 @@ for exactly that call, and backward reduce-scatters them as usual.
 Building: the one model builder (`model/lm.py:load_model`, every engine's: the same config
 reading, attention fallback and errors) calls `shard` as its hook. Without weights (config
 only) it builds the model on the meta device and `shard` materialises it one FSDP unit at a
-time -- a unit is allocated whole, initialised by the model's own `_init_weights` from one
-seeded stream, then sharded -- so the whole model never exists on one rank, and the initial
-weights are the same at any world size. With weights, the model is loaded (whole, on the
+time -- a unit is allocated whole, initialised by name (`model/init.py`: the same weights as
+every other engine builds from the seed), then sharded -- so the whole model never exists on
+one rank. With weights, the model is loaded (whole, on the
 host) and then sharded. The optimizer the trainer builds afterwards already holds the
 shards; one built earlier is rebuilt over them (same class, same param-group hyperparameters).
 
@@ -110,12 +110,14 @@ class FSDP2Engine(Collectives):
     @property
     def shard_hook(self):
         """The model builder (`model/lm.py:load_model`) hands it the model it built: loaded on the
-        host, or on the meta device for a config-only folder (see the module docstring)."""
+        host, or on the meta device for a config-only folder, with its initialiser (see the
+        module docstring)."""
         return self.shard
 
-    def shard(self, model: nn.Module, materialize: bool = False) -> None:
-        """fully_shard each decoder layer, then the root; `materialize`: the model is on the
-        meta device, each unit is allocated and initialised (whole) just before sharding."""
+    def shard(self, model: nn.Module, init=None) -> None:
+        """fully_shard each decoder layer, then the root; `init` given (`model/lm.py:Initialise`):
+        the model is on the meta device, each unit is allocated whole, initialised by name, then
+        sharded."""
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         if isinstance(model, FSDPModule):
@@ -124,12 +126,12 @@ class FSDP2Engine(Collectives):
         kw, dev = self._policies(), self.env.device
         layers = decoder_layers(model)
         for layer in layers:
-            if materialize:
-                _materialize(model, list(layer.modules()), dev)
+            if init is not None:
+                _materialize(list(layer.modules()), dev, init)
             fully_shard(layer, **kw)
-        if materialize:
+        if init is not None:
             inside = {id(m) for layer in layers for m in layer.modules()}
-            _materialize(model, [m for m in model.modules() if id(m) not in inside], dev)
+            _materialize([m for m in model.modules() if id(m) not in inside], dev, init)
         fully_shard(model, **kw)
         self.hf_model = model
 
@@ -235,10 +237,9 @@ def _full(norm) -> float:
     return float(norm)
 
 
-def _materialize(model: Any, modules: list[nn.Module], device) -> None:
+def _materialize(modules: list[nn.Module], device, init) -> None:
     """Allocate the (meta) parameters and buffers owned directly by `modules` on `device`
-    and initialise them with the model's own `_init_weights`; shared (tied) parameters
-    stay shared."""
+    (shared, tied, parameters stay shared) and have `init` initialise them."""
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
     for m in modules:
         for name, p in m._parameters.items():
@@ -250,9 +251,7 @@ def _materialize(model: Any, modules: list[nn.Module], device) -> None:
         first = getattr(*places[0])
         for m, name in places[1:]:
             setattr(m, name, first)
-    with torch.no_grad():
-        for m in modules:
-            model._init_weights(m)
+    init(modules)
 
 
 def _rebuild_optimizer(optimizer, before: dict[int, str], now: dict[str, nn.Parameter]):

@@ -7,7 +7,6 @@ the whole forward -- decoder, masking, loss -- runs inside the wrapper's hooks.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections.abc import Callable
@@ -106,9 +105,12 @@ def soft_caps_attention(path: str, trust_remote_code: bool) -> bool:
     return bool(getattr(cfg, "attn_logit_softcapping", None))
 
 
-# An engine's placement step (FSDP2: shard): `hook(model, materialize)` takes the freshly built
-# model instead of it being moved to the device; `materialize`: the model is on the meta device.
-ShardHook = Callable[[nn.Module, bool], None]
+# Initialises the given modules of the model being built (allocated, whole), by name: `init_by_name`.
+Initialise = Callable[[list[nn.Module]], None]
+# An engine's placement step (FSDP2: shard): `hook(model, init)` takes the freshly built model
+# instead of it being moved to the device; `init` given: the model is on the meta device, the
+# hook allocates it part by part and calls `init` on each part before sharding it.
+ShardHook = Callable[[nn.Module, Initialise | None], None]
 
 
 def load_model(
@@ -123,17 +125,21 @@ def load_model(
     """The HF model in fp32 (the master weights; compute runs in the autocast dtype): the one
     builder of every engine, so a folder it cannot read gives the same one-line error on each.
 
-    A local folder with a config.json but no weights starts from random weights
-    (seeded, the same on every rank): training from scratch. When the model refuses
+    A local folder with a config.json but no weights starts from random weights: training from
+    scratch. Each module is initialised by name from `seed` (model/init.py), so every engine and
+    world size starts from the same weights; the log gives their digest. When the model refuses
     `attn_implementation` (gemma2 has no sdpa: sdpa cannot soft-cap) and a `fallback` is
     given ('auto' chose the implementation), it is loaded with the fallback, logged; the
     implementation in use is ``model.config._attn_implementation``.
 
     `shard` (FSDP2's): the model is handed to it rather than moved to `device` -- loaded whole
     on the host when the folder has weights; else built on the meta device and materialised
-    by the hook unit by unit under the seeded RNG, so the whole model never exists on one rank.
-    ZeRO-3 needs no hook: transformers' zero.Init partitions the model as it is built.
+    by the hook unit by unit, each initialised by name, so the whole model never exists on one
+    rank. ZeRO-3 needs no hook: transformers' zero.Init partitions the model as it is built, and
+    `init_by_name` gathers one module at a time.
     """
+    from tokentrain.model.init import digest, init_by_name
+
     config = read_config(path, trust_remote_code)
     scratch = not has_weights(path)
     if scratch:
@@ -141,7 +147,7 @@ def load_model(
         log.info("%s has a config but no weights: training from scratch (random init, seed %d%s)", path, seed, how)
     meta = scratch and shard is not None
     try:
-        model = _build(path, config, trust_remote_code, attn_implementation, seed, scratch, meta)
+        model = _build(path, config, trust_remote_code, attn_implementation, scratch, meta)
     except ConfigError as e:
         refused = "does not support an attention implementation" in str(e) or "attn_implementation" in str(e)
         if fallback is None or fallback == attn_implementation or not refused:
@@ -151,23 +157,18 @@ def load_model(
             str(e).split(": cannot load the model: ")[-1],
             fallback,
         )
-        model = _build(path, config, trust_remote_code, fallback, seed, scratch, meta)
+        model = _build(path, config, trust_remote_code, fallback, scratch, meta)
     model.config.use_cache = False
+    samples: dict[str, bytes] = {}
+    if scratch and not meta:
+        samples = init_by_name(model, seed)
     if shard is None:
-        # transformers wraps PreTrainedModel.to in a decorator whose stub drops `self`
-        return model.to(device)  # type: ignore[arg-type]
-    with seeded(seed) if meta else contextlib.nullcontext():
-        shard(model, meta)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers' decorator stub drops `self`
+    else:
+        shard(model, (lambda modules: samples.update(init_by_name(model, seed, modules))) if meta else None)
+    if samples:  # ZeRO-3: rank 0 initialised, the others hold none
+        log.info("init: %d tensors initialised by name from seed %d, digest %s", len(samples), seed, digest(samples))
     return model
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Draws from a stream seeded with `seed`, the caller's RNG state untouched: a random init
-    that is the same on every rank and leaves the run's own stream where it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def _build(
@@ -175,13 +176,15 @@ def _build(
     config: PretrainedConfig,
     trust_remote_code: bool,
     attn_implementation: str,
-    seed: int,
     scratch: bool,
     meta: bool,
 ) -> PreTrainedModel:
-    """from_pretrained, or from_config for a config-only folder (`scratch`: seeded; `meta`: on the
-    meta device, for a hook to materialise); a failure is one ConfigError (or the engine's)."""
+    """from_pretrained, or from_config for a config-only folder (`scratch`: its weights left for
+    `init_by_name`, tied; `meta`: on the meta device, for a hook to materialise); a failure is one
+    ConfigError (or the engine's)."""
     from transformers import AutoModelForCausalLM
+
+    from tokentrain.model.init import no_init_weights
 
     impl, remote = attn_implementation, trust_remote_code
     try:
@@ -190,10 +193,12 @@ def _build(
                 path, config=config, dtype=torch.float32, attn_implementation=impl, trust_remote_code=remote
             )
         config = copy.deepcopy(config)  # from_config sets dtype and attention on it: a retry starts clean
-        with torch.device("meta") if meta else seeded(seed):
-            return AutoModelForCausalLM.from_config(
+        with torch.device("meta") if meta else no_init_weights():
+            model = AutoModelForCausalLM.from_config(
                 config, dtype=torch.float32, attn_implementation=impl, trust_remote_code=remote
             )
+        model.tie_weights()  # no_init_weights skips the tying too
+        return model
     except Exception as e:
         if _raised_by_engine(e):  # not the folder's fault: say so, exit 1 (not a usage error)
             raise TokentrainError(
