@@ -49,6 +49,63 @@ ALIASES = {
 }
 
 
+_ADAMW = "tokentrain always uses AdamW: set lr, betas, weight_decay, max_norm"
+_SCHEDULE = "the schedule is always linear warm-up then cosine: set warm_up_ratio, min_lr_ratio"
+_TEMPLATE = "the chat template is applied when tokenizing: `tokentrain tokenize --chat-template`"
+_DATA = "set dataset_folder (or datasets = [...]), batch_size, dataloader_num_workers"
+_MODEL = "set pretrained_model_name_or_path to an HF folder or hub id (full fine-tuning)"
+
+# XTuner (mmengine) keys with no tokentrain key of their own: what tokentrain does instead.
+# A key found here gets this sentence, never a fuzzy match: `resume` is not `resume_ignore`.
+XTUNER_INSTEAD = {
+    "optim_type": _ADAMW,
+    "optim_wrapper": _ADAMW,
+    "optimizer": _ADAMW,
+    "resume": "resume with the `--resume auto` flag of `tokentrain train`, not a config key",
+    "load_from": "continue a run with `--resume PATH`, or start from other weights with pretrained_model_name_or_path",
+    "param_scheduler": _SCHEDULE,
+    "lr_scheduler": _SCHEDULE,
+    "prompt_template": _TEMPLATE,
+    "dataset_map_fn": _TEMPLATE,
+    "template_map_fn": _TEMPLATE,
+    "tokenizer": "the tokenizer is read from pretrained_model_name_or_path",
+    "model": _MODEL,
+    "llm": _MODEL,
+    "lora": "tokentrain does full fine-tuning only (no LoRA/QLoRA)",
+    "quantization_config": "tokentrain does full fine-tuning only (no LoRA/QLoRA)",
+    "sequence_parallel_size": "no sequence parallelism: a rank holds whole samples "
+    "(lower max_length, or gradient_checkpointing = True)",
+    "train_dataset": _DATA,
+    "train_dataloader": _DATA,
+    "sampler": _DATA,
+    "train_cfg": "set max_epochs or max_iters",
+    "default_hooks": "set log_interval, save_steps, save_total_limit",
+    "log_processor": "set log_interval",
+    "custom_hooks": "sample generation: set evaluation_inputs, evaluation_freq, SYSTEM",
+    "visualizer": "set tensorboard = True (the default) or wandb = True",
+    "randomness": "set seed",
+    "launcher": "the launcher is the `--launcher` flag of `tokentrain train`",
+    "env_cfg": "the launcher is the `--launcher` flag of `tokentrain train`",
+    "deepspeed": "DeepSpeed is the `--deepspeed PRESET|JSON` flag of `tokentrain train`",
+}
+
+
+def hint(key: str) -> str:
+    """Why a config key is unknown and what to write instead: another trainer's name for one
+    of ours, what tokentrain does in place of an XTuner key, else the closest key."""
+    if key in XTUNER_INSTEAD:
+        return f" ({XTUNER_INSTEAD[key]})"
+    return did_you_mean(key, FIELDS)
+
+
+def unknown_keys(keys: list[str], where: str) -> ConfigError:
+    """One error for every unknown key at once: a migrated config is fixed in one pass."""
+    if len(keys) == 1:
+        return ConfigError(f"{where}unknown setting {keys[0]!r}{hint(keys[0])}")
+    listed = "; ".join(f"{k!r}{hint(k)}" for k in keys)
+    return ConfigError(f"{where}{len(keys)} unknown settings: {listed}")
+
+
 def did_you_mean(key: str, choices) -> str:
     if key in ALIASES and ALIASES[key] in choices:
         return f" (did you mean {ALIASES[key]!r}?)"
@@ -136,7 +193,7 @@ def parse_override(text: str) -> tuple[str, object]:
         raise ConfigError(f"--cfg-options {text!r}: expected key=value")
     key, raw = (s.strip() for s in text.split("=", 1))
     if key not in FIELDS:
-        raise ConfigError(f"--cfg-options: unknown key {key!r}{did_you_mean(key, FIELDS)}")
+        raise ConfigError(f"--cfg-options: unknown key {key!r}{hint(key)}")
     return key, coerce_text(key, raw)
 
 
@@ -202,12 +259,13 @@ def build_config(
             return (origins or {}).get(key, "--cfg-options")
         return source
 
-    values = {}
-    for key, value in settings.items():
-        if key not in FIELDS:
-            raise ConfigError(f"{source}: unknown setting {key!r}{did_you_mean(key, FIELDS)}")
-        values[key] = value
+    unknown = [k for k in settings if k not in FIELDS]
+    if unknown:
+        raise unknown_keys(unknown, f"{source}: ")
+    values = dict(settings)
     values.update(overrides)
+    if "dataset_folder" in values and values["dataset_folder"] is None:
+        values["dataset_folder"] = ""  # "not set", as a mixture's config naturally writes it
     for key in ("dtype", "export_dtype"):
         if isinstance(values.get(key), str):
             values[key] = DTYPE_ALIASES.get(values[key].lower(), values[key].lower())
@@ -258,7 +316,7 @@ def load_config(path: str | os.PathLike, options: list[str] | None = None, **ove
     origins.update({k: f"--{k.replace('_', '-')}" for k in kw})
     unknown = [k for k in parsed if k not in FIELDS]
     if unknown:
-        raise ConfigError(f"unknown setting {unknown[0]!r}{did_you_mean(unknown[0], FIELDS)}")
+        raise unknown_keys(unknown, "")
     return build_config(read_settings(path), str(path), parsed, origins)
 
 

@@ -28,8 +28,8 @@ class TrainConfig:
     pretrained_model_name_or_path: str = ""
     trust_remote_code: bool = False
     # ---------------------------------------------------------------- data
-    dataset_folder: str = ""
-    # A mixture instead: [dict(folder=..., weight=..., name=...), ...] (data/mixture.py); "" dataset_folder then.
+    dataset_folder: str = ""  # None in a config file means not set (the loader makes it "")
+    # A mixture instead: [dict(folder=..., weight=..., name=...), ...] (data/mixture.py); no dataset_folder then.
     datasets: list[dict] = field(default_factory=list)
     val_dataset_folder: str | None = None
     max_length: int = 2048
@@ -105,7 +105,11 @@ def check_values(cfg: TrainConfig) -> list[tuple[str, str]]:
     for key in REQUIRED:
         need(bool(getattr(cfg, key)), key, "must be set")
     need(bool(cfg.dataset_folder) or bool(cfg.datasets), "dataset_folder", "must be set (or datasets = [...])")
-    need(not (cfg.dataset_folder and cfg.datasets), "datasets", "set either dataset_folder or datasets, not both")
+    need(
+        not (cfg.dataset_folder and cfg.datasets),
+        "datasets",
+        "set either dataset_folder or datasets, not both (dataset_folder = None for a mixture)",
+    )
     need(cfg.max_length > 0, "max_length", "must be > 0")
     need(cfg.max_length <= MAX_LENGTH_LIMIT, "max_length", f"must be <= {MAX_LENGTH_LIMIT} (16M tokens)")
     need(cfg.seed >= 0, "seed", "must be >= 0")

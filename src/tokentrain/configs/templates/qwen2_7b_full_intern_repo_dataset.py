@@ -14,6 +14,11 @@ trust_remote_code = False
 
 # Data
 dataset_folder = '/path/to/your/dataset'
+# A mixture of folders instead: set dataset_folder = None and uncomment (weights are normalised)
+# datasets = [
+#     dict(folder='/path/to/web', weight=0.7, name='web'),
+#     dict(folder='/path/to/code', weight=0.3, name='code'),
+# ]
 max_length = 2048
 pack_to_max_length = True
 

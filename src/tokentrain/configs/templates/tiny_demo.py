@@ -15,6 +15,11 @@ trust_remote_code = False
 # Data
 # made by `tokentrain tokenize demo/data/chat.jsonl --tokenizer demo/tiny-llama --out demo_out/data`
 dataset_folder = 'demo_out/data'
+# A mixture of folders instead: set dataset_folder = None and uncomment (weights are normalised)
+# datasets = [
+#     dict(folder='/path/to/web', weight=0.7, name='web'),
+#     dict(folder='/path/to/code', weight=0.3, name='code'),
+# ]
 max_length = 512
 pack_to_max_length = True
 
