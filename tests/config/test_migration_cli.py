@@ -4,10 +4,12 @@ error, `dataset_folder = None` beside a mixture (and the templates' mixture exam
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 
-from tests.reliability.helpers import TT, clean_env, one_error_line, train, write_cfg
+from tests.reliability.helpers import TT, clean_env, error_lines, one_error_line, train, write_cfg
 
 
 def test_xtuner_keys_are_listed_at_once_with_what_tokentrain_does_instead(tmp_path, tiny_model, tiny_data):
@@ -53,3 +55,42 @@ def test_the_template_shows_the_mixture_form_and_it_trains_with_dataset_folder_n
     r = train(cfg, "--work-dir", tmp_path / "w", "--cfg-options", *over)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "w" / "hf").is_dir()
+
+
+def _model_with(tmp_path, tiny_model, name: str, **config) -> str:
+    folder = tmp_path / name
+    shutil.copytree(tiny_model, folder)
+    p = folder / "config.json"
+    p.write_text(json.dumps(dict(json.loads(p.read_text()), **config)))
+    return str(folder)
+
+
+def test_max_length_beyond_rotary_positions_warns_once_with_both_numbers(tmp_path, tiny_model, tiny_data):
+    model = _model_with(tmp_path, tiny_model, "short", max_position_embeddings=64)
+    r = train(write_cfg(tmp_path / "run.py", model, tiny_data, max_iters=1), "--work-dir", tmp_path / "w")
+    assert r.returncode == 0 and not error_lines(r.stderr), r.stderr[-3000:]
+    (warn,) = [x for x in r.stderr.splitlines() if "beyond the model's" in x]
+    assert f"max_length = 128 is beyond the model's 64 positions (max_position_embeddings in {model}" in warn
+    assert "no rope scaling" in warn
+
+
+def test_the_warning_names_the_rope_scaling_that_extrapolates(tmp_path, tiny_model, tiny_data):
+    scaling = {"rope_type": "linear", "factor": 2.0}
+    model = _model_with(tmp_path, tiny_model, "scaled", max_position_embeddings=64, rope_scaling=scaling)
+    r = train(write_cfg(tmp_path / "run.py", model, tiny_data, max_iters=1), "--work-dir", tmp_path / "w")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (warn,) = [x for x in r.stderr.splitlines() if "beyond the model's" in x]
+    assert "64 positions" in warn and "rope scaling (linear, factor 2.0)" in warn
+
+
+def test_max_length_beyond_learned_positions_is_refused_before_the_model_loads(tmp_path, tiny_model, tiny_data):
+    from transformers import GPT2Config
+
+    folder = tmp_path / "gpt2-short"
+    shutil.copytree(tiny_model, folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    GPT2Config(vocab_size=512, n_positions=64, n_embd=32, n_layer=1, n_head=2).save_pretrained(folder)
+    r = train(write_cfg(tmp_path / "run.py", folder, tiny_data), "--work-dir", tmp_path / "w")
+    line = one_error_line(r, 2, r"max_length = 128 is beyond the model's 64 positions \(n_positions in ")
+    assert str(folder) in line and "cannot extrapolate" in line

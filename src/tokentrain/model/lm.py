@@ -93,6 +93,38 @@ def read_config(path: str, trust_remote_code: bool) -> PretrainedConfig:
         ) from None
 
 
+# Model types whose positions are a learned table of fixed size: a position past its end has
+# no embedding (an index error mid-run), so a longer max_length is refused, not extrapolated.
+LEARNED_POSITIONS = frozenset({"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"})
+
+
+def check_positions(path: str, trust_remote_code: bool, max_length: int) -> str | None:
+    """A `max_length` beyond the model's positions, found from config.json before any weights
+    load: a ConfigError for learned absolute positions (they cannot extrapolate), else the
+    warning to log (rotary positions run past the trained length, usually with a worse loss).
+    None when it fits, or when the config cannot be read (`load_model` then says why)."""
+    try:
+        cfg = read_config(path, trust_remote_code)
+    except ConfigError:
+        return None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    key = "n_positions" if hasattr(cfg, "n_positions") else "max_position_embeddings"
+    n = getattr(cfg, key, None)
+    if not isinstance(n, int) or max_length <= n:
+        return None
+    what = f"max_length = {max_length} is beyond the model's {n} positions ({key} in {path}/config.json)"
+    kind = getattr(cfg, "model_type", "")
+    if kind in LEARNED_POSITIONS:
+        raise ConfigError(f"{what}: {kind} learns absolute positions and cannot extrapolate; set max_length <= {n}")
+    scaling = getattr(cfg, "rope_scaling", None)
+    rope = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+    if rope and rope != "default":
+        how = f"its rope scaling ({rope}, factor {scaling.get('factor')}) extrapolates past {n}"
+    else:
+        how = f"positions past {n} are extrapolated with no rope scaling (expect a worse loss there)"
+    return f"{what}: {how}"
+
+
 def soft_caps_attention(path: str, trust_remote_code: bool) -> bool:
     """Whether the model's config soft-caps attention scores (gemma2): no varlen kernel of
     PyTorch's can, so 'auto' picks flex_attention on CUDA. False when the config cannot be

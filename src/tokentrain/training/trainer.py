@@ -187,9 +187,18 @@ class Trainer:
 
     def _setup_model(self) -> None:
         from tokentrain.model.attention import auto_attention, choose_attn_implementation, select_masking
-        from tokentrain.model.lm import CausalLMWithLoss, load_model, load_tokenizer, soft_caps_attention
+        from tokentrain.model.lm import (
+            CausalLMWithLoss,
+            check_positions,
+            load_model,
+            load_tokenizer,
+            soft_caps_attention,
+        )
 
         cfg, env = self.cfg, self.env
+        too_long = check_positions(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.max_length)
+        if too_long and env.is_main:
+            log.warning("%s", too_long)
         capped = env.device.type == "cuda" and soft_caps_attention(
             cfg.pretrained_model_name_or_path, cfg.trust_remote_code
         )
