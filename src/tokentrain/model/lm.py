@@ -117,7 +117,8 @@ def check_positions(path: str, trust_remote_code: bool, max_length: int) -> str 
     if kind in LEARNED_POSITIONS:
         raise ConfigError(f"{what}: {kind} learns absolute positions and cannot extrapolate; set max_length <= {n}")
     scaling = getattr(cfg, "rope_scaling", None)
-    rope = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+    scaling = scaling if isinstance(scaling, dict) else {}
+    rope = scaling.get("rope_type", scaling.get("type"))
     if rope and rope != "default":
         how = f"its rope scaling ({rope}, factor {scaling.get('factor')}) extrapolates past {n}"
     else:
