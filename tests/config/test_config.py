@@ -127,3 +127,15 @@ def test_train_rejects_bad_config_before_heavy_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "did you mean 'max_length'" in err and len(err.splitlines()) == 1
     assert main(["train", str(write_config(tmp_path / "d.py", **REQUIRED)), "--cfg-options", "lr=abc"]) == 2
+
+
+def test_dataset_folder_none_is_not_set_beside_a_mixture(tmp_path):
+    mix = [dict(folder="/a", weight=1.0)]
+    p = write_config(tmp_path / "c.py", pretrained_model_name_or_path="/m", dataset_folder=None, datasets=mix)
+    assert load_config(p).dataset_folder == ""
+    both = write_config(tmp_path / "b.py", **REQUIRED, datasets=mix)
+    with pytest.raises(ConfigError, match=r"not both \(dataset_folder = None for a mixture\)"):
+        load_config(both)
+    assert load_config(both, ["dataset_folder=None"]).datasets == mix
+    with pytest.raises(ConfigError, match="dataset_folder = '': must be set"):
+        load_config(write_config(tmp_path / "n.py", pretrained_model_name_or_path="/m", dataset_folder=None))

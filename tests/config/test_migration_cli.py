@@ -94,3 +94,17 @@ def test_max_length_beyond_learned_positions_is_refused_before_the_model_loads(t
     r = train(write_cfg(tmp_path / "run.py", folder, tiny_data), "--work-dir", tmp_path / "w")
     line = one_error_line(r, 2, r"max_length = 128 is beyond the model's 64 positions \(n_positions in ")
     assert str(folder) in line and "cannot extrapolate" in line
+
+
+def test_an_xtuner_key_holding_a_class_is_not_silently_dropped(tmp_path, tiny_model, tiny_data):
+    cfg = write_cfg(tmp_path / "run.py", tiny_model, tiny_data)
+    cfg.write_text("from torch.optim import AdamW\n" + cfg.read_text() + "optim_type = AdamW\n")
+    one_error_line(train(cfg, "--work-dir", tmp_path / "w"), 2, r"unknown setting 'optim_type' \(tokentrain always")
+
+
+def test_an_xtuner_import_says_to_remove_it(tmp_path, tiny_model, tiny_data):
+    cfg = write_cfg(tmp_path / "run.py", tiny_model, tiny_data)
+    cfg.write_text("from xtuner.utils import PROMPT_TEMPLATE\n" + cfg.read_text())
+    one_error_line(
+        train(cfg, "--work-dir", tmp_path / "w"), 2, r"No module named 'xtuner'; .*remove the XTuner imports"
+    )

@@ -90,6 +90,13 @@ XTUNER_INSTEAD = {
 }
 
 
+# Keys whose None means "not set" (their typed value then): a mixture's config naturally
+# writes `dataset_folder = None`.
+UNSET_BY_NONE = {"dataset_folder": ""}
+
+_XTUNER_MODULES = ("xtuner", "mmengine", "peft", "bitsandbytes")  # what an XTuner config imports
+
+
 def hint(key: str) -> str:
     """Why a config key is unknown and what to write instead: another trainer's name for one
     of ours, what tokentrain does in place of an XTuner key, else the closest key."""
@@ -179,11 +186,14 @@ def check_type(name: str, value, tp=None):
 
 
 def _settings_of(namespace: dict) -> dict:
+    """The settings of a config's namespace. An XTuner key stays one even when it holds a class
+    (`optim_type = AdamW`): dropping it as an import would silently ignore it."""
     return {
         k: v
         for k, v in namespace.items()
         if not k.startswith("_")
-        and not isinstance(v, (types.ModuleType, types.FunctionType, type, types.BuiltinFunctionType))
+        and not isinstance(v, types.ModuleType)
+        and (k in XTUNER_INSTEAD or not isinstance(v, (types.FunctionType, type, types.BuiltinFunctionType)))
     }
 
 
@@ -200,7 +210,7 @@ def parse_override(text: str) -> tuple[str, object]:
 def coerce_text(key: str, raw: str):
     tp = _field_type(key)
     args = typing.get_args(tp)
-    if raw.lower() in ("none", "null") and type(None) in args:
+    if raw.lower() in ("none", "null") and (type(None) in args or key in UNSET_BY_NONE):
         return None
     base = (
         next((a for a in args if a is not type(None)), tp)
@@ -264,8 +274,9 @@ def build_config(
         raise unknown_keys(unknown, f"{source}: ")
     values = dict(settings)
     values.update(overrides)
-    if "dataset_folder" in values and values["dataset_folder"] is None:
-        values["dataset_folder"] = ""  # "not set", as a mixture's config naturally writes it
+    for key, unset in UNSET_BY_NONE.items():
+        if key in values and values[key] is None:
+            values[key] = unset
     for key in ("dtype", "export_dtype"):
         if isinstance(values.get(key), str):
             values[key] = DTYPE_ALIASES.get(values[key].lower(), values[key].lower())
@@ -303,7 +314,9 @@ def read_settings(path: str | os.PathLike) -> dict:
             f"{p}: the config called sys.exit({e.code!r}); a config only sets values, remove the call"
         ) from None
     except Exception as e:
-        raise ConfigError(f"{p}: executing the config failed: {type(e).__name__}: {e}") from None
+        top = (getattr(e, "name", None) or "").split(".")[0] if isinstance(e, ImportError) else ""
+        why = "; a tokentrain config is plain settings: remove the XTuner imports" if top in _XTUNER_MODULES else ""
+        raise ConfigError(f"{p}: executing the config failed: {type(e).__name__}: {e}{why}") from None
     return _settings_of(namespace)
 
 
