@@ -196,14 +196,16 @@ class Trainer:
         )
 
         cfg, env = self.cfg, self.env
-        too_long = check_positions(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.max_length)
-        if too_long and env.is_main:
-            log.warning("%s", too_long)
         capped = env.device.type == "cuda" and soft_caps_attention(
             cfg.pretrained_model_name_or_path, cfg.trust_remote_code
         )
         impl = choose_attn_implementation(cfg.attn_implementation, env.device, cfg.use_varlen_attn, capped)
         self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
+        # After the tokenizer (a path that cannot load fails there, once: no second round of hub
+        # retries for its config), before the weights.
+        too_long = check_positions(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.max_length)
+        if too_long and env.is_main:
+            log.warning("%s", too_long)
         fallback = "eager" if cfg.attn_implementation == "auto" else None  # a model without `impl` (gemma2: sdpa)
         self.hf_model: PreTrainedModel = load_model(  # one builder; FSDP2 shards as it builds
             cfg.pretrained_model_name_or_path,
