@@ -42,7 +42,15 @@ def job(tmp_path_factory):
     ref = root / "reference"
     r = tokentrain("train", cfg, "--work-dir", ref, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    return dict(root=root, model=model, data=data, cfg=cfg, ref=ref, env=env)
+    return dict(root=root, model=model, data=data, cfg=cfg, ref=ref, env=env, ref_log=r.stderr)
+
+
+def model_line(log: str) -> str:
+    """The parameter count the run logged: ZeRO-3 once counted its partition (0.00M), and its
+    MFU, counted from the same parameters, was 0."""
+    m = re.search(r"model: \w+, ([\d.]+M) parameters", log)
+    assert m, log[-2000:]
+    return m.group(1)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -53,6 +61,7 @@ def test_one_process_deepspeed_trains_to_the_plain_engines_parameters(job, stage
     assert (work / "checkpoints" / "step_4" / "ds").is_dir()
     assert rel_diff(weights(work), weights(job["ref"])) <= 1e-5
     assert losses(work) == pytest.approx(losses(job["ref"]), rel=1e-5)
+    assert model_line(r.stderr) == model_line(job["ref_log"])
 
 
 @pytest.mark.parametrize("launch", ["NPROC_PER_NODE=1", "torchrun --nproc_per_node 1"])

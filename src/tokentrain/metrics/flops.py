@@ -35,6 +35,12 @@ PEAK_TFLOPS = {
 }
 
 
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter: ZeRO-3 leaves each rank a partition (``numel()`` 0) and
+    records the full size as ``ds_numel``; an FSDP2 DTensor's ``numel()`` is already global."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 @dataclass
 class FlopCounter:
     matmul_params: int
@@ -44,12 +50,12 @@ class FlopCounter:
     @classmethod
     def for_model(cls, model: PreTrainedModel) -> FlopCounter:
         cfg = model.config
-        total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors counted once
+        total = sum(full_numel(p) for p in model.parameters())  # shared (tied) tensors counted once
         emb = model.get_input_embeddings().weight
         assert isinstance(emb, torch.Tensor)
         out = model.get_output_embeddings()
         tied = out is not None and out.weight is emb
-        matmul = total - (0 if tied else emb.numel())
+        matmul = total - (0 if tied else full_numel(emb))
         heads = getattr(cfg, "num_attention_heads", 0)
         head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // max(1, heads))
         return cls(matmul, getattr(cfg, "num_hidden_layers", 0), heads * head_dim)

@@ -35,7 +35,7 @@ from tokentrain.checkpoint.rng import set_rng_state
 from tokentrain.config.schema import TrainConfig
 from tokentrain.data.checks import check_datasets
 from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, TokentrainError
-from tokentrain.metrics.flops import FlopCounter, peak_tflops
+from tokentrain.metrics.flops import FlopCounter, full_numel, peak_tflops
 from tokentrain.metrics.logger import MetricsLogger
 from tokentrain.metrics.sources import SourceTokens
 from tokentrain.metrics.window import Window, memory_gb
@@ -229,7 +229,7 @@ class Trainer:
             enable_checkpointing(self.hf_model)
         self.hf_model.train()
         if env.is_main:
-            n = sum(p.numel() for p in self.hf_model.parameters())
+            n = sum(full_numel(p) for p in self.hf_model.parameters())
             log.info(
                 "model: %s, %.2fM parameters, %s attention, documents kept apart by %s, compute %s, loss %s",
                 type(self.hf_model).__name__,
