@@ -54,6 +54,18 @@ def train(cfg, work_dir: Path, resume=None, env=None) -> int:
     return t.fit()
 
 
+def config_only(model: Path, out: Path) -> Path:
+    """A copy of the model folder `model` without its weights (config and tokenizer): what a
+    user trains from scratch."""
+    import shutil
+
+    out.mkdir(parents=True)
+    for f in Path(model).iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, out / f.name)
+    return out
+
+
 def checkpoint_weights(work_dir: Path, step: int | None = None) -> dict:
     from safetensors.torch import load_file
 

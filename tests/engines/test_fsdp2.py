@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import config_only
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 SETTINGS = dict(
@@ -104,11 +106,7 @@ class Job:
         self.model = make_tiny_model(root / "model", vocab_size=512, hidden_size=32, layers=2, heads=4)
         self.tied = make_tiny_model(root / "tied", vocab_size=512, hidden_size=32, layers=2, heads=4, seed=1,
                                     tie_word_embeddings=True)  # fmt: skip
-        self.config_only = root / "config_only"
-        self.config_only.mkdir()
-        for f in self.model.iterdir():
-            if "safetensors" not in f.name:
-                shutil.copy(f, self.config_only / f.name)
+        self.config_only = config_only(self.model, root / "config_only")
         self.data = root / "data"
         synth_dataset(self.data, files=2, documents=300, seed=3, mean_length=40, vocab_size=512)
         self.cfg = self.config(self.model, "cfg.py")

@@ -6,11 +6,11 @@ local run, and the same init digest."""
 from __future__ import annotations
 
 import re
-import shutil
 
 import pytest
 
 from tests.engines.engine_helpers import clean_env, error_lines, losses, tokentrain, write_cfg
+from tests.helpers import config_only
 from tokentrain.distributed.spawn import _free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -36,11 +36,7 @@ class Job:
         self.root = root
         built = make_tiny_model(root / "built", vocab_size=512, hidden_size=32, layers=2, heads=4,
                                 tie_word_embeddings=True)  # fmt: skip
-        model = root / "scratch"
-        model.mkdir()
-        for f in built.iterdir():
-            if not f.name.endswith(".safetensors"):
-                shutil.copy(f, model / f.name)
+        model = config_only(built, root / "scratch")
         data = root / "data"
         synth_dataset(data, files=2, documents=300, seed=3, mean_length=40, vocab_size=512)
         self.cfg = write_cfg(root / "cfg.py", model, data, save_steps=1000)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 
 import pytest
 
@@ -22,6 +21,7 @@ from tests.engines.engine_helpers import (
     weights,
     write_cfg,
 )
+from tests.helpers import config_only
 from tokentrain.distributed.spawn import _free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -102,11 +102,7 @@ def test_two_rank_zero3_trains_from_a_config_only_folder(job, tmp_path):
     """Pretraining: a model folder with config.json and tokenizer but no weights, built
     partitioned by ZeRO-3 on 2 ranks (it used to fail on DeepSpeed's batch-size check, blamed
     on pretrained_model_name_or_path)."""
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    for f in job["model"].iterdir():
-        if not f.name.endswith(".safetensors"):
-            shutil.copy(f, scratch / f.name)
+    scratch = config_only(job["model"], tmp_path / "scratch")
     cfg = write_cfg(tmp_path / "cfg.py", scratch, job["data"], batch_size=2, accumulative_counts=1)
     work = tmp_path / "w"
     env = dict(job["env"], NPROC_PER_NODE="2", PORT=str(_free_port()))

@@ -3,11 +3,10 @@ model is cut into parts -- tied weights initialised once, a folder with weights 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
+from tests.helpers import config_only
 from tokentrain.model.init import digest, init_by_name, module_seed
 from tokentrain.model.lm import load_model
 
@@ -19,11 +18,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("init")
     built = make_tiny_model(root / "built", vocab_size=300, hidden_size=16, layers=2, heads=2,
                             tie_word_embeddings=True)  # fmt: skip
-    scratch = root / "scratch"
-    scratch.mkdir()
-    for f in built.iterdir():
-        if not f.name.endswith(".safetensors"):
-            shutil.copy(f, scratch / f.name)
+    scratch = config_only(built, root / "scratch")
     return built, scratch
 
 
