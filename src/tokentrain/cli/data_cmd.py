@@ -27,6 +27,9 @@ def register(sub, common) -> None:
         "the effective epochs at the planned steps",
     )
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks planned (with --config)")
+    p.add_argument(
+        "--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings (with --config)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_stats)
 
@@ -38,6 +41,9 @@ def register(sub, common) -> None:
         "--config",
         metavar="CFG",
         help="a training config: its data and data settings (max_length, seed, packing, a `datasets` mixture)",
+    )
+    p.add_argument(
+        "--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings (with --config)"
     )
     p.add_argument("--max-length", type=int, help="required without --config")
     p.add_argument("--index", type=int, default=0, help="sample number (with a mixture: the stream position)")
@@ -103,10 +109,11 @@ def cmd_stats(args) -> int:
     from tokentrain.data.inspect import dataset_stats
     from tokentrain.errors import ConfigError
 
+    options = _options(args)
     if args.config:
         from tokentrain.config.loader import load_config
 
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, options)
         if cfg.datasets:
             return _mixture_stats(cfg, args)
         args.folder, args.file_type, args.data_order = cfg.dataset_folder, cfg.file_type, cfg.data_order_path
@@ -161,6 +168,7 @@ def cmd_show(args) -> int:
     from tokentrain.data.dataset import DataSettings, build_dataset
     from tokentrain.errors import ConfigError
 
+    _options(args)
     if args.config:
         ds = _dataset_of_config(args)
         return _print_sample(ds, args, limit=None if getattr(ds, "names", None) else len(ds))
@@ -184,12 +192,21 @@ def cmd_show(args) -> int:
     return _print_sample(ds, args, len(ds))
 
 
+def _options(args) -> list[str]:
+    """--cfg-options, which only a config can take (refused without one, not ignored)."""
+    from tokentrain.errors import ConfigError
+
+    if args.cfg_options and not args.config:
+        raise ConfigError("--cfg-options needs --config CFG (the options override that config's settings)")
+    return args.cfg_options
+
+
 def _dataset_of_config(args):
     """The training dataset a config describes (command-line data options override it)."""
     from tokentrain.config.loader import load_config
     from tokentrain.data.dataset import build_dataset, build_mixture, settings_for
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, _options(args))
     changes = {"max_length": args.max_length} if args.max_length else {}
     if args.no_shuffle:
         changes["shuffle_before_pack"] = False
