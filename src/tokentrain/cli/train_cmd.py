@@ -22,6 +22,7 @@ from tokentrain.distributed.env import LAUNCHER_HELP, LAUNCHERS
 from tokentrain.engines.specs import CHOICES
 from tokentrain.errors import TokentrainError
 from tokentrain.utils.disk import UNWRITABLE, what_failed
+from tokentrain.utils.paths import shown
 
 
 def add_train_arguments(p) -> None:
@@ -105,7 +106,7 @@ def check_local_model(path: str) -> None:
         return
     if not p.is_dir():
         raise ConfigError(
-            f"pretrained_model_name_or_path = {path!r}: model folder does not exist; cannot load the "
+            f"pretrained_model_name_or_path = {shown(path)}: model folder does not exist; cannot load the "
             "tokenizer or the model"
             if not p.exists()
             else f"pretrained_model_name_or_path = {path!r}: not a folder; give a Hugging Face model folder"
