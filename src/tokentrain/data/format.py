@@ -111,7 +111,9 @@ def discover_files(
             root,
         )
     if not files:
-        raise DataError(f"{shown(root)}: no files ending with {file_type!r} found; check `dataset_folder` and `file_type`")
+        raise DataError(
+            f"{shown(root)}: no files ending with {file_type!r} found; check `dataset_folder` and `file_type`"
+        )
     return files
 
 
