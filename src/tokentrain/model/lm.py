@@ -93,6 +93,13 @@ def read_config(path: str, trust_remote_code: bool) -> PretrainedConfig:
         ) from None
 
 
+def vocab_size(config: PretrainedConfig) -> int:
+    """The vocabulary the model's embedding will have, from its config (multimodal configs keep
+    it in their text config); 0 when the config does not say."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "vocab_size", 0) or 0)
+
+
 # Model types whose positions are a learned table of fixed size: a position past its end has
 # no embedding (an index error mid-run), so a longer max_length is refused, not extrapolated.
 LEARNED_POSITIONS = frozenset({"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"})

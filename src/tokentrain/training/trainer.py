@@ -80,31 +80,39 @@ class Trainer:
             raise
 
     def _setup(self) -> None:
+        from tokentrain.model.lm import load_tokenizer, read_config, vocab_size
+
         cfg, env = self.cfg, self.env
         seed_everything(cfg.seed, env.rank)
         self._setup_data()
+        # The tokenizer first (a path that cannot load fails there, once: no second round of hub
+        # retries for its config), then the model's config.json: what the checks before the
+        # weights need (positions, the resume's fingerprint).
+        self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
+        self.model_config = read_config(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
         self.engine = self._make_engine()  # before the model: ZeRO-3 / FSDP2 build it sharded
-        self._setup_model()
-        check_datasets(
-            self.train_set, self.val_set, self.vocab_size, cfg.dataset_folder, cfg.val_dataset_folder, cfg.datasets
-        )
-        self._setup_optimization()
         self.ckpt = CheckpointManager(
             self.work_dir / "checkpoints",
             env,
             self.engine,
             cfg.save_total_limit,
             every=cfg.save_steps,
-            # What a checkpoint holds, listed once: saved and restored through state_dict/load_state_dict.
-            states={
-                "trainer": self,
-                "sampler": self.sampler,
-                "scheduler": self.scheduler,
-                "source_tokens": self.source_tokens,
-            },
-            fingerprint=run_fingerprint(cfg, self.hf_model.config, self.vocab_size, env.world_size),
+            fingerprint=run_fingerprint(cfg, self.model_config, vocab_size(self.model_config), env.world_size),
             ignore=cfg.resume_ignore,
         )
+        self.ckpt.check(self.resume)  # before the model: a refused resume costs no model load
+        self._setup_model()
+        check_datasets(
+            self.train_set, self.val_set, self.vocab_size, cfg.dataset_folder, cfg.val_dataset_folder, cfg.datasets
+        )
+        self._setup_optimization()
+        # What a checkpoint holds, listed once: saved and restored through state_dict/load_state_dict.
+        self.ckpt.states = {
+            "trainer": self,
+            "sampler": self.sampler,
+            "scheduler": self.scheduler,
+            "source_tokens": self.source_tokens,
+        }
         self.flops = FlopCounter.for_model(self.hf_model)
         self.peak = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
         rng = self._resume()
@@ -191,7 +199,6 @@ class Trainer:
             CausalLMWithLoss,
             check_positions,
             load_model,
-            load_tokenizer,
             soft_caps_attention,
         )
 
@@ -200,9 +207,6 @@ class Trainer:
             cfg.pretrained_model_name_or_path, cfg.trust_remote_code
         )
         impl = choose_attn_implementation(cfg.attn_implementation, env.device, cfg.use_varlen_attn, capped)
-        self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
-        # After the tokenizer (a path that cannot load fails there, once: no second round of hub
-        # retries for its config), before the weights.
         too_long = check_positions(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.max_length)
         if too_long and env.is_main:
             log.warning("%s", too_long)
