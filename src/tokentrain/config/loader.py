@@ -342,5 +342,6 @@ def missing_demo_model(path: str) -> str | None:
         return None
     return (
         f"{shown(path)}: no such model folder (the demo model ships with the source checkout); "
-        f"make one with `tokentrain make-tiny-model {path}`"
+        "write the demo with `tokentrain demo DIR` (its model, data and config; then `cd DIR`), or point "
+        "pretrained_model_name_or_path at your model"
     )
