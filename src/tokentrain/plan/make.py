@@ -18,7 +18,6 @@ from tokentrain.plan.shape import ModelShape, model_shape
 
 GiB = memory.GiB
 DEFAULT_GPU_MEMORY = 80 * GiB  # an 80 GB H100/A100 when no GPU is visible
-DEFAULT_MFU = 0.4
 ASSUMED_PEAK = ("H100", 989.0)  # dense bf16 TFLOP/s, when neither the config nor a visible GPU says
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LENGTH_SAMPLE = 1 << 20  # documents read for the attention term of FLOPs per token

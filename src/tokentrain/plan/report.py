@@ -57,7 +57,7 @@ def _data(d: dict) -> list[str]:
     out.append(
         f"  {d['samples']} samples ({kind}); global batch {d['global_batch']}; {d['steps_per_epoch']} steps per epoch"
     )
-    out.append(f"  steps: {d['steps']} ({d['epochs']:.3g} epochs)")
+    out.append(f"  steps: {d['steps']} ({d['epochs']:.3g} epoch(s))")
     about = "" if d["packed"] else "about "
     out.append(f"  tokens per step: {about}{d['tokens_per_step']}; tokens in all: {about}{_n(d['tokens'])}")
     return out
