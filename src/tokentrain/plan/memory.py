@@ -71,19 +71,22 @@ class Shape:
     chunk_tokens: int  # the loss's chunk (model/loss.py)
 
 
-def activation_bytes(m: ModelShape, s: Shape) -> float:
-    """The activations one micro-batch saves for its backward pass (see the module docstring)."""
+def saved_and_transient(m: ModelShape, s: Shape) -> tuple[float, float]:
+    """(bytes one micro-batch saves for its backward pass, bytes that exist only for a while: the
+    loss's logit chunks, the layer being recomputed under gradient checkpointing)."""
     c, h, t = s.compute_bytes, m.hidden, s.batch_size * s.max_length
     per_layer = t * (16 * h + c * (5 * h + 3 * m.kv_dim + 4 * m.intermediate))
     if s.eager_attention:
         per_layer += 2 * c * m.heads * s.batch_size * s.max_length**2
-    layers = (m.layers * t * 4 * h + per_layer) if s.gradient_checkpointing else m.layers * per_layer
-    chunk = min(t, s.chunk_tokens) * m.vocab * 4  # one chunk of fp32 logits
-    if m.fused_loss:
-        head = t * 8 * h + 4 * m.vocab * h + 2 * chunk
-    else:
-        head = t * c * m.vocab + 2 * chunk
-    return float(layers + t * 4 * h + head)  # + the embeddings' output
+    layers = m.layers * t * 4 * h if s.gradient_checkpointing else m.layers * per_layer
+    head = t * 8 * h + 4 * m.vocab * h if m.fused_loss else t * c * m.vocab
+    chunks = 2 * min(t, s.chunk_tokens) * m.vocab * 4  # fp32 logits and their gradient, one chunk
+    return float(layers + t * 4 * h + head), float(chunks + (per_layer if s.gradient_checkpointing else 0))
+
+
+def activation_bytes(m: ModelShape, s: Shape) -> float:
+    """The activations of one micro-batch at their peak (see the module docstring)."""
+    return sum(saved_and_transient(m, s))
 
 
 @dataclass(frozen=True)
