@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokentrain.errors import ConfigError
 from tokentrain.plan import memory
-from tokentrain.plan.shape import ModelShape, model_shape
+from tokentrain.plan.shape import ModelShape, is_local, model_shape
 
 GiB = memory.GiB
 DEFAULT_GPU_MEMORY = 80 * GiB  # an 80 GB H100/A100 when no GPU is visible
@@ -143,11 +143,10 @@ def checkpoint_bytes(m: ModelShape, engine: str, zero: int, compute: str) -> flo
     return float(m.params * (12 + extra))
 
 
-def export_bytes(m: ModelShape, export_dtype: str, model_config_dtype) -> tuple[float, str]:
-    name = export_dtype
-    if name == "auto":
-        name = str(model_config_dtype or "float32").replace("torch.", "")
-        name = name if name in BYTES else "float32"
+def export_bytes(m: ModelShape, export_dtype: str) -> tuple[float, str]:
+    """WORK_DIR/hf: every parameter in export_dtype ('auto': the dtype config.json names)."""
+    name = m.published_dtype if export_dtype == "auto" else export_dtype
+    name = name if name in BYTES else "float32"
     return float(m.params * BYTES[name]), name
 
 
@@ -202,8 +201,9 @@ def make_plan(args, cfg, deepspeed: dict | None, work_dir: Path) -> dict:
 
     from tokentrain.model.lm import check_positions
 
-    if too_long := check_positions(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.max_length):
-        warnings.append(too_long)
+    path = cfg.pretrained_model_name_or_path
+    if is_local(path) and (too_long := check_positions(path, cfg.trust_remote_code, cfg.max_length)):
+        warnings.append(too_long)  # (a hub id's config is read from the cache only, above: no network)
 
     # memory per GPU, per engine (the one this command would use first)
     setup = memory.deepspeed_setup(deepspeed) if deepspeed else memory.Setup(engine, offload=cfg.fsdp_cpu_offload)
@@ -236,10 +236,7 @@ def make_plan(args, cfg, deepspeed: dict | None, work_dir: Path) -> dict:
 
     # checkpoints, export, disk
     ckpt = checkpoint_bytes(shape, engine, setup.zero, compute)
-    from tokentrain.plan.shape import read_local_config
-
-    config, _ = read_local_config(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
-    export, export_dtype = export_bytes(shape, cfg.export_dtype, getattr(config, "dtype", None))
+    export, export_dtype = export_bytes(shape, cfg.export_dtype)
     written, at_once = checkpoints_on_disk(data["steps"], cfg.save_steps, cfg.save_total_limit)
     need = ckpt * at_once + export
     where = nearest_existing(work_dir)

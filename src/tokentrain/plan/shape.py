@@ -21,6 +21,7 @@ class ModelShape:
     attn_dim: int  # heads x head dim
     vocab: int
     fused_loss: bool  # logits never materialise whole (model/lm.py: the fused loss head)
+    published_dtype: str  # config.json's dtype: what export_dtype = 'auto' writes
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +58,7 @@ def model_shape(path: str, trust_remote_code: bool) -> tuple[ModelShape | None, 
     from transformers import AutoModelForCausalLM
 
     from tokentrain.metrics.flops import FlopCounter
-    from tokentrain.model.lm import _fused_parts
+    from tokentrain.model.lm import fused_parts
 
     try:
         with torch.device("meta"):
@@ -93,7 +94,8 @@ def model_shape(path: str, trust_remote_code: bool) -> tuple[ModelShape | None, 
             kv_dim=kv_heads * head_dim,
             attn_dim=flops.attn_dim,
             vocab=int(emb.shape[0]),
-            fused_loss=_fused_parts(model) is not None,
+            fused_loss=fused_parts(model) is not None,
+            published_dtype=str(getattr(config, "dtype", None) or "float32").replace("torch.", ""),
         ),
         None,
     )
