@@ -19,7 +19,7 @@ TT = [sys.executable, "-m", "tokentrain"]
 def _cfg(path: Path, model, data, **over) -> Path:
     settings = dict(
         pretrained_model_name_or_path=str(model),
-        dataset_folder=str(data),
+        dataset_folder=str(data) if data else None,
         max_length=256,
         batch_size=4,
         accumulative_counts=2,
@@ -157,3 +157,15 @@ def test_plan_errors_are_one_line(tiny_model, tiny_data, tmp_path, capsys):
     assert "--dry-run" in capsys.readouterr().err
     assert main(["plan", str(good), "--gpu-memory", "lots"]) == 2
     assert "--gpu-memory 'lots'" in capsys.readouterr().err
+
+
+def test_mixture_plan_per_source_is_data_stats(tiny_model, tiny_data, val_data, tmp_path, capsys):
+    sources = [dict(folder=str(tiny_data), weight=0.9, name="web"), dict(folder=str(val_data), weight=0.1, name="code")]
+    cfg = _cfg(tmp_path / "mix.py", tiny_model, None, datasets=sources, max_length=128, max_epochs=2)
+    plan = _plan(capsys, "plan", str(cfg), "--json")
+    stats = _plan(capsys, "data", "stats", "--config", str(cfg), "--json")
+    assert plan["data"]["steps"] == stats["planned_steps"] and plan["data"]["samples"] == stats["mixture_samples"]
+    for mine, theirs in zip(plan["data"]["sources"], stats["sources"], strict=True):
+        for key in ("name", "samples", "planned_samples", "epochs", "tokens"):
+            assert mine[key] == theirs[key], key
+    assert any("over-sampled" in w and "code" in w for w in plan["warnings"])
