@@ -89,12 +89,12 @@ def data_plan(cfg, world: int) -> dict:
     spe = stream.steps_per_epoch
     steps = planned_steps(cfg.max_iters, cfg.max_epochs, spe)
     global_batch = stream.samples_per_step * world
-    parts = getattr(ds, "datasets", [ds])
-    names = getattr(ds, "names", [Path(cfg.dataset_folder).name or cfg.dataset_folder])
-    if len(parts) > 1 or getattr(ds, "names", None):
+    if cfg.datasets:  # a mixture: each source's share of the planned steps (as `data stats --config`)
+        parts, names = ds.datasets, ds.names
         counts = planned_counts(ds, steps, spe, global_batch)
         shares = [(r["weight"], r["planned_samples"], r["epochs"]) for r in ds.describe(counts)]
     else:
+        parts, names = [ds], [Path(cfg.dataset_folder).name or cfg.dataset_folder]
         shares = [(1.0, steps * global_batch, steps / spe)]
     sources, lengths = [], []
     for name, part, (weight, planned, epochs) in zip(names, parts, shares):
