@@ -196,6 +196,21 @@ def test_second_open_hits_the_cache_memory_mapped(tmp_path, cache_dir, monkeypat
     assert len(builds) == 2 and third.path == first.path
 
 
+def test_read_only_open_writes_nothing_and_maps_an_existing_entry(tmp_path, cache_dir):
+    """write=False (`tokentrain plan`): no meta, cache entry or lock is written; the table is the
+    one a run builds, and a run's cached entry is mapped when there is one."""
+    files = _dataset(tmp_path / "d", meta=False)
+    expected = idx.build_index(files, seed=3, write=False)
+    assert not list((tmp_path / "d").rglob("*.meta")) and not any(cache_dir.iterdir())
+    peeked = idx.open_index(files, seed=3, write=False)
+    assert not list((tmp_path / "d").rglob("*.meta")) and not any(cache_dir.iterdir())
+    assert peeked.path is None and peeked.docs.tolist() == expected.docs.tolist()
+    run = idx.open_index(files, seed=3)  # writes the metas and the entry
+    again = idx.open_index(files, seed=3, write=False)
+    assert again.path == run.path and isinstance(again.docs, np.memmap)
+    assert again.docs.tolist() == expected.docs.tolist() and vars(again.stats) == vars(run.stats)
+
+
 def test_explicit_cache_dir(tmp_path):
     files = _dataset(tmp_path / "d")
     ix = idx.open_index(files, cache_dir=tmp_path / "mycache")

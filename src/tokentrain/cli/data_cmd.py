@@ -137,6 +137,7 @@ def _mixture_stats(cfg, args) -> int:
     """Per source of a `datasets` mixture: its data, its share, and how often the planned run reads it."""
     from tokentrain.data.dataset import build_mixture, planned_counts
     from tokentrain.errors import ConfigError
+    from tokentrain.training.schedule import planned_steps
 
     if args.world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
@@ -145,7 +146,7 @@ def _mixture_stats(cfg, args) -> int:
     spe = (len(mix) // args.world_size) // per_rank
     if spe == 0:
         raise ConfigError(f"{args.config}: fewer samples ({len(mix)}) than one step of the planned global batch")
-    steps = cfg.max_iters if cfg.max_iters is not None else cfg.max_epochs * spe
+    steps = planned_steps(cfg.max_iters, cfg.max_epochs, spe)
     rows = mix.describe(planned_counts(mix, steps, spe, per_rank * args.world_size))
     for r in rows:
         r["tokens"] = int(mix.datasets[mix.names.index(r["name"])].index.num_tokens)

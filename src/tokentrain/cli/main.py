@@ -105,7 +105,7 @@ def _run(argv: list[str]) -> int:
     try:
         from tokentrain.distributed import spawn
 
-        if args.command == "train" and spawn.wants_spawn():
+        if args.command == "train" and not args.dry_run and spawn.wants_spawn():
             from tokentrain.cli.train_cmd import preflight
             from tokentrain.run.parent_watch import grace_seconds
 

@@ -247,7 +247,7 @@ def _build(
         raise ConfigError(f"pretrained_model_name_or_path = {path!r}: cannot load the model: {first_line(e)}") from None
 
 
-def _fused_parts(model: PreTrainedModel) -> tuple[nn.Module, nn.Linear] | None:
+def fused_parts(model: PreTrainedModel) -> tuple[nn.Module, nn.Linear] | None:
     """(decoder, lm_head) when logits are plainly lm_head(decoder(x)); else None."""
     cfg = model.config
     if any(
@@ -277,7 +277,7 @@ class CausalLMWithLoss(nn.Module):
     def _check_fused(self) -> bool:
         """Use the fused head only if lm_head(decoder(x)) reproduces model(x).logits here, on a
         two-document pack called exactly as training calls it (varlen needs its boundaries)."""
-        parts = _fused_parts(self.model)
+        parts = fused_parts(self.model)
         if parts is None:
             return False
         decoder, head = parts
@@ -315,7 +315,7 @@ class CausalLMWithLoss(nn.Module):
         kw = self.masking.model_inputs(input_ids, position_ids, self.compute_dtype or torch.float32, cu_seqlens)
         with torch.autocast(dev, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
             if self.fused:
-                parts = _fused_parts(self.model)
+                parts = fused_parts(self.model)
                 assert parts is not None, "_check_fused found them"
                 decoder, head = parts
                 hidden = decoder(**kw)[0]

@@ -43,7 +43,7 @@ from tokentrain.training.batch_checks import check_token_ids, describe_samples
 from tokentrain.training.data_stream import MicroBatch, StepStream
 from tokentrain.training.evaluation import Evaluator
 from tokentrain.training.preemption import Preemption
-from tokentrain.training.schedule import WarmupCosine
+from tokentrain.training.schedule import WarmupCosine, planned_steps
 from tokentrain.training.step import StepOutcome, StepTotals, enable_checkpointing, seed_everything
 from tokentrain.utils import faults
 
@@ -170,11 +170,7 @@ class Trainer:
             pin_memory=env.device.type == "cuda",
         )
         spe = self.stream.steps_per_epoch
-        if cfg.max_iters is not None:
-            self.total_steps = cfg.max_iters
-        else:
-            assert cfg.max_epochs is not None, "check_config requires max_epochs without max_iters"
-            self.total_steps = cfg.max_epochs * spe
+        self.total_steps = planned_steps(cfg.max_iters, cfg.max_epochs, spe)  # what `tokentrain plan` says too
         if env.is_main:
             log.info(
                 "data: %d samples of max_length %d, %d steps per epoch of %d samples (%d per rank x %d "
