@@ -337,6 +337,7 @@ def cmd_index(args) -> int:
 
     from tokentrain.data import format as fmt
     from tokentrain.data.index import _cached_meta_path
+    from tokentrain.data.summary import index_file, remember
     from tokentrain.errors import DataError
 
     built = 0
@@ -347,9 +348,10 @@ def cmd_index(args) -> int:
         if p.stat().st_size == 0 or (mp.exists() and not args.rebuild):
             progress.update(p.stat().st_size)
             continue
-        meta = fmt.build_meta(p)
+        meta, summary = index_file(p)
         try:
             fmt.save_meta(meta, mp)
+            remember(p, mp, summary)
         except OSError as e:
             if mp.exists():  # a stale meta we cannot replace would keep winning over a cached one
                 raise DataError(f"{mp}: cannot rewrite the meta ({e.strerror}); make the folder writable") from None

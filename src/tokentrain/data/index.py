@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tokentrain.data import format as fmt
+from tokentrain.data.summary import index_file, remember
 from tokentrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,13 @@ def ensure_meta(data_path: Path, stats: IndexStats | None = None) -> Path:
     cached = _cached_meta_path(data_path)
     if cached.exists() and cached.stat().st_mtime_ns >= data_path.stat().st_mtime_ns:
         return cached
-    meta = fmt.build_meta(data_path)
+    meta, summary = index_file(data_path)
     if stats is not None:
         stats.built_metas += 1
     try:
         fmt.save_meta(meta, mp)
         log.info("%s: no meta; built %s (%d lines)", data_path, mp.name, len(meta))
+        remember(data_path, mp, summary)  # its largest id, for the vocabulary check at start
         return mp
     except OSError:
         cached.parent.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,7 @@ def ranges(path: Path, meta_path: Path | None, meta: np.ndarray | None, size: in
         if r >= len(offsets):
             break
         cuts.append(r)
-    bounds = [*(int(offsets[r]) for r in cuts), size]
+    bounds = [0, *(int(offsets[r]) for r in cuts[1:]), size]  # blank lines before the first row: in range 0
     rows = [*cuts, len(offsets)]
     return [Range(str(path), bounds[i], bounds[i + 1], str(meta_path), rows[i], rows[i + 1]) for i in range(len(cuts))]
 
@@ -243,6 +243,35 @@ def _read_line(docs: _Docs, problems: list, path, line: bytes, lineno: int, off:
         problems.append([lineno, off, str(e).split("): ", 1)[-1], False])
 
 
+# --------------------------------------------------------------------------- indexing
+
+
+def index_file(path: Path, chunk: int = 16 << 20) -> tuple[np.ndarray, Summary | None]:
+    """A data file's meta and its summary, from one read when every line is usual (the
+    counts guessed from the commas, then confirmed exactly by `_scan_fast`); else the meta
+    line by line (`format.build_meta`, which names a bad line) and no summary."""
+    data = path.read_bytes()
+    arr = np.frombuffer(data, dtype=np.uint8)
+    starts = np.concatenate(([0], np.flatnonzero(arr == _NL) + 1))
+    if len(starts) > 1 and starts[-1] == len(data):
+        starts = starts[:-1]  # the final newline ends the last line
+    if not len(data) or (arr[starts] != ord("{")).any():  # blank lines: the careful way
+        return fmt.build_meta(path), None
+    ends = np.append(starts[1:], len(data))
+    stop = ends - (arr[ends - 1] == _NL)
+    commas = np.add.reduceat((arr == ord(",")).view(np.int8), starts, dtype=np.int64)
+    empty = (commas == 0) & (stop - starts >= 3) & (arr[np.maximum(stop - 3, 0)] == _LB)
+    meta = np.stack((starts, np.where(empty, 0, commas + 1)), axis=1).astype(np.int64)
+    out = Summary()
+    for r in ranges(path, fmt.meta_path(path), meta, len(data), chunk):
+        lead = 1 if r.lo else 0
+        part = _scan_fast(r, data[r.lo - lead : r.hi], lead, meta[r.r0 : r.r1])
+        if part is None:
+            return fmt.build_meta(path), None
+        out.add(part, line_base=out.newlines)
+    return meta, out
+
+
 # --------------------------------------------------------------------------- the cache
 
 
@@ -285,6 +314,12 @@ def store(path: Path, key: list, summary: Summary) -> None:
             json.dump({"path": os.path.realpath(path), "key": key, "summary": asdict(summary)}, f)
     except OSError as e:
         log.debug("%s: summary not cached (%s)", path, e)
+
+
+def remember(path: Path, meta_path: Path, summary: Summary | None) -> None:
+    """Store the summary made while indexing, once its meta is saved beside the file."""
+    if summary is not None and meta_path == fmt.meta_path(path):
+        store(path, file_key(path, meta_path), summary)
 
 
 def usable_meta(path: Path) -> Path | None:
