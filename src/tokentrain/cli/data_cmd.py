@@ -274,7 +274,7 @@ def cmd_check(args) -> int:
     sets, limits = _check_targets(args)
     files = [p for _, fs in sets for p in fs]
     progress = _progress(files, "check")
-    sums = cc.summarize(files, workers, progress)
+    sums, stored = cc.summarize(files, workers, progress)
     problems = cc.all_problems(files, sums)
     notes: list[str] = []
     start = 0
@@ -288,7 +288,11 @@ def cmd_check(args) -> int:
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     against = f" against {limits.model} (vocabulary {limits.vocab_size})" if limits.vocab_size else ""
-    _summary(progress, f"checked {len(files)} file(s){against}: {len(problems)} problem(s)")
+    _summary(
+        progress,
+        f"checked {len(files)} file(s){against}: {len(problems)} problem(s) ({stored} unchanged since "
+        f"summarised, the rest read with {workers} worker(s))",
+    )
     return 1 if problems else 0
 
 

@@ -25,12 +25,13 @@ from tokentrain.errors import ConfigError, DataError
 _MIN_CHUNK, _MAX_CHUNK = 64 << 10, 16 << 20  # bytes per range a worker reads
 
 
-def summarize(files: list[Path], workers: int = 1, progress=None) -> list[sm.Summary]:
+def summarize(files: list[Path], workers: int = 1, progress=None) -> tuple[list[sm.Summary], int]:
     """The summary of each file, in order: stored ones as they are, the others read (split in
-    ranges over `workers` processes) and stored."""
+    ranges over `workers` processes) and stored; and how many were stored ones."""
     out: list[sm.Summary | None] = [None] * len(files)
     todo: list[tuple[int, list, sm.Summary, list[sm.Range]]] = []
     planned: list[tuple[Path, int, Path | None, np.ndarray | None, sm.Summary, list]] = []
+    stored = 0
     for i, p in enumerate(files):
         try:
             size = p.stat().st_size
@@ -46,6 +47,7 @@ def summarize(files: list[Path], workers: int = 1, progress=None) -> list[sm.Sum
         found = sm.load(p, key)
         if found is not None:
             out[i] = found
+            stored += 1
             _tick(progress, size)
             continue
         head = sm.Summary()
@@ -71,7 +73,7 @@ def summarize(files: list[Path], workers: int = 1, progress=None) -> list[sm.Sum
             head.add(next(parts), line_base=head.newlines)
         sm.store(files[i], key, head)
         out[i] = head
-    return [s for s in out if s is not None]
+    return [s for s in out if s is not None], stored
 
 
 def _tick(progress, nbytes: int) -> None:

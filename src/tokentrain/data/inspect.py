@@ -75,7 +75,7 @@ def check_dataset(files: list[Path], progress=None, workers: int = 1) -> list[Pr
     (files summarised before and unchanged since are not read again: data/summary.py)."""
     from tokentrain.data.corpus_check import all_problems, summarize
 
-    return all_problems(files, summarize(files, workers, progress))
+    return all_problems(files, summarize(files, workers, progress)[0])
 
 
 # --------------------------------------------------------------------------- stats

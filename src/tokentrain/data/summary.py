@@ -335,4 +335,4 @@ def stored_max_id(path: Path) -> tuple[int, list | None] | None:
         found = load(path, file_key(path, usable_meta(path)))
     except OSError:
         return None
-    return None if found is None or found.problems else (found.max_id, found.max_at)
+    return None if found is None else (found.max_id, found.max_at)
