@@ -68,7 +68,9 @@ def register(sub, common) -> None:
     )
     p.add_argument("--max-length", type=int, help="count documents longer than this (with --model; --config has it)")
     p.add_argument(
-        "--workers", type=int, help="processes reading files not yet summarised (default: the CPUs this process may use)"
+        "--workers",
+        type=int,
+        help="processes reading files not yet summarised (default: the CPUs this process may use)",
     )
     p.set_defaults(func=cmd_check)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def summarize(files: list[Path], workers: int = 1, progress=None) -> tuple[list[
         head = sm.Summary()
         meta = None
         if mp is None:
-            head.problems.append([None, None, f"no meta file {fmt.meta_path(p).name}; build it with `tokentrain data index`", False])
+            head.problems.append(
+                [None, None, f"no meta file {fmt.meta_path(p).name}; build it with `tokentrain data index`", False]
+            )
         else:
             try:
                 meta = fmt.read_meta(mp, p, size)
@@ -83,10 +86,9 @@ def _tick(progress, nbytes: int) -> None:
 
 def _run(jobs: list[sm.Range], workers: int, progress):
     """Each range's summary, in order; ranges read by `workers` processes."""
-    if workers <= 1 or len(jobs) <= 1:
-        results = map(sm.scan_range, jobs)
-        pool = None
-    else:
+    pool = None
+    results: Iterator[sm.Summary] = map(sm.scan_range, jobs)
+    if workers > 1 and len(jobs) > 1:
         pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)))
         results = pool.imap(sm.scan_range, jobs)
     try:
@@ -163,7 +165,8 @@ def model_problems(
                 None,
                 None,
                 "no document has a target token (every token after the first is negative, i.e. masked); training "
-                "would learn nothing. Check the sign convention of the data" + ("" if limits.zero_is_target else " (or zero_is_target)"),
+                "would learn nothing. Check the sign convention of the data"
+                + ("" if limits.zero_is_target else " (or zero_is_target)"),
             )
         )
     elif limits.model and bare:
@@ -176,7 +179,9 @@ def model_problems(
                 if limits.pack_to_max_length
                 else "pack_to_max_length=False: each is truncated to max_length, the rest is not trained"
             )
-            notes.append(f"{long} document(s) longer than max_length={limits.max_length} (longest {longest} tokens); {what}")
+            notes.append(
+                f"{long} document(s) longer than max_length={limits.max_length} (longest {longest} tokens); {what}"
+            )
     return problems, notes
 
 

@@ -70,14 +70,6 @@ class _Ticks:
         self.bytes, self.lines = 0, 0
 
 
-def check_dataset(files: list[Path], progress=None, workers: int = 1) -> list[Problem]:
-    """Every problem of every file, rather than the first, each with its line and byte
-    (files summarised before and unchanged since are not read again: data/summary.py)."""
-    from tokentrain.data.corpus_check import all_problems, summarize
-
-    return all_problems(files, summarize(files, workers, progress)[0])
-
-
 # --------------------------------------------------------------------------- stats
 
 

@@ -198,7 +198,7 @@ def _scan_rows(r: Range, buf: bytes, lead: int, meta: np.ndarray) -> Summary:
     offs = meta[:, 0].tolist()
     ends = [*offs[1:], r.hi]
     size = os.stat(r.path).st_size
-    docs, problems = _Docs(), []
+    docs, problems = _Docs(), list[list]()
     for off, end, count in zip(offs, ends, meta[:, 1].tolist()):
         lineno = int(np.searchsorted(newlines, off - r.lo)) + 1
         line = buf[off - r.lo + lead : end - r.lo + lead]
@@ -217,7 +217,7 @@ def _scan_lines(r: Range, buf: bytes) -> Summary:
     newlines = np.flatnonzero(arr == _NL)
     starts = np.concatenate(([0], newlines + 1)).tolist()
     ends = np.concatenate((newlines + 1, [len(buf)])).tolist()
-    docs, problems = _Docs(), []
+    docs, problems = _Docs(), list[list]()
     for lineno, (s, end) in enumerate(zip(starts, ends), 1):
         line = buf[s:end]
         if line.strip():
