@@ -163,9 +163,11 @@ def _stats(flat: np.ndarray, counts: np.ndarray, offsets: np.ndarray, lines: np.
     s.min_token = int(flat.min())
     full = counts > 0
     starts = np.cumsum(counts)[full] - counts[full]  # where each non-empty document starts in flat
+    ends = np.append(starts[1:], len(flat))
     for name, target in (("no_target", flat > 0), ("no_target_zero", flat >= 0)):
-        target[starts] = False  # a document's first token is never a target
-        has = np.logical_or.reduceat(target, starts)
+        where = np.flatnonzero(target)
+        # a target after a document's first token (which is never one) and before its end
+        has = np.searchsorted(where, ends) > np.searchsorted(where, starts + 1)
         setattr(s, name, len(counts) - int(has.sum()))
     return s
 
@@ -259,7 +261,7 @@ def index_file(path: Path, chunk: int = 16 << 20) -> tuple[np.ndarray, Summary |
         return fmt.build_meta(path), None
     ends = np.append(starts[1:], len(data))
     stop = ends - (arr[ends - 1] == _NL)
-    commas = np.add.reduceat((arr == ord(",")).view(np.int8), starts, dtype=np.int64)
+    commas = np.diff(np.searchsorted(np.flatnonzero(arr == ord(",")), np.append(starts, len(data))))
     empty = (commas == 0) & (stop - starts >= 3) & (arr[np.maximum(stop - 3, 0)] == _LB)
     meta = np.stack((starts, np.where(empty, 0, commas + 1)), axis=1).astype(np.int64)
     out = Summary()
