@@ -30,8 +30,7 @@ def summarize(files: list[Path], workers: int = 1, progress=None) -> tuple[list[
     """The summary of each file, in order: stored ones as they are, the others read (split in
     ranges over `workers` processes) and stored; and how many were stored ones."""
     out: list[sm.Summary | None] = [None] * len(files)
-    todo: list[tuple[int, list, sm.Summary, list[sm.Range]]] = []
-    planned: list[tuple[Path, int, Path | None, np.ndarray | None, sm.Summary, list]] = []
+    pending: list[tuple[int, int, Path | None, list]] = []  # file number, size, meta, key
     stored = 0
     for i, p in enumerate(files):
         try:
@@ -41,38 +40,42 @@ def summarize(files: list[Path], workers: int = 1, progress=None) -> tuple[list[
             continue
         if size == 0:
             out[i] = sm.Summary()
-            _tick(progress, 0)
             continue
         mp = sm.usable_meta(p)
         key = sm.file_key(p, mp)
-        found = sm.load(p, key)
-        if found is not None:
-            out[i] = found
+        out[i] = sm.load(p, key)
+        if out[i] is not None:
             stored += 1
             _tick(progress, size)
-            continue
+        else:
+            pending.append((i, size, mp, key))
+    total = sum(size for _, size, _, _ in pending)
+    chunk = min(_MAX_CHUNK, max(_MIN_CHUNK, total // max(1, 8 * workers)))
+    jobs: list[sm.Range] = []
+    todo: list[tuple[int, list, sm.Summary, int]] = []  # file number, key, its summary, its ranges
+    for i, size, mp, key in pending:  # one meta in memory at a time: a terabyte's are gigabytes
         head = sm.Summary()
         meta = None
         if mp is None:
             head.problems.append(
-                [None, None, f"no meta file {fmt.meta_path(p).name}; build it with `tokentrain data index`", False]
+                [
+                    None,
+                    None,
+                    f"no meta file {fmt.meta_path(files[i]).name}; build it with `tokentrain data index`",
+                    False,
+                ]
             )
         else:
             try:
-                meta = fmt.read_meta(mp, p, size)
+                meta = fmt.read_meta(mp, files[i], size)
             except DataError as e:
                 head.problems.append([None, None, str(e).removeprefix(f"{mp}: "), True])
-        planned.append((p, size, mp if meta is not None else None, meta, head, key))
-        todo.append((i, key, head, []))
-    total = sum(size for _, size, *_ in planned)
-    chunk = min(_MAX_CHUNK, max(_MIN_CHUNK, total // max(1, 8 * workers)))
-    jobs: list[sm.Range] = []
-    for (p, size, mp, meta, _, _), t in zip(planned, todo):
-        t[3].extend(sm.ranges(p, mp, meta, size, chunk))
-        jobs.extend(t[3])
+        rs = sm.ranges(files[i], mp if meta is not None else None, meta, size, chunk)
+        jobs.extend(rs)
+        todo.append((i, key, head, len(rs)))
     parts = iter(list(_run(jobs, workers, progress)))
-    for i, key, head, rs in todo:
-        for _ in rs:
+    for i, key, head, n in todo:
+        for _ in range(n):
             head.add(next(parts), line_base=head.newlines)
         sm.store(files[i], key, head)
         out[i] = head
