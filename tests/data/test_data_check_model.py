@@ -185,3 +185,18 @@ def test_train_without_summaries_says_so_and_reads_nothing_at_start(tmp_path, ti
     assert tt("data", "check", "--config", cfg, cache=cache).returncode == 0
     r = tt("train", cfg, "--work-dir", tmp_path / "w2", cache=cache)
     assert r.returncode == 0 and f"token ids: every data file's largest id is < the vocabulary size {VOCAB}" in r.stderr
+
+
+def test_config_with_a_mixture_checks_every_source(tmp_path, tiny_model):
+    write_bin(tmp_path / "s1" / "a.bin", [[1, 2], [3, 4]])
+    m = write_bin(tmp_path / "s2" / "b.bin", [[5, 6], [7, VOCAB + 2]])
+    cfg = write_config(
+        tmp_path / "cfg.py",
+        pretrained_model_name_or_path=str(tiny_model),
+        dataset_folder=None,
+        datasets=[dict(folder=str(tmp_path / "s1")), dict(folder=str(tmp_path / "s2"), weight=2.0, name="two")],
+    )
+    r = tt("data", "check", "--config", cfg, cache=tmp_path / "cache")
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.startswith(f"{tmp_path / 's2' / 'b.bin'}: line 2 (byte {int(m[1, 0])}): token id {VOCAB + 2} ")
+    assert "checked 2 file(s)" in r.stderr
