@@ -3,23 +3,18 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 
-from .helpers import write_bin
+from .helpers import tt, write_bin
 
 LINE = r"{}: (\d+\.\d) MB / (\d+\.\d) MB \((\d+\.\d)%\), ([\d,]+) records, \d+\.\d MB/s"
 SUMMARY = r" in \d+\.\ds \(\d+\.\d MB, \d+\.\d MB/s, [\d,]+ records/s\)$"
 
 
 def _tt(*argv, cache):
-    env = dict(os.environ, TOKENTRAIN_PROGRESS_INTERVAL="0", TOKENTRAIN_CACHE=str(cache))
-    return subprocess.run([sys.executable, "-m", "tokentrain", *map(str, argv)], capture_output=True, text=True,
-                          env=env, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    return tt(*argv, cache=cache, TOKENTRAIN_PROGRESS_INTERVAL="0")
 
 
 def test_index_stats_check_show_progress_and_a_summary(tmp_path, cache_dir):
