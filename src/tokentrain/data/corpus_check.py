@@ -43,10 +43,12 @@ def summarize(files: list[Path], workers: int = 1, progress=None) -> tuple[list[
             continue
         mp = sm.usable_meta(p)
         key = sm.file_key(p, mp)
-        out[i] = sm.load(p, key)
-        if out[i] is not None:
+        found = sm.load(p, key)
+        if found is not None:
+            out[i] = found
             stored += 1
-            _tick(progress, size)
+            if progress is not None:
+                progress.update(size, found.documents)
         else:
             pending.append((i, size, mp, key))
     total = sum(size for _, size, _, _ in pending)
@@ -80,11 +82,6 @@ def summarize(files: list[Path], workers: int = 1, progress=None) -> tuple[list[
         sm.store(files[i], key, head)
         out[i] = head
     return [s for s in out if s is not None], stored
-
-
-def _tick(progress, nbytes: int) -> None:
-    if progress is not None:
-        progress.update(nbytes, 1)
 
 
 def _run(jobs: list[sm.Range], workers: int, progress):
