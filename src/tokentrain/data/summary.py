@@ -105,19 +105,23 @@ def scan_range(r: Range) -> Summary:
     lead = 1 if r.lo else 0  # the byte before the range: a line start must follow a newline
     with open(r.path, "rb") as f:
         buf = os.pread(f.fileno(), r.hi - r.lo + lead, r.lo - lead)
+        size = os.fstat(f.fileno()).st_size
     if r.meta is None:
         return _scan_lines(r, buf)
     meta = np.asarray(np.load(r.meta, mmap_mode="r")[r.r0 : r.r1, :2], dtype=np.int64)
-    return _scan_fast(r, buf, lead, meta) or _scan_rows(r, buf, lead, meta)
+    return _scan_fast(r, buf, lead, meta, size) or _scan_rows(r, buf, lead, meta, size)
 
 
-def _scan_fast(r: Range, buf: bytes, lead: int, meta: np.ndarray) -> Summary | None:
+def _scan_fast(r: Range, buf: bytes, lead: int, meta: np.ndarray, size: int) -> Summary | None:
     """One numpy read of every list in the range when each row is one usual line
-    (``{"tokens": [..]}`` + newline, exactly where the meta says); None when unsure."""
+    (``{"tokens": [..]}`` + newline -- the file's last may lack it -- exactly where the meta
+    says); None when unsure."""
     arr = np.frombuffer(buf, dtype=np.uint8)
     offs = meta[:, 0] - r.lo + lead
     ends = np.append(offs[1:], len(buf))
     last_nl = bool(arr[-1] == _NL)
+    if not last_nl and r.hi < size:
+        return None  # a line running on into the next range
     want = ends[:-1] - 1 if not last_nl else ends - 1
     if lead:
         want = np.concatenate(([0], want))
@@ -193,13 +197,12 @@ class _Docs:
         return s
 
 
-def _scan_rows(r: Range, buf: bytes, lead: int, meta: np.ndarray) -> Summary:
+def _scan_rows(r: Range, buf: bytes, lead: int, meta: np.ndarray, size: int) -> Summary:
     """Each meta row checked alone: where it is, then its line strictly (every problem named)."""
     arr = np.frombuffer(buf, dtype=np.uint8)
     newlines = np.flatnonzero(arr[lead:] == _NL)  # positions from r.lo
     offs = meta[:, 0].tolist()
     ends = [*offs[1:], r.hi]
-    size = os.stat(r.path).st_size
     docs, problems = _Docs(), list[list]()
     for off, end, count in zip(offs, ends, meta[:, 1].tolist()):
         lineno = int(np.searchsorted(newlines, off - r.lo)) + 1
@@ -267,7 +270,7 @@ def index_file(path: Path, chunk: int = 16 << 20) -> tuple[np.ndarray, Summary |
     out = Summary()
     for r in ranges(path, fmt.meta_path(path), meta, len(data), chunk):
         lead = 1 if r.lo else 0
-        part = _scan_fast(r, data[r.lo - lead : r.hi], lead, meta[r.r0 : r.r1])
+        part = _scan_fast(r, data[r.lo - lead : r.hi], lead, meta[r.r0 : r.r1], len(data))
         if part is None:
             return fmt.build_meta(path), None
         out.add(part, line_base=out.newlines)
