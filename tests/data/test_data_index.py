@@ -326,3 +326,23 @@ def test_interrupted_build_leaves_no_partial_index(tmp_path, cache_dir, monkeypa
     assert [p for p in (cache_dir / "index").iterdir() if not p.name.endswith(".lock")] == []
     ix = idx.open_index(files)
     assert len(ix) == 7 and (ix.path / "info.json").exists()
+
+
+def test_a_meta_built_in_one_read_is_the_meta_of_every_line(tmp_path):
+    """ensure_meta reads usual files in one numpy pass (counts from the commas, confirmed): the
+    meta must be what a hand count gives, for compact and spaced lines, empty lists, ids 0 and
+    negative, no final newline, and (the careful path) blank lines and \\r\\n endings."""
+    rng = np.random.default_rng(5)
+    cases = []
+    for k in range(60):
+        docs = [rng.integers(-70000, 70000, int(rng.choice([0, 1, 2, 7, 90]))).tolist() for _ in range(25)]
+        lines = [line_bytes(d, b"", spaced=bool(rng.integers(2))) for d in docs]
+        if k % 10 == 3:
+            lines.insert(5, b"")
+        newline = b"\r\n" if k % 10 == 7 else b"\n"
+        p = tmp_path / f"f{k}.bin"
+        want = write_bin(p, None, raw_lines=lines, meta=False, newline=newline, final_newline=bool(k % 2))
+        cases.append((p, want))
+    for p, want in cases:
+        got = np.load(idx.ensure_meta(p))
+        assert np.array_equal(got, want), p

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tokentrain.data import format as fmt
+from tokentrain.data.summary import index_file, remember
 from tokentrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,13 @@ def ensure_meta(data_path: Path, stats: IndexStats | None = None) -> Path:
     if found is not None:
         return found
     mp, cached = fmt.meta_path(data_path), _cached_meta_path(data_path)
-    meta = fmt.build_meta(data_path)
+    meta, summary = index_file(data_path)
     if stats is not None:
         stats.built_metas += 1
     try:
         fmt.save_meta(meta, mp)
         log.info("%s: no meta; built %s (%d lines)", data_path, mp.name, len(meta))
+        remember(data_path, mp, summary)  # its largest id, for the vocabulary check at start
         return mp
     except OSError:
         cached.parent.mkdir(parents=True, exist_ok=True)

@@ -33,8 +33,8 @@ from tokentrain.checkpoint.hf_export import export_hf
 from tokentrain.checkpoint.manager import CheckpointManager
 from tokentrain.checkpoint.rng import set_rng_state
 from tokentrain.config.schema import TrainConfig
-from tokentrain.data.checks import check_datasets
-from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, TokentrainError
+from tokentrain.data.checks import check_datasets, check_stored_ids
+from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError, TokentrainError
 from tokentrain.metrics.flops import FlopCounter, full_numel, peak_tflops
 from tokentrain.metrics.logger import MetricsLogger
 from tokentrain.metrics.sources import SourceTokens
@@ -90,6 +90,7 @@ class Trainer:
         # weights need (positions, the resume's fingerprint).
         self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
         self.model_config = read_config(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
+        self._check_ids_early()
         self.engine = self._make_engine()  # before the model: ZeRO-3 / FSDP2 build it sharded
         self.ckpt = CheckpointManager(
             self.work_dir / "checkpoints",
@@ -188,6 +189,30 @@ class Trainer:
 
             g = self.stream.samples_per_step * env.world_size
             log_mixture_plan(self.train_set, planned_counts(self.train_set, self.total_steps, spe, g))
+
+    def _check_ids_early(self) -> None:
+        """Ids over the model's vocabulary refused from the files' stored summaries, before the
+        engine and the model are built (else found only when their batch comes up)."""
+        from tokentrain.data.corpus_check import vocab_size_of
+
+        cfg = self.cfg
+        try:
+            vocab = vocab_size_of(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
+        except ConfigError:
+            return  # load_model says why the model cannot be read
+        sets = [self.train_set] + ([self.val_set] if self.val_set is not None else [])
+        checked, missing = check_stored_ids(sets, vocab, cfg.pretrained_model_name_or_path)
+        if not self.env.is_main:
+            return
+        if missing:
+            log.info(
+                "token ids: %d of %d data file(s) not yet summarised, so checked batch by batch as read; "
+                "`tokentrain data check --config CFG` checks them all up front (and records them for this check)",
+                missing,
+                checked + missing,
+            )
+        else:
+            log.info("token ids: every data file's largest id is < the vocabulary size %d", vocab)
 
     def _setup_model(self) -> None:
         from tokentrain.model.attention import auto_attention, choose_attn_implementation, select_masking
