@@ -192,7 +192,6 @@ class LocalEngine:
         load_model(self._hf_model(), str(folder / MODEL_FILE), strict=True, device=str(self.env.device))
         state = torch.load(folder / OPTIMIZER_FILE, map_location=self.env.device, weights_only=True)
         self._optimizer.load_state_dict(state)
-        log.info("%s: an FSDP2 checkpoint, read whole (weights and AdamW state by parameter name)", folder)
 
     def _optimizer_names(self) -> list[str]:
         """The HF model's parameter names in the optimizer's order (its state's indices)."""
@@ -217,3 +216,4 @@ class LocalEngine:
         state = self._optimizer.state_dict()  # this optimizer's param groups (indices in `names` order)
         state["state"] = {i: by_name[n] for i, n in enumerate(names) if n in by_name}
         self._optimizer.load_state_dict(state)
+        log.info("%s: an FSDP2 checkpoint, read whole (weights and AdamW state by parameter name)", folder)

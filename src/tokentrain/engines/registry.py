@@ -126,7 +126,7 @@ def check_resumable(folder: Path, engine: Engine, world_size: int) -> None:
         "or convert it with `tokentrain convert pth_to_hf` and start from that folder (without its optimizer state)"
     )
     if fmt not in spec.reads:
-        readers = [s.name for s in SPECS.values() if fmt in s.reads and s.name != "deepspeed"]
+        readers = [s.name for s in SPECS.values() if fmt in s.reads]
         flag = f"--engine {' | '.join(readers)} (no --deepspeed)" if readers else f"--engine {writer}"
         if fmt == "deepspeed":
             stage = record.get("zero_stage")
@@ -139,7 +139,7 @@ def check_resumable(folder: Path, engine: Engine, world_size: int) -> None:
     if fmt == "deepspeed" and stage is not None and mine_stage is not None and stage != mine_stage:
         raise ConfigError(
             f"{folder} was written with DeepSpeed ZeRO stage {stage}, this run uses stage {mine_stage}; resume with "
-            f"--deepspeed deepspeed_zero{stage} (or the JSON it was trained with)"
+            f"--deepspeed deepspeed_zero{stage} (or the JSON it was trained with), {convert}"
         )
     written = record.get("world_size")
     if written and written != world_size and not spec.resumes_on_other_world_size:
