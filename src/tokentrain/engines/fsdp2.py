@@ -233,7 +233,7 @@ class FSDP2Engine(Collectives):
         from tokentrain.engines.local import owns_checkpoint as is_plain
 
         if is_plain(folder) and not ckpt.is_fsdp_checkpoint(folder):
-            ckpt.load_plain(self.hf_model, self.optimizer, Path(folder), self.env.is_main)
+            ckpt.load_plain(self.hf_model, self.optimizer, Path(folder), self.env.is_main, not self.cpu_offload)
             log.info(
                 "%s: a local/DDP checkpoint, sharded over %d rank(s) (AdamW state by parameter name)",
                 folder,

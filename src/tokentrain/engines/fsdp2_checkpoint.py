@@ -198,11 +198,12 @@ def read_full_optimizer_state(folder: Path) -> dict[str, dict[str, torch.Tensor]
     return state
 
 
-def load_plain(model, optimizer, folder: Path, is_main: bool) -> None:
+def load_plain(model, optimizer, folder: Path, is_main: bool, broadcast: bool = True) -> None:
     """Fill the model and optimizer shards from a plain (local/DDP) checkpoint, whatever world
     size wrote it (collective): the main rank reads the whole state (weights-only), DCP's
-    state-dict API broadcasts it tensor by tensor and every rank keeps its own slices. The
-    optimizer state moves by parameter name (`local.read_optimizer_by_name`)."""
+    state-dict API broadcasts it tensor by tensor and every rank keeps its own slices. Without
+    `broadcast` (shards in host memory, which NCCL cannot send) every rank reads the files and
+    keeps its slices. The optimizer state moves by parameter name (`local.read_optimizer_by_name`)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -221,20 +222,20 @@ def load_plain(model, optimizer, folder: Path, is_main: bool) -> None:
     msd: dict[str, Any] = {}
     optim: dict[str, Any] = {}
     error: Exception | None = None
-    if is_main:
+    if is_main or not broadcast:
         try:
             msd = read_plain_model(Path(folder))
             optim = {"state": read_optimizer_by_name(Path(folder), names), "param_groups": groups}
         except Exception as e:  # every rank stops with it, none waits in the broadcast below
             error = e
-    box = [None if error is None else CheckpointError(f"{folder}: {type(error).__name__}: {first_line(error)}")]
-    dist.broadcast_object_list(box, src=0)
+    failed = [error is not None]
+    dist.broadcast_object_list(failed, src=0)
     if error is not None:
         raise error
-    if box[0] is not None:
-        raise box[0]
+    if failed[0]:
+        raise CheckpointError(f"{folder}: refused by rank 0 (see its message)")
     # Two calls: set_state_dict would skip the model on the ranks that pass no state (optim_only).
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
     set_model_state_dict(model, msd, options=options)
     set_optimizer_state_dict(model, optimizer, optim, options=options)
 
