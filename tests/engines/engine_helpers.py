@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,14 @@ def losses(work: Path) -> list[float]:
 def rel_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).norm() / max(b[k].double().norm(), 1e-12)) for k in a)
+
+
+def copy_checkpoint(src: Path, work: Path) -> Path:
+    """A new work dir holding only `src` (a step_N folder) as its latest checkpoint."""
+    dst = work / "checkpoints" / src.name
+    shutil.copytree(src, dst)
+    (work / "checkpoints" / "latest").write_text(src.name + "\n")
+    return dst
 
 
 def logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
