@@ -42,6 +42,20 @@ def write_cfg(path: Path, model, data, **over) -> Path:
     return path
 
 
+def scratch_job(root: Path, **over) -> tuple[Path, dict]:
+    """Training from scratch: a tied config-only tiny Llama, its data and config under `root`;
+    (the config, the child runs' environment)."""
+    from tests.helpers import config_only
+    from tokentrain.data.synth import synth_dataset
+    from tokentrain.model.tiny import make_tiny_model
+
+    built = make_tiny_model(root / "built", vocab_size=512, hidden_size=32, layers=2, heads=4,
+                            tie_word_embeddings=True)  # fmt: skip
+    model = config_only(built, root / "scratch")
+    synth_dataset(root / "data", files=2, documents=300, seed=3, mean_length=40, vocab_size=512)
+    return write_cfg(root / "cfg.py", model, root / "data", **over), clean_env(TOKENTRAIN_CACHE=str(root / "cache"))
+
+
 def tokentrain(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*TT, *map(str, args)], env=env or clean_env(), capture_output=True, text=True, timeout=timeout

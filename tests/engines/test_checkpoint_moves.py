@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.engines.engine_helpers import (
-    clean_env,
     copy_checkpoint,
     error_lines,
     rel_diff,
+    scratch_job,
     tokentrain,
     weights,
-    write_cfg,
 )
-from tests.helpers import config_only
 from tests.reliability.helpers import metrics, one_error_line
 from tokentrain.distributed.spawn import _free_port
 
@@ -32,16 +30,8 @@ class Job:
     """A config-only tiny model, its data and config (global batch 2: 1 x 1 x 2 ranks, or 1 x 2 x 1)."""
 
     def __init__(self, root: Path):
-        from tokentrain.data.synth import synth_dataset
-        from tokentrain.model.tiny import make_tiny_model
-
         self.root = root
-        built = make_tiny_model(root / "built", vocab_size=512, hidden_size=32, layers=2, heads=4,
-                                tie_word_embeddings=True)  # fmt: skip
-        model = config_only(built, root / "scratch")
-        synth_dataset(root / "data", files=2, documents=300, seed=3, mean_length=40, vocab_size=512)
-        self.cfg = write_cfg(root / "cfg.py", model, root / "data", max_iters=STEPS, accumulative_counts=1)
-        self.env = clean_env(TOKENTRAIN_CACHE=str(root / "cache"))
+        self.cfg, self.env = scratch_job(root, max_iters=STEPS, accumulative_counts=1)
         self.done: set[str] = set()
 
     def uninterrupted(self, name: str, *args) -> Path:
