@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,20 @@ def write_cfg(path: Path, model, data, **over) -> Path:
     return path
 
 
+def scratch_job(root: Path, **over) -> tuple[Path, dict]:
+    """Training from scratch: a tied config-only tiny Llama, its data and config under `root`;
+    (the config, the child runs' environment)."""
+    from tests.helpers import config_only
+    from tokentrain.data.synth import synth_dataset
+    from tokentrain.model.tiny import make_tiny_model
+
+    built = make_tiny_model(root / "built", vocab_size=512, hidden_size=32, layers=2, heads=4,
+                            tie_word_embeddings=True)  # fmt: skip
+    model = config_only(built, root / "scratch")
+    synth_dataset(root / "data", files=2, documents=300, seed=3, mean_length=40, vocab_size=512)
+    return write_cfg(root / "cfg.py", model, root / "data", **over), clean_env(TOKENTRAIN_CACHE=str(root / "cache"))
+
+
 def tokentrain(*args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*TT, *map(str, args)], env=env or clean_env(), capture_output=True, text=True, timeout=timeout
@@ -58,6 +73,14 @@ def losses(work: Path) -> list[float]:
 def rel_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).norm() / max(b[k].double().norm(), 1e-12)) for k in a)
+
+
+def copy_checkpoint(src: Path, work: Path) -> Path:
+    """A new work dir holding only `src` (a step_N folder) as its latest checkpoint."""
+    dst = work / "checkpoints" / src.name
+    shutil.copytree(src, dst)
+    (work / "checkpoints" / "latest").write_text(src.name + "\n")
+    return dst
 
 
 def logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,7 @@ import re
 
 import pytest
 
-from tests.engines.engine_helpers import clean_env, error_lines, losses, tokentrain, write_cfg
-from tests.helpers import config_only
+from tests.engines.engine_helpers import error_lines, losses, scratch_job, tokentrain
 from tokentrain.distributed.spawn import _free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -30,17 +29,8 @@ class Job:
     """A config-only tiny model and its data; each run once, on demand."""
 
     def __init__(self, root):
-        from tokentrain.data.synth import synth_dataset
-        from tokentrain.model.tiny import make_tiny_model
-
         self.root = root
-        built = make_tiny_model(root / "built", vocab_size=512, hidden_size=32, layers=2, heads=4,
-                                tie_word_embeddings=True)  # fmt: skip
-        model = config_only(built, root / "scratch")
-        data = root / "data"
-        synth_dataset(data, files=2, documents=300, seed=3, mean_length=40, vocab_size=512)
-        self.cfg = write_cfg(root / "cfg.py", model, data, save_steps=1000)
-        self.env = clean_env(TOKENTRAIN_CACHE=str(root / "cache"))
+        self.cfg, self.env = scratch_job(root, save_steps=1000)
         self.logs: dict[str, str] = {}
 
     def run(self, name: str) -> tuple[list[float], str]:

@@ -15,9 +15,12 @@ model is built (ZeRO-3's ``zero.Init`` reads the world size from it): both happe
 engine is made, which is before the model.
 
 Checkpoint format "deepspeed": DeepSpeed's own files in ``step_N/ds/`` written by every
-rank (module states, optimizer partitions). They are read back at the world size they were
-written with; `read_model_state` consolidates them to fp32 on the CPU with DeepSpeed's
-reader (no process group) for `convert`.
+rank (module states, optimizer partitions). At the world size they were written with they
+are read back as they are; at another one, the main rank first converts them to DeepSpeed's
+*universal checkpoint* (`deepspeed.checkpoint.ds_to_universal`: fp32 weights and Adam state
+per parameter, whole) in a folder beside the checkpoint, every rank loads its new partition
+from it (``load_universal``), and the folder is removed. `read_model_state` consolidates
+them to fp32 on the CPU with DeepSpeed's reader (no process group) for `convert`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +37,7 @@ import torch
 from tokentrain.engines.base import Collectives, StepResult
 from tokentrain.engines.deepspeed_config import zero_stage
 from tokentrain.engines.local import LocalEngine
+from tokentrain.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,31 @@ def read_model_state(folder: Path) -> dict[str, torch.Tensor]:
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DS_TAG)
     return {k[len(PREFIX) :] if k.startswith(PREFIX) else k: v for k, v in state.items()}
+
+
+def to_universal(ds: Path, out: Path) -> None:
+    """DeepSpeed's own converter (`ds_to_universal`), in this process, quiet: `ds` (one tag's
+    files) -> `out`, replacing it. Its `torch.load` calls run weights-only (checkpoint/safety.py)."""
+    import io
+    from argparse import Namespace
+
+    _quiet_deepspeed()
+    _allow_own_globals()
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(out.parent, ignore_errors=True)
+    out.parent.mkdir(parents=True)
+    args = Namespace(
+        input_folder=str(ds),
+        output_folder=str(out),
+        num_extract_workers=1,  # in this process: no pool of workers to start
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our checkpoints do not carry the universal-checkpoint info
+    )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal(args)
 
 
 def _quiet_deepspeed() -> None:
@@ -203,6 +234,57 @@ class DeepSpeedEngine(Collectives, LocalEngine):
         self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
 
     def load(self, folder: Path) -> None:
+        from tokentrain.engines.registry import checkpoint_record
+
+        written = checkpoint_record(folder).get("world_size")
+        if not written or written == self.env.world_size:
+            self._load(folder)
+            return
+        with self._universal(folder, written) as universal:
+            self.engine._config.load_universal_checkpoint = True  # what load_checkpoint reads
+            try:
+                self._load(universal)
+            finally:
+                self.engine._config.load_universal_checkpoint = False
+
+    @contextlib.contextmanager
+    def _universal(self, folder: Path, written: int):
+        """The checkpoint as DeepSpeed's universal checkpoint, in ``.step_N.universal`` beside
+        it for the duration (shared by every rank, as checkpoints are): made by the main rank,
+        a failure there stops every rank with its one line."""
+        from tokentrain.errors import CheckpointError
+
+        out = folder.parent / f".{folder.name}.universal"
+        error = None
+        if self.env.is_main:
+            start = time.perf_counter()
+            try:
+                to_universal(folder / DS_TAG, out / DS_TAG)
+            except Exception as e:
+                error = f"{folder / DS_TAG}: cannot convert to a universal checkpoint for {self.env.world_size} " + (
+                    f"rank(s) ({type(e).__name__}: {first_line(e)}); resume on {written} rank(s)"
+                )
+            else:
+                log.info(
+                    "%s was written by %d rank(s): converted to DeepSpeed's universal checkpoint in %s (%.1fs) to "
+                    "resume on %d, optimizer state included",
+                    folder,
+                    written,
+                    out,
+                    time.perf_counter() - start,
+                    self.env.world_size,
+                )
+        error = self.broadcast_object(error)
+        try:
+            if error:
+                raise CheckpointError(error)
+            yield out
+        finally:
+            self.barrier()
+            if self.env.is_main:
+                shutil.rmtree(out, ignore_errors=True)
+
+    def _load(self, folder: Path) -> None:
         import pickle
 
         from tokentrain.errors import CheckpointError, TokentrainError

@@ -25,13 +25,15 @@ Loss scaling and accumulation as for DDP: FSDP averages gradients over ranks, so
 The gradient norm is the global one (DTensor norms are reduced over the mesh); a
 non-finite norm applies no update on any rank (`applied` says whether it did).
 
-Checkpoints and their safe reading are in `fsdp2_checkpoint` (DCP, any world size).
+Checkpoints and their safe reading are in `fsdp2_checkpoint` (DCP, any world size; plain
+checkpoints of the local/DDP engines are read too).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,8 @@ from torch import nn
 
 from tokentrain.engines import fsdp2_checkpoint as ckpt
 from tokentrain.engines.base import Collectives, StepResult
+
+log = logging.getLogger(__name__)
 
 LOSS_METHOD = "tokentrain_loss"  # the loss module's forward, registered on the FSDP root
 
@@ -224,8 +228,19 @@ class FSDP2Engine(Collectives):
         ckpt.save(self.hf_model, self.optimizer, Path(folder))
 
     def load(self, folder: Path) -> None:
-        """Restore from a checkpoint written on any number of ranks (DCP reshards)."""
-        ckpt.load(self.hf_model, self.optimizer, Path(folder))
+        """Restore from a checkpoint written on any number of ranks: DCP reshards its own; a
+        plain (local/DDP) one is read by the main rank and broadcast into the shards."""
+        from tokentrain.engines.local import owns_checkpoint as is_plain
+
+        if is_plain(folder) and not ckpt.is_fsdp_checkpoint(folder):
+            ckpt.load_plain(self.hf_model, self.optimizer, Path(folder), self.env.is_main, not self.cpu_offload)
+            log.info(
+                "%s: a local/DDP checkpoint, sharded over %d rank(s) (AdamW state by parameter name)",
+                folder,
+                self.world_size,
+            )
+        else:
+            ckpt.load(self.hf_model, self.optimizer, Path(folder))
 
 
 def _full(norm) -> float:

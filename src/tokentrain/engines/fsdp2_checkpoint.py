@@ -15,7 +15,10 @@ must describe tensors only, so no item is ever read with `weights_only=False`; t
 data itself is read by DCP with `torch.load(weights_only=True)`.
 
 `read_full_state_dict` gives the whole model on the CPU, without a process group (for
-`tokentrain convert pth_to_hf`).
+`tokentrain convert pth_to_hf`), and `read_full_optimizer_state` the AdamW state by parameter
+name: what the local/DDP engine resumes from. The other way, `load_plain` fills the shards
+from a plain (local/DDP) checkpoint: rank 0 reads it and DCP's state-dict API broadcasts
+each tensor and keeps the slice of this rank.
 """
 
 from __future__ import annotations
@@ -170,6 +173,71 @@ def read_full_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         warnings.simplefilter("ignore", UserWarning)
         _dcp_load({MODEL: state}, path, no_dist=True)
     return state
+
+
+def read_full_optimizer_state(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer state of an FSDP2 checkpoint, whole, as CPU tensors by parameter name
+    ({name: {"step", "exp_avg", "exp_avg_sq"}}); no process group. DCP's index records the
+    path of every flattened key (``planner_data``), so names with dots in them are exact."""
+    path = Path(folder) / FSDP_DIR
+    md = read_metadata(path)
+    where = md.planner_data or {}
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in md.state_dict_metadata.items():
+        if not key.startswith(OPTIM + "."):
+            continue
+        route = tuple(where.get(key) or ())
+        if len(route) != 4 or route[:2] != (OPTIM, "state") or not all(isinstance(x, str) for x in route):
+            raise UnsafeCheckpoint(
+                f"{path / METADATA}: entry {key!r} is not a per-parameter optimizer state; use another checkpoint"
+            )
+        state.setdefault(route[2], {})[route[3]] = torch.empty(tuple(v.size), dtype=v.properties.dtype)
+    with warnings.catch_warnings():  # (see read_full_state_dict)
+        warnings.simplefilter("ignore", UserWarning)
+        _dcp_load({OPTIM: {"state": state}}, path, no_dist=True)
+    return state
+
+
+def load_plain(model, optimizer, folder: Path, is_main: bool, broadcast: bool = True) -> None:
+    """Fill the model and optimizer shards from a plain (local/DDP) checkpoint, whatever world
+    size wrote it (collective): the main rank reads the whole state (weights-only), DCP's
+    state-dict API broadcasts it tensor by tensor and every rank keeps its own slices. Without
+    `broadcast` (shards in host memory, which NCCL cannot send) every rank reads the files and
+    keeps its slices. The optimizer state moves by parameter name (`local.read_optimizer_by_name`)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from tokentrain.engines.local import read_model_state as read_plain_model
+    from tokentrain.engines.local import read_optimizer_by_name
+    from tokentrain.errors import CheckpointError
+
+    _, osd = get_state_dict(model, optimizer)  # the param groups by name, hyperparameters from the config
+    groups: Any = osd["param_groups"]
+    names: list[str] = [n for g in groups for n in g["params"]]
+    msd: dict[str, Any] = {}
+    optim: dict[str, Any] = {}
+    error: Exception | None = None
+    if is_main or not broadcast:
+        try:
+            msd = read_plain_model(Path(folder))
+            optim = {"state": read_optimizer_by_name(Path(folder), names), "param_groups": groups}
+        except Exception as e:  # every rank stops with it, none waits in the broadcast below
+            error = e
+    failed = [error is not None]
+    dist.broadcast_object_list(failed, src=0)
+    if error is not None:
+        raise error
+    if failed[0]:
+        raise CheckpointError(f"{folder}: refused by rank 0 (see its message)")
+    # Two calls: set_state_dict would skip the model on the ranks that pass no state (optim_only).
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
+    set_model_state_dict(model, msd, options=options)
+    set_optimizer_state_dict(model, optimizer, optim, options=options)
 
 
 def _dcp_load(state: dict, path: Path, **kwargs) -> None:

@@ -2,12 +2,15 @@
 
 Checkpoint format "plain": ``model.safetensors`` (fp32 weights of the HF model) and
 ``optimizer.pt`` (the optimizer state dict, tensors and plain containers only). The same
-files at any world size: a plain checkpoint resumes on any number of ranks.
+files at any world size: a plain checkpoint resumes on any number of ranks. `load` also
+reads an FSDP2 (DCP) checkpoint of any world size, whole, the optimizer state moved by
+parameter name; FSDP2 reads these files the same way (`fsdp2_checkpoint.load_plain`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ import torch
 from torch import nn
 
 from tokentrain.engines.base import StepResult
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -46,6 +51,23 @@ def read_model_state(folder: Path) -> dict[str, torch.Tensor]:
         if dropped not in state and kept in state:
             state[dropped] = state[kept]
     return state
+
+
+def read_optimizer_by_name(folder: Path, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """optimizer.pt's per-parameter state by parameter name, on the CPU: `names` are the
+    parameters of the reading optimizer in its order, the order the plain optimizer saved
+    its indices in (one param group, built over the same model by the trainer)."""
+    from tokentrain.errors import CheckpointError
+
+    path = Path(folder) / OPTIMIZER_FILE
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    order = [i for g in saved["param_groups"] for i in g["params"]]
+    if len(order) != len(names):
+        raise CheckpointError(
+            f"{path}: holds the optimizer state of {len(order)} parameters, this model has {len(names)}; "
+            "resume with the model it was trained with"
+        )
+    return {name: saved["state"][i] for name, i in zip(names, order, strict=True) if i in saved["state"]}
 
 
 def grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
@@ -162,6 +184,36 @@ class LocalEngine:
     def load(self, folder: Path) -> None:
         from safetensors.torch import load_model
 
+        from tokentrain.engines.fsdp2_checkpoint import is_fsdp_checkpoint
+
+        if is_fsdp_checkpoint(folder) and not owns_checkpoint(folder):
+            self._load_fsdp2(folder)
+            return
         load_model(self._hf_model(), str(folder / MODEL_FILE), strict=True, device=str(self.env.device))
         state = torch.load(folder / OPTIMIZER_FILE, map_location=self.env.device, weights_only=True)
         self._optimizer.load_state_dict(state)
+
+    def _optimizer_names(self) -> list[str]:
+        """The HF model's parameter names in the optimizer's order (its state's indices)."""
+        name_of = {id(p): n for n, p in self._hf_model().named_parameters()}
+        return [name_of[id(p)] for g in self._optimizer.param_groups for p in g["params"]]
+
+    def _load_fsdp2(self, folder: Path) -> None:
+        """An FSDP2 checkpoint (any world size) read whole on every rank, no process group:
+        the weights, and the AdamW state mapped by parameter name onto this optimizer."""
+        from tokentrain.engines.fsdp2_checkpoint import read_full_optimizer_state, read_full_state_dict
+        from tokentrain.errors import CheckpointError
+
+        self._hf_model().load_state_dict(read_full_state_dict(folder), strict=True)
+        by_name = read_full_optimizer_state(folder)
+        names = self._optimizer_names()
+        unknown = sorted(set(by_name) - set(names))
+        if unknown:
+            raise CheckpointError(
+                f"{folder}: optimizer state for {unknown[0]!r}, not a parameter of this model; "
+                "resume with the model it was trained with"
+            )
+        state = self._optimizer.state_dict()  # this optimizer's param groups (indices in `names` order)
+        state["state"] = {i: by_name[n] for i, n in enumerate(names) if n in by_name}
+        self._optimizer.load_state_dict(state)
+        log.info("%s: an FSDP2 checkpoint, read whole (weights and AdamW state by parameter name)", folder)

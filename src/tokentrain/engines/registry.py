@@ -115,31 +115,35 @@ def safe_globals(folder: Path) -> list:
 
 
 def check_resumable(folder: Path, engine: Engine, world_size: int) -> None:
-    """Refuse, in one line, a checkpoint the chosen engine cannot read: another engine's
-    format (naming it and the flag to use), or another world size for an engine that
-    cannot change it."""
+    """Refuse, in one line, a checkpoint the chosen engine cannot read: a format its load()
+    does not read (naming the writer, the engines that read it, and the conversion), another
+    ZeRO stage, or another world size for an engine that cannot change it."""
     record = checkpoint_record(folder)
     fmt = checkpoint_format(folder)
     spec = SPECS[engine.name]
-    mine = spec.checkpoint_format
     writer = record.get("engine") or ("local/ddp" if fmt == "plain" else fmt)
-    if fmt != mine:
-        flag = f"--engine {writer}" if fmt is None else FLAGS.get(fmt, f"--engine {writer}")
-        if fmt == "deepspeed" and record.get("zero_stage") is not None:
-            flag = f"--deepspeed deepspeed_zero{record['zero_stage']} (or the JSON it was trained with)"
+    convert = (
+        "or convert it with `tokentrain convert pth_to_hf` and start from that folder (without its optimizer state)"
+    )
+    if fmt not in spec.reads:
+        readers = [s.name for s in SPECS.values() if fmt in s.reads]
+        flag = f"--engine {' | '.join(readers)} (no --deepspeed)" if readers else f"--engine {writer}"
+        if fmt == "deepspeed":
+            stage = record.get("zero_stage")
+            flag = f"--deepspeed deepspeed_zero{stage} (or the JSON it was trained with)" if stage else FLAGS[fmt]
         raise ConfigError(
             f"{folder} was written by the {writer} engine ({fmt} format) and cannot be read by the {engine.name} "
-            f"engine; resume with {flag}, or convert it with `tokentrain convert pth_to_hf` and start from that folder"
+            f"engine; resume with {flag}, {convert}"
         )
     stage, mine_stage = record.get("zero_stage"), engine.stage
     if fmt == "deepspeed" and stage is not None and mine_stage is not None and stage != mine_stage:
         raise ConfigError(
             f"{folder} was written with DeepSpeed ZeRO stage {stage}, this run uses stage {mine_stage}; resume with "
-            f"--deepspeed deepspeed_zero{stage} (or the JSON it was trained with)"
+            f"--deepspeed deepspeed_zero{stage} (or the JSON it was trained with), {convert}"
         )
     written = record.get("world_size")
     if written and written != world_size and not spec.resumes_on_other_world_size:
         raise ConfigError(
             f"{folder} was written by {written} ranks; the {engine.name} engine resumes only on the same world size: "
-            f"run with {written} ranks, or convert it with `tokentrain convert pth_to_hf` and start from that folder"
+            f"run with {written} ranks, {convert}"
         )

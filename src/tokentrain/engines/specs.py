@@ -3,6 +3,11 @@ key's and ``--engine``'s choices, the class to build, the checkpoint format and 
 selects it, whether a checkpoint moves to another world size). A new engine is one module and
 one row here.
 
+Which checkpoints move: `reads` lists the formats an engine's load() reads (local/DDP and
+FSDP2 read each other's, whole <-> DCP, optimizer state by parameter name); DeepSpeed reads
+its own only, at any world size (through DeepSpeed's universal checkpoint). Any other move is
+refused in one line naming the conversion (engines/registry.py:check_resumable).
+
 Pure data with no imports of ours: the config schema and the command line read it without
 importing an engine (DeepSpeed alone takes seconds to import)."""
 
@@ -19,6 +24,7 @@ class EngineSpec:
     checkpoint_format: str  # what its save() writes: the key of FORMAT_MODULES
     flag: str  # how a user selects it, for messages
     resumes_on_other_world_size: bool  # can its load() read a checkpoint written by another world size?
+    reads: tuple[str, ...]  # the checkpoint formats its load() reads (its own first)
 
 
 SPECS = {
@@ -31,12 +37,29 @@ SPECS = {
             "plain",
             "the local or ddp engine (no --deepspeed)",
             True,
+            ("plain", "fsdp2"),
         ),
         EngineSpec(
-            "ddp", "tokentrain.engines.ddp", "DDPEngine", "plain", "the local or ddp engine (no --deepspeed)", True
+            "ddp",
+            "tokentrain.engines.ddp",
+            "DDPEngine",
+            "plain",
+            "the local or ddp engine (no --deepspeed)",
+            True,
+            ("plain", "fsdp2"),
         ),
-        EngineSpec("deepspeed", "tokentrain.engines.deepspeed", "DeepSpeedEngine", "deepspeed", "--deepspeed", False),
-        EngineSpec("fsdp2", "tokentrain.engines.fsdp2", "FSDP2Engine", "fsdp2", "--engine fsdp2", True),
+        EngineSpec(
+            "deepspeed",
+            "tokentrain.engines.deepspeed",
+            "DeepSpeedEngine",
+            "deepspeed",
+            "--deepspeed",
+            True,
+            ("deepspeed",),
+        ),
+        EngineSpec(
+            "fsdp2", "tokentrain.engines.fsdp2", "FSDP2Engine", "fsdp2", "--engine fsdp2", True, ("fsdp2", "plain")
+        ),
     )
 }
 ENGINES = tuple(SPECS)
