@@ -110,3 +110,28 @@ def test_cuda_liger_equals_the_plain_path_in_loss_and_gradients(family, modeling
     assert torch.allclose(fused, plain, rtol=1e-5, atol=0), (fused.item(), plain.item())
     for n, g in g0.items():
         assert torch.allclose(g1[n], g, rtol=1e-4, atol=1e-5), (n, float((g1[n] - g).abs().max()))
+
+
+@pytest.mark.slow
+def test_the_gpu_speed_benchs_cpu_plumbing_run(tmp_path):
+    """bench/gpu_speed.sh runs only where a GPU is lent; its `--tiny` CPU run keeps each kind of
+    part alive: the matmul, the plain loop, the trainer's best path, the 8B shape under FSDP2."""
+    env = {**os.environ, "PYTHON": sys.executable, "LIGER_WHEELS": str(tmp_path / "none")}
+    parts = "matmul,peer-amp,tokentrain,8b-fsdp2"
+    r = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_speed.sh"), "--tiny", "--parts", parts, "--workdir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = r.stdout.splitlines()
+    assert "no wheel in" in out[0]  # no Liger here: said, and the run goes on
+    assert any(x.startswith("command: ") and "gpu_speed.py --tiny" in x for x in out)  # what made the figures
+    rows = {x.split(" | ")[0][2:]: x for x in out if x.startswith("| ") and "tokens/s" not in x}
+    assert sorted(rows) == ["8b-fsdp2", "peer-amp", "tokentrain"], r.stdout
+    assert all(float(x.split(" | ")[1]) > 0 for x in rows.values())  # tokens/s measured
+    assert any("kernels: torch (PyTorch's: Liger's kernels are Triton, CUDA only" in x for x in out)
+    assert any("engine=fsdp2" in x and "FSDP" in x for x in out)
+    assert "gpu speed: 4 of 4 parts ran" in r.stdout
