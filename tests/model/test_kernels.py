@@ -89,7 +89,7 @@ def modeling_restored():
 def test_cuda_liger_equals_the_plain_path_in_loss_and_gradients(family, modeling_restored):
     """fp32 on CUDA, two packed rows, sdpa + document mask: Liger's RMSNorm, SwiGLU, RoPE and
     fused linear cross-entropy give the plain path's summed loss and every gradient."""
-    from tokentrain.model.attention import DocMasking
+    from tokentrain.model.attention import DocMasking, attention_windows
     from tokentrain.model.lm import CausalLMWithLoss
 
     _, ids, pos, cu = pack(97)
@@ -101,7 +101,7 @@ def test_cuda_liger_equals_the_plain_path_in_loss_and_gradients(family, modeling
         m = model(family, "sdpa", seed=3).to(CUDA).train()
         if liger:
             apply_kernels(m, choose_kernels("liger", CUDA, family))
-        lm = CausalLMWithLoss(m, DocMasking("mask4d", "sdpa"), None, liger=liger)
+        lm = CausalLMWithLoss(m, DocMasking("mask4d", "sdpa", attention_windows(m.config)), None, liger=liger)
         assert lm.fused
         loss = lm(ids.to(CUDA), labels.to(CUDA), pos.to(CUDA), cu.to(CUDA))
         loss.backward()
