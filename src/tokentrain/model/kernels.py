@@ -75,11 +75,13 @@ def choose_kernels(requested: str, device: torch.device, model_type: str) -> Ker
         raise ConfigError(f"kernels = 'liger': {why}; use kernels = 'auto' or 'torch'")
     if why:
         return Kernels("torch", f"PyTorch's: {why}")
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return Kernels(
-        "liger", f"liger-kernel {version('liger-kernel')}: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy"
-    )
+    try:
+        release = f"liger-kernel {version('liger-kernel')}"
+    except PackageNotFoundError:  # importable from a path without its metadata
+        release = "liger-kernel"
+    return Kernels("liger", f"{release}: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy")
 
 
 def apply_kernels(model: PreTrainedModel, kernels: Kernels) -> None:
