@@ -276,9 +276,11 @@ def model_folder(out: Path, tiny: bool, vocab: int) -> Path:
     return out
 
 
-def train(path: str, model: Path, data: Path, work: Path, a) -> dict:
+def train(path: str, model: Path, data: Path, work: Path, a, extra: dict | None = None) -> dict:
+    """`tokentrain train` on `path`'s attention (and the `extra` settings) until step `a.steps`
+    is logged: the medians of its steps after `a.warmup` ({} when it failed: said why)."""
     impl, mode = PATHS[path]
-    conf = work.parent / f"{path}.py"
+    conf = work.parent / f"{work.name}.py"
     settings = dict(
         pretrained_model_name_or_path=str(model),
         dataset_folder=str(data),
@@ -299,11 +301,12 @@ def train(path: str, model: Path, data: Path, work: Path, a) -> dict:
         doc_masking=mode,
         peak_tflops=a.peak_tflops,
     )
+    settings.update(extra or {})
     conf.write_text("".join(f"{k} = {v!r}\n" for k, v in settings.items()))
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env["TOKENTRAIN_CACHE"] = str(work.parent / "cache")
     t0 = time.perf_counter()
-    log_path = work.parent / f"{path}.log"
+    log_path = work.parent / f"{work.name}.log"
     with open(log_path, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tokentrain", "train", str(conf), "--work-dir", str(work)],

@@ -36,4 +36,5 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
            exit 2 ;;
     esac
 fi
-exec timeout "${GPU_CHECK_TIMEOUT:-290}" "$PY" bench/gpu_check.py "$@"
+# bench/gpu_speed.sh runs its script through these same checks (GPU_SCRIPT).
+exec timeout "${GPU_CHECK_TIMEOUT:-290}" "$PY" "${GPU_SCRIPT:-bench/gpu_check.py}" "$@"

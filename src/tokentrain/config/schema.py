@@ -18,6 +18,7 @@ DTYPES = ("auto", *DTYPE_NAMES)
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen", "flex", "flash_attention_2", "flash_attention_3")
 DOC_MASKING = ("auto", "positions", "mask4d", "varlen", "flex")
+KERNELS = ("auto", "liger", "torch")
 NAN_POLICIES = ("stop", "skip")
 MAX_LENGTH_LIMIT = 1 << 24
 
@@ -72,6 +73,7 @@ class TrainConfig:
     attn_implementation: str = "auto"
     doc_masking: str = "auto"
     loss_chunk_tokens: int = 0  # 0: chosen from the vocabulary size
+    kernels: str = "auto"  # fused kernels (model/kernels.py): auto (Liger on CUDA when installed), liger, torch
     log_interval: int = 10
     tensorboard: bool = True
     wandb: bool = False  # Weights & Biases (pip install tokentrain[wandb]); WANDB_PROJECT, WANDB_MODE=offline
@@ -145,6 +147,7 @@ def check_values(cfg: TrainConfig) -> list[tuple[str, str]]:
         f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}",
     )
     need(cfg.doc_masking in DOC_MASKING, "doc_masking", f"must be one of {', '.join(DOC_MASKING)}")
+    need(cfg.kernels in KERNELS, "kernels", f"must be one of {', '.join(KERNELS)}")
     need(cfg.engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}")
     need(cfg.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {', '.join(NAN_POLICIES)}")
     need(cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops", "must be > 0 (or None)")

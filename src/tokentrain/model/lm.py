@@ -17,6 +17,8 @@ from torch import nn
 
 from tokentrain.errors import ConfigError, TokentrainError, first_line
 from tokentrain.model.attention import DocMasking
+from tokentrain.model.kernels import Kernels, apply_kernels
+from tokentrain.model.kernels import linear_cross_entropy_sum as liger_linear_cross_entropy_sum
 from tokentrain.model.loss import linear_cross_entropy_sum, logits_cross_entropy_sum
 from tokentrain.utils.dtypes import torch_dtype
 
@@ -161,6 +163,7 @@ def load_model(
     seed: int = 0,
     fallback: str | None = None,
     shard: ShardHook | None = None,
+    kernels: Kernels | None = None,
 ) -> PreTrainedModel:
     """The HF model in fp32 (the master weights; compute runs in the autocast dtype): the one
     builder of every engine, so a folder it cannot read gives the same one-line error on each.
@@ -177,6 +180,9 @@ def load_model(
     by the hook unit by unit, each initialised by name, so the whole model never exists on one
     rank. ZeRO-3 needs no hook: transformers' zero.Init partitions the model as it is built, and
     `init_by_name` gathers one module at a time.
+
+    `kernels` (model/kernels.py): Liger's fused modules are patched into the model as built,
+    before it is placed or sharded; its parameters are unchanged.
     """
     from tokentrain.model.init import digest, init_by_name
 
@@ -199,6 +205,8 @@ def load_model(
         )
         model = _build(path, config, trust_remote_code, fallback, scratch, meta)
     model.config.use_cache = False
+    if kernels is not None:
+        apply_kernels(model, kernels)
     samples: dict[str, bytes] = {}
     if scratch and not meta:
         samples = init_by_name(model, seed)
@@ -264,14 +272,23 @@ def fused_parts(model: PreTrainedModel) -> tuple[nn.Module, nn.Linear] | None:
 
 
 class CausalLMWithLoss(nn.Module):
+    """`liger`: the fused loss head is Liger's fused linear cross-entropy (model/kernels.py)
+    instead of ours (model/loss.py); same rule, same result."""
+
     def __init__(
-        self, model: PreTrainedModel, masking: DocMasking, compute_dtype: torch.dtype | None, chunk_tokens: int = 0
+        self,
+        model: PreTrainedModel,
+        masking: DocMasking,
+        compute_dtype: torch.dtype | None,
+        chunk_tokens: int = 0,
+        liger: bool = False,
     ):
         super().__init__()
         self.model = model
         self.masking = masking
         self.compute_dtype = compute_dtype
         self.chunk_tokens = chunk_tokens
+        self.liger = liger
         self.fused = self._check_fused()
 
     def _check_fused(self) -> bool:
@@ -319,6 +336,8 @@ class CausalLMWithLoss(nn.Module):
                 assert parts is not None, "_check_fused found them"
                 decoder, head = parts
                 hidden = decoder(**kw)[0]
+                if self.liger:
+                    return liger_linear_cross_entropy_sum(hidden, labels, head.weight, head.bias, self.compute_dtype)
                 return linear_cross_entropy_sum(
                     hidden, labels, head.weight, head.bias, self.chunk_tokens, self.compute_dtype
                 )

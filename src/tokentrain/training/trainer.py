@@ -216,6 +216,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         from tokentrain.model.attention import auto_attention, choose_attn_implementation, select_masking
+        from tokentrain.model.kernels import choose_kernels
         from tokentrain.model.lm import (
             CausalLMWithLoss,
             check_positions,
@@ -232,6 +233,10 @@ class Trainer:
         if too_long and env.is_main:
             log.warning("%s", too_long)
         fallback = "eager" if cfg.attn_implementation == "auto" else None  # a model without `impl` (gemma2: sdpa)
+        model_type = getattr(self.model_config, "model_type", "")
+        kernels = choose_kernels(cfg.kernels, env.device, model_type)
+        if env.is_main:
+            log.info("kernels: %s (%s)", kernels.name, kernels.why)
         self.hf_model: PreTrainedModel = load_model(  # one builder; FSDP2 shards as it builds
             cfg.pretrained_model_name_or_path,
             cfg.trust_remote_code,
@@ -240,6 +245,7 @@ class Trainer:
             cfg.seed,
             fallback,
             shard=self.engine.shard_hook,
+            kernels=kernels,
         )
         impl = self.hf_model.config._attn_implementation
         emb = self.hf_model.get_input_embeddings()
@@ -248,7 +254,9 @@ class Trainer:
             masking = select_masking(
                 self.hf_model, impl, cfg.doc_masking, env.device, self.compute_dtype, fallback=auto_attention(cfg)
             )
-            self.module = CausalLMWithLoss(self.hf_model, masking, self.compute_dtype, cfg.loss_chunk_tokens)
+            self.module = CausalLMWithLoss(
+                self.hf_model, masking, self.compute_dtype, cfg.loss_chunk_tokens, kernels.liger
+            )
         impl = masking.attn_implementation
         if cfg.gradient_checkpointing:
             enable_checkpointing(self.hf_model)
@@ -262,7 +270,7 @@ class Trainer:
                 impl,
                 masking.mode,
                 str(self.compute_dtype or torch.float32).replace("torch.", ""),
-                "fused chunked" if self.module.fused else "chunked from logits",
+                ("fused (Liger)" if kernels.liger else "fused chunked") if self.module.fused else "chunked from logits",
             )
 
     def _setup_optimization(self) -> None:
