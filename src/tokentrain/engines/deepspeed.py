@@ -14,6 +14,13 @@ DeepSpeed wants a process group even in one process, and its comm layer set up b
 model is built (ZeRO-3's ``zero.Init`` reads the world size from it): both happen when the
 engine is made, which is before the model.
 
+Mixed precision (`mixed_precision`, engines/mixed_precision.py): 'params' (the default) is
+DeepSpeed's own bf16/fp16 mode -- it casts the module's parameters (not its buffers) to the
+compute dtype and its ZeRO optimizer keeps fp32 partitions of them as the master weights, with
+the Adam state; gradients are reduced in fp32 (``communication_data_type``, which DeepSpeed
+otherwise sets to the compute dtype). fp16 adds DeepSpeed's dynamic loss scaling. 'autocast':
+DeepSpeed's precision sections off (fp32 parameters), the forward under our autocast.
+
 Checkpoint format "deepspeed": DeepSpeed's own files in ``step_N/ds/`` written by every
 rank (module states, optimizer partitions). They are read back at the world size they were
 written with; `read_model_state` consolidates them to fp32 on the CPU with DeepSpeed's
@@ -111,8 +118,8 @@ def _join_process_group(env) -> None:
 class DeepSpeedEngine(Collectives, LocalEngine):
     name = "deepspeed"
 
-    def __init__(self, env, ds_config: dict):
-        super().__init__(env)
+    def __init__(self, env, ds_config: dict, compute_dtype: torch.dtype | None = None, mixed_precision: str = "params"):
+        super().__init__(env, compute_dtype, mixed_precision)
         _quiet_deepspeed()
         _allow_own_globals()
         _join_process_group(env)
@@ -130,14 +137,20 @@ class DeepSpeedEngine(Collectives, LocalEngine):
     @classmethod
     def create(cls, cfg, env, deepspeed: dict | None, compute_dtype: torch.dtype | None):
         from tokentrain.engines.deepspeed_config import resolve_for_run
+        from tokentrain.engines.mixed_precision import resolve_mode
 
         assert deepspeed is not None, "choose() picks 'deepspeed' only with a DeepSpeed config"
-        return cls(env, resolve_for_run(deepspeed, cfg, env, compute_dtype))
+        mode = resolve_mode(cfg.mixed_precision, cls.name, compute_dtype)
+        params_dtype = compute_dtype if mode == "params" else None  # what DeepSpeed holds the module in
+        return cls(env, resolve_for_run(deepspeed, cfg, env, params_dtype), compute_dtype, mode)
 
     @property
     def description(self) -> str:
+        from tokentrain.engines.mixed_precision import describe
+
         offload = "offload_optimizer" in self.ds_config.get("zero_optimization", {})
-        return f"DeepSpeed ZeRO stage {self.stage}" + (" with CPU offload" if offload else "")
+        precision = describe(self.mixed_precision, self.compute_dtype)
+        return f"DeepSpeed ZeRO stage {self.stage}" + (" with CPU offload" if offload else "") + f", {precision}"
 
     def close(self) -> None:
         """Forget the ZeRO-3 hooks, so a later model in this process is built whole again."""
