@@ -24,6 +24,9 @@ RUNS = {  # case: (engine, ranks)
 }
 
 
+FAST = dict(lr=3e-3, warm_up_ratio=0.0)  # updates large enough that a wrong one shows in the losses
+
+
 class Runs:
     """The demo model from scratch on synthetic data; each (case, mode) trained once, 4 steps of
     2 micro-batches, a checkpoint every 2."""
@@ -41,7 +44,9 @@ class Runs:
         key = (case, mode, resume_from)
         work = self.root / f"{case}_{mode}" if resume_from is None else self.root / f"{case}_{mode}_resumed"
         engine, ranks = RUNS[case]
-        cfg = write_cfg(self.root / f"{case}_{mode}.py", self.model, self.data, dtype="bfloat16", mixed_precision=mode)
+        cfg = write_cfg(
+            self.root / f"{case}_{mode}.py", self.model, self.data, dtype="bfloat16", mixed_precision=mode, **FAST
+        )
         resume = ["--resume", resume_from] if resume_from is not None else []
         extra = {"NPROC_PER_NODE": str(ranks)} if ranks > 1 else {}
         r = tokentrain("train", cfg, "--work-dir", work, "--engine", engine, *resume, env=clean_env(**extra))
@@ -87,8 +92,7 @@ def test_params_mode_trains_like_autocast_keeps_fp32_checkpoints_and_resumes_bit
 
     lp, la = losses(params), losses(autocast)
     assert len(lp) == len(la) == 4
-    assert lp == pytest.approx(la, rel=2e-2)  # bf16 rounding apart, the same training
-    assert lp[-1] < lp[0]
+    assert lp == pytest.approx(la, rel=5e-3)  # bf16 rounding apart, the same training
 
     ckpts = params / "checkpoints"
     assert checkpoint_dtypes(ckpts / "step_2") == {torch.float32}

@@ -90,7 +90,7 @@ class MasterWeights:
         """The masters, each with its fp32 gradient set (for the norm, clipping and the step)."""
         for m, g in zip(self.masters, self.grads, strict=True):
             m.grad = g
-        return self.masters
+        return [*self.masters]
 
     def zero_grad(self) -> None:
         self.flat_grad.zero_()
