@@ -16,20 +16,28 @@ from tests.engines.test_fsdp2_engine import adamw, loss_module
 from tests.helpers import config_only
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNS = {  # case: (engine, ranks)
-    "local": ("local", 1),
-    "ddp": ("ddp", 2),
-    "fsdp2_1": ("fsdp2", 1),
-    "fsdp2_2": ("fsdp2", 2),
+RUNS = {  # case: (how the engine is chosen, ranks)
+    "local": (["--engine", "local"], 1),
+    "ddp": (["--engine", "ddp"], 2),
+    "fsdp2_1": (["--engine", "fsdp2"], 1),
+    "fsdp2_2": (["--engine", "fsdp2"], 2),
+    "deepspeed_zero2": (["--deepspeed", "deepspeed_zero2"], 2),
 }
+CASES = [
+    pytest.param("local"),
+    pytest.param("ddp", marks=pytest.mark.distributed),
+    pytest.param("fsdp2_1", marks=pytest.mark.distributed),
+    pytest.param("fsdp2_2", marks=pytest.mark.distributed),
+    pytest.param("deepspeed_zero2", marks=[pytest.mark.distributed, pytest.mark.deepspeed]),
+]
 
 
 FAST = dict(lr=3e-3, warm_up_ratio=0.0)  # updates large enough that a wrong one shows in the losses
 
 
 class Runs:
-    """The demo model from scratch on synthetic data; each (case, mode) trained once, 4 steps of
-    2 micro-batches, a checkpoint every 2."""
+    """The demo model from scratch on synthetic data, shared by the runs: 4 steps of 2
+    micro-batches, a checkpoint every 2."""
 
     def __init__(self, root: Path):
         from tokentrain.data.synth import synth_dataset
@@ -38,20 +46,17 @@ class Runs:
         self.model = config_only(ROOT / "demo" / "tiny-llama", root / "model")
         self.data = root / "data"
         synth_dataset(self.data, files=1, documents=120, seed=3, mean_length=40, vocab_size=768)
-        self.done: dict[tuple, Path] = {}
 
     def run(self, case: str, mode: str, resume_from: Path | None = None) -> tuple[Path, str]:
-        key = (case, mode, resume_from)
         work = self.root / f"{case}_{mode}" if resume_from is None else self.root / f"{case}_{mode}_resumed"
-        engine, ranks = RUNS[case]
+        flags, ranks = RUNS[case]
         cfg = write_cfg(
             self.root / f"{case}_{mode}.py", self.model, self.data, dtype="bfloat16", mixed_precision=mode, **FAST
         )
         resume = ["--resume", resume_from] if resume_from is not None else []
         extra = {"NPROC_PER_NODE": str(ranks)} if ranks > 1 else {}
-        r = tokentrain("train", cfg, "--work-dir", work, "--engine", engine, *resume, env=clean_env(**extra))
+        r = tokentrain("train", cfg, "--work-dir", work, *flags, *resume, env=clean_env(**extra))
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-        self.done[key] = work
         return work, r.stdout + r.stderr
 
 
@@ -67,12 +72,13 @@ def model_state(step: Path) -> dict:
 
 
 def checkpoint_dtypes(step: Path) -> set[torch.dtype]:
-    """The dtypes of every floating tensor a checkpoint holds: weights and optimizer state."""
+    """The dtypes of the tensors a checkpoint holds: weights and optimizer state (DeepSpeed: its
+    reader consolidates the fp32 partitions of its optimizer, the masters)."""
     dtypes = {v.dtype for v in model_state(step).values()}
     if (step / "optimizer.pt").is_file():
         state = torch.load(step / "optimizer.pt", weights_only=True)["state"]
         dtypes |= {t.dtype for s in state.values() for t in s.values() if t.is_floating_point() and t.dim()}
-    else:
+    elif (step / "fsdp").is_dir():
         from tokentrain.engines.fsdp2_checkpoint import read_metadata
 
         md = read_metadata(step / "fsdp")
@@ -81,10 +87,8 @@ def checkpoint_dtypes(step: Path) -> set[torch.dtype]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(RUNS))
+@pytest.mark.parametrize("case", CASES)
 def test_params_mode_trains_like_autocast_keeps_fp32_checkpoints_and_resumes_bit_identically(runs, case):
-    if RUNS[case][1] > 1:
-        pytest.importorskip("torch.distributed")
     params, log = runs.run(case, "params")
     assert "bfloat16 compute parameters, fp32 master weights" in log
     autocast, log_a = runs.run(case, "autocast")

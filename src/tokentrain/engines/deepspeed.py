@@ -18,8 +18,9 @@ Mixed precision (`mixed_precision`, engines/mixed_precision.py): 'params' (the d
 DeepSpeed's own bf16/fp16 mode -- it casts the module's parameters (not its buffers) to the
 compute dtype and its ZeRO optimizer keeps fp32 partitions of them as the master weights, with
 the Adam state; gradients are reduced in fp32 (``communication_data_type``, which DeepSpeed
-otherwise sets to the compute dtype). fp16 adds DeepSpeed's dynamic loss scaling. 'autocast':
-DeepSpeed's precision sections off (fp32 parameters), the forward under our autocast.
+otherwise sets to the compute dtype); the final export reads the fp32 masters. fp16 adds
+DeepSpeed's dynamic loss scaling. 'autocast': DeepSpeed's precision sections off (fp32
+parameters), the forward under our autocast.
 
 Checkpoint format "deepspeed": DeepSpeed's own files in ``step_N/ds/`` written by every
 rank (module states, optimizer partitions). They are read back at the world size they were
@@ -201,15 +202,43 @@ class DeepSpeedEngine(Collectives, LocalEngine):
     @contextlib.contextmanager
     def full_parameters(self, module=None):
         """Whole parameters of `module` (default: the prepared one) on every rank for the
-        duration: ZeRO-3 gathers them (all ranks must enter); other stages hold them whole."""
+        duration: ZeRO-3 gathers them (all ranks must enter); other stages hold them whole.
+        No module (the final export) with bf16/fp16 parameters: the HF model's `state_dict()`
+        returns the fp32 masters instead (`_fp32_masters`)."""
+        export = module is None and self.mixed_precision == "params" and self.inner is not None
         module = module if module is not None else self.inner
         if self.stage != 3 or module is None:
-            yield
+            with self._fp32_masters() if export else contextlib.nullcontext():
+                yield
             return
         from deepspeed.runtime.zero import GatheredParameters
 
-        with GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with (
+            GatheredParameters(list(module.parameters()), modifier_rank=None),
+            self._fp32_masters() if export else contextlib.nullcontext(),
+        ):
             yield
+
+    @contextlib.contextmanager
+    def _fp32_masters(self):
+        """DeepSpeed's fp32 master of every parameter of the HF model, assembled from the
+        optimizer's partitions (`safe_get_full_fp32_param`, a collective: every rank takes part,
+        one parameter at a time, on the CPU of the main rank) in place of its state dict."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        assert self.inner is not None
+        hf = self.inner.model
+        masters = {}
+        for p in hf.parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is not None and self.env.is_main:
+                masters[id(p)] = full.detach().cpu()
+        state = {k: masters.get(id(v), v.detach()) for k, v in hf.state_dict(keep_vars=True).items()}
+        hf.state_dict = lambda *a, **k: state  # instance attribute: shadows nn.Module.state_dict
+        try:
+            yield
+        finally:
+            del hf.state_dict
 
     # ------------------------------------------------------------------ state
     def save(self, folder: Path) -> None:
