@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -126,7 +127,7 @@ class DeepSpeedEngine(Collectives, LocalEngine):
         _join_process_group(env)
         self.ds_config = ds_config
         self.stage = zero_stage(ds_config)
-        self.inner = None
+        self.inner: Any = None  # the trainer's loss module, once prepared
         self._hf_ds_config = None
         if self.stage == 3:
             # Keeps transformers' ZeRO-3 hooks live: from_pretrained / from_config then build
@@ -226,7 +227,6 @@ class DeepSpeedEngine(Collectives, LocalEngine):
         one parameter at a time, on the CPU of the main rank) in place of its state dict."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        assert self.inner is not None
         hf = self.inner.model
         masters = {}
         for p in hf.parameters():
