@@ -228,3 +228,11 @@ def test_deepspeed_bf16_reduces_gradients_in_fp32_and_autocast_turns_its_precisi
     assert bf16["bf16"]["enabled"] and bf16["communication_data_type"] == "fp32"
     fp32 = fill_auto(ds, dtype="float32", **kw)  # what mixed_precision = 'autocast' hands it
     assert not fp32["bf16"]["enabled"] and not fp32["fp16"]["enabled"] and "communication_data_type" not in fp32
+
+
+def test_an_unknown_mode_is_one_config_error_naming_the_key(tiny_model, tiny_data):
+    from tests.helpers import make_config
+    from tokentrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"mixed_precision = 'bf16': must be one of auto, autocast, params"):
+        make_config(tiny_model, tiny_data, mixed_precision="bf16")
