@@ -36,8 +36,8 @@ FAST = dict(lr=3e-3, warm_up_ratio=0.0)  # updates large enough that a wrong one
 
 
 class Runs:
-    """The demo model from scratch on synthetic data, shared by the runs: 4 steps of 2
-    micro-batches, a checkpoint every 2."""
+    """The demo model from scratch on synthetic data; each run made once and shared by the
+    tests: 4 steps of 2 micro-batches, a checkpoint every 2."""
 
     def __init__(self, root: Path):
         from tokentrain.data.synth import synth_dataset
@@ -46,9 +46,14 @@ class Runs:
         self.model = config_only(ROOT / "demo" / "tiny-llama", root / "model")
         self.data = root / "data"
         synth_dataset(self.data, files=1, documents=120, seed=3, mean_length=40, vocab_size=768)
+        self.done: dict[Path, str] = {}  # work dir -> its log
 
     def run(self, case: str, mode: str, resume_from: Path | None = None) -> tuple[Path, str]:
-        work = self.root / f"{case}_{mode}" if resume_from is None else self.root / f"{case}_{mode}_resumed"
+        work = self.root / (
+            f"{case}_{mode}" if resume_from is None else f"{case}_{mode}_from_{resume_from.parent.parent.name}"
+        )
+        if work in self.done:
+            return work, self.done[work]
         flags, ranks = RUNS[case]
         cfg = write_cfg(
             self.root / f"{case}_{mode}.py", self.model, self.data, dtype="bfloat16", mixed_precision=mode, **FAST
@@ -57,7 +62,8 @@ class Runs:
         extra = {"NPROC_PER_NODE": str(ranks)} if ranks > 1 else {}
         r = tokentrain("train", cfg, "--work-dir", work, *flags, *resume, env=clean_env(**extra))
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-        return work, r.stdout + r.stderr
+        self.done[work] = r.stdout + r.stderr
+        return work, self.done[work]
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +118,16 @@ def test_params_mode_trains_like_autocast_keeps_fp32_checkpoints_and_resumes_bit
 
     export = load_file(str(params / "hf" / "model.safetensors"))  # the fp32 masters, exported
     assert all(torch.equal(export[k], final[k]) for k in export)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_one_mode_resumes_in_the_other(runs):
+    """The same files either way (fp32 weights, the optimizer state of the fp32 parameters)."""
+    autocast, _ = runs.run("local", "autocast")
+    switched, log = runs.run("local", "params", resume_from=autocast / "checkpoints" / "step_2")
+    assert "bfloat16 compute parameters" in log
+    assert losses(switched) == pytest.approx(losses(autocast)[2:], rel=5e-3)
+    assert checkpoint_dtypes(switched / "checkpoints" / "step_4") == {torch.float32}
 
 
 # ------------------------------------------------------------------ in process
