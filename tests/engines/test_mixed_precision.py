@@ -1,8 +1,9 @@
 """`mixed_precision = 'params'` (bf16 compute parameters, fp32 masters, fp32 gradient reduction)
 against 'autocast', on the real CLI with bf16 on CPU: local, DDP at 2 ranks, FSDP2 at 1 and 2
-ranks. Each trains with a loss close to autocast's, writes fp32 checkpoints, and a resume from
-the middle continues bit-identically (losses and final parameters). In process: the parameters
-the model computes with are bf16 while the optimizer steps fp32 ones."""
+ranks, DeepSpeed ZeRO-2 at 2 ranks. Each trains with a loss close to autocast's, writes fp32
+checkpoints, a resume from the middle continues bit-identically (losses and final parameters),
+and the export is the fp32 masters. In process: the parameters the model computes with are bf16
+while the optimizer steps fp32 ones."""
 
 from __future__ import annotations
 
