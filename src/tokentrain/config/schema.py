@@ -20,6 +20,7 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "varlen", "flex", "flash_attent
 DOC_MASKING = ("auto", "positions", "mask4d", "varlen", "flex")
 KERNELS = ("auto", "liger", "torch")
 NAN_POLICIES = ("stop", "skip")
+MIXED_PRECISION = ("auto", "autocast", "params")  # engines/mixed_precision.py
 MAX_LENGTH_LIMIT = 1 << 24
 
 
@@ -67,7 +68,10 @@ class TrainConfig:
     SYSTEM: str = ""
     # ---------------------------------------------------------------- runtime
     seed: int = 1024
-    dtype: str = "auto"  # compute dtype (autocast); master weights stay float32
+    dtype: str = "auto"  # compute dtype; master weights stay float32
+    # How the compute dtype is applied: 'autocast' (fp32 parameters, cast per op) or 'params'
+    # (parameters held in the compute dtype, fp32 masters in the optimizer); auto: params on fsdp2/deepspeed
+    mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     use_varlen_attn: bool | None = None  # None: a varlen kernel on CUDA (PyTorch's own, else flash_attn's)
     attn_implementation: str = "auto"
@@ -140,6 +144,11 @@ def check_values(cfg: TrainConfig) -> list[tuple[str, str]]:
     need(cfg.log_interval >= 1, "log_interval", "must be >= 1")
     need(cfg.loss_chunk_tokens >= 0, "loss_chunk_tokens", "must be >= 0 (0 = automatic)")
     need(cfg.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)} (or fp32/bf16/fp16)")
+    need(
+        cfg.mixed_precision in MIXED_PRECISION,
+        "mixed_precision",
+        f"must be one of {', '.join(MIXED_PRECISION)}",
+    )
     need(cfg.export_dtype in DTYPES, "export_dtype", f"must be one of {', '.join(DTYPES)}")
     need(
         cfg.attn_implementation in ATTN_IMPLEMENTATIONS,

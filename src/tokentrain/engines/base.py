@@ -42,7 +42,12 @@ class StepResult:
 class Engine(Protocol):
     name: str  # its row in engines/specs.py:SPECS
 
-    optimizer: Any  # the optimizer the engine steps (FSDP2 rebuilds it over its shards)
+    optimizer: Any  # the optimizer the engine steps (FSDP2 rebuilds it over its shards, 'params' over fp32 masters)
+
+    # How parameters meet the compute dtype: 'fp32' (no compute dtype), 'autocast' (fp32
+    # parameters, cast per op) or 'params' (compute-dtype parameters, fp32 masters in the
+    # optimizer, fp32 gradient reduction); resolved from the config by engines/mixed_precision.py.
+    mixed_precision: str
 
     @classmethod
     def create(cls, cfg, env, deepspeed: dict | None, compute_dtype: torch.dtype | None) -> Engine:

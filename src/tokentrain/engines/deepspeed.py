@@ -14,6 +14,14 @@ DeepSpeed wants a process group even in one process, and its comm layer set up b
 model is built (ZeRO-3's ``zero.Init`` reads the world size from it): both happen when the
 engine is made, which is before the model.
 
+Mixed precision (`mixed_precision`, engines/mixed_precision.py): 'params' (the default) is
+DeepSpeed's own bf16/fp16 mode -- it casts the module's parameters (not its buffers) to the
+compute dtype and its ZeRO optimizer keeps fp32 partitions of them as the master weights, with
+the Adam state; gradients are reduced in fp32 (``communication_data_type``, which DeepSpeed
+otherwise sets to the compute dtype); the final export reads the fp32 masters. fp16 adds
+DeepSpeed's dynamic loss scaling. 'autocast': DeepSpeed's precision sections off (fp32
+parameters), the forward under our autocast.
+
 Checkpoint format "deepspeed": DeepSpeed's own files in ``step_N/ds/`` written by every
 rank (module states, optimizer partitions). At the world size they were written with they
 are read back as they are; at another one, the main rank first converts them to DeepSpeed's
@@ -31,6 +39,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -142,14 +151,14 @@ def _join_process_group(env) -> None:
 class DeepSpeedEngine(Collectives, LocalEngine):
     name = "deepspeed"
 
-    def __init__(self, env, ds_config: dict):
-        super().__init__(env)
+    def __init__(self, env, ds_config: dict, compute_dtype: torch.dtype | None = None, mixed_precision: str = "params"):
+        super().__init__(env, compute_dtype, mixed_precision)
         _quiet_deepspeed()
         _allow_own_globals()
         _join_process_group(env)
         self.ds_config = ds_config
         self.stage = zero_stage(ds_config)
-        self.inner = None
+        self.inner: Any = None  # the trainer's loss module, once prepared
         self._hf_ds_config = None
         if self.stage == 3:
             # Keeps transformers' ZeRO-3 hooks live: from_pretrained / from_config then build
@@ -161,14 +170,20 @@ class DeepSpeedEngine(Collectives, LocalEngine):
     @classmethod
     def create(cls, cfg, env, deepspeed: dict | None, compute_dtype: torch.dtype | None):
         from tokentrain.engines.deepspeed_config import resolve_for_run
+        from tokentrain.engines.mixed_precision import resolve_mode
 
         assert deepspeed is not None, "choose() picks 'deepspeed' only with a DeepSpeed config"
-        return cls(env, resolve_for_run(deepspeed, cfg, env, compute_dtype))
+        mode = resolve_mode(cfg.mixed_precision, cls.name, compute_dtype)
+        params_dtype = compute_dtype if mode == "params" else None  # what DeepSpeed holds the module in
+        return cls(env, resolve_for_run(deepspeed, cfg, env, params_dtype), compute_dtype, mode)
 
     @property
     def description(self) -> str:
+        from tokentrain.engines.mixed_precision import describe
+
         offload = "offload_optimizer" in self.ds_config.get("zero_optimization", {})
-        return f"DeepSpeed ZeRO stage {self.stage}" + (" with CPU offload" if offload else "")
+        precision = describe(self.mixed_precision, self.compute_dtype)
+        return f"DeepSpeed ZeRO stage {self.stage}" + (" with CPU offload" if offload else "") + f", {precision}"
 
     def close(self) -> None:
         """Forget the ZeRO-3 hooks, so a later model in this process is built whole again."""
@@ -219,15 +234,42 @@ class DeepSpeedEngine(Collectives, LocalEngine):
     @contextlib.contextmanager
     def full_parameters(self, module=None):
         """Whole parameters of `module` (default: the prepared one) on every rank for the
-        duration: ZeRO-3 gathers them (all ranks must enter); other stages hold them whole."""
+        duration: ZeRO-3 gathers them (all ranks must enter); other stages hold them whole.
+        No module (the final export) with bf16/fp16 parameters: the HF model's `state_dict()`
+        returns the fp32 masters instead (`_fp32_masters`)."""
+        export = module is None and self.mixed_precision == "params" and self.inner is not None
         module = module if module is not None else self.inner
         if self.stage != 3 or module is None:
-            yield
+            with self._fp32_masters() if export else contextlib.nullcontext():
+                yield
             return
         from deepspeed.runtime.zero import GatheredParameters
 
-        with GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with (
+            GatheredParameters(list(module.parameters()), modifier_rank=None),
+            self._fp32_masters() if export else contextlib.nullcontext(),
+        ):
             yield
+
+    @contextlib.contextmanager
+    def _fp32_masters(self):
+        """DeepSpeed's fp32 master of every parameter of the HF model, assembled from the
+        optimizer's partitions (`safe_get_full_fp32_param`, a collective: every rank takes part,
+        one parameter at a time, on the CPU of the main rank) in place of its state dict."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        hf = self.inner.model
+        masters = {}
+        for p in hf.parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is not None and self.env.is_main:
+                masters[id(p)] = full.detach().cpu()
+        state = {k: masters.get(id(v), v.detach()) for k, v in hf.state_dict(keep_vars=True).items()}
+        hf.state_dict = lambda *a, **k: state  # instance attribute: shadows nn.Module.state_dict
+        try:
+            yield
+        finally:
+            del hf.state_dict
 
     # ------------------------------------------------------------------ state
     def save(self, folder: Path) -> None:

@@ -65,7 +65,8 @@ def fill_auto(
     dtype: str,
     hidden_size: int | None = None,
 ) -> dict:
-    """Resolve "auto" values. `dtype` is "float32", "bfloat16" or "float16"."""
+    """Resolve "auto" values. `dtype` is the dtype DeepSpeed holds the module's parameters in:
+    "float32", "bfloat16" or "float16" (its fp32 masters are in the optimizer)."""
     ds = copy.deepcopy(ds)
     _set(ds, "train_micro_batch_size_per_gpu", micro_batch_size, must_match=True, what="batch_size")
     _set(ds, "gradient_accumulation_steps", accumulation, must_match=True, what="accumulative_counts")
@@ -81,6 +82,8 @@ def fill_auto(
         section = ds.setdefault(key, {})
         if section.get("enabled", "auto") == "auto":
             section["enabled"] = on
+    if dtype == "bfloat16":  # DeepSpeed would all-reduce bf16 gradients; fp16 keeps its default
+        _set(ds, "communication_data_type", "fp32")
     zero = ds.get("zero_optimization", {})
     h = hidden_size or 1024
     for key, value in (
@@ -110,8 +113,8 @@ def zero_stage(ds: dict) -> int:
 
 def resolve_for_run(ds: dict, cfg, env, compute) -> dict:
     """The DeepSpeed config of this run: "auto" values from the training config, the world
-    size, the run's compute dtype (`compute`, None: fp32) and the model's hidden size (read from
-    its config.json)."""
+    size, the dtype DeepSpeed holds the parameters in (`compute`: the compute dtype with
+    mixed_precision 'params'; None: fp32) and the model's hidden size (read from its config.json)."""
     import torch
     from transformers import AutoConfig
 

@@ -2,8 +2,9 @@
 
 Sharding: every decoder layer is one FSDP unit, the HF model is the root (embeddings,
 final norm, lm_head). Parameters are DTensors sharded on dim 0 over all ranks; a forward
-all-gathers one unit at a time. `MixedPrecisionPolicy`: gathered parameters in the compute
-dtype, gradients reduced in fp32; the fp32 shards are the master weights. `CPUOffloadPolicy`
+all-gathers one unit at a time. `MixedPrecisionPolicy` (`mixed_precision`, engines/mixed_precision.py):
+gathered parameters in the compute dtype ('params', the default) or fp32 under autocast
+('autocast'); gradients reduced in fp32 either way; the fp32 shards are the master weights. `CPUOffloadPolicy`
 (`fsdp_cpu_offload = True`) keeps the shards and optimizer state in host memory.
 
 The trainer's loss module (`CausalLMWithLoss`) calls the decoder and `lm_head.weight`
@@ -32,7 +33,6 @@ checkpoints of the local/DDP engines are read too).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 from pathlib import Path
@@ -44,6 +44,8 @@ from torch import nn
 
 from tokentrain.engines import fsdp2_checkpoint as ckpt
 from tokentrain.engines.base import Collectives, StepResult
+from tokentrain.engines.mixed_precision import describe, resolve_mode
+from tokentrain.engines.optimizer import rebuild_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +68,20 @@ class FSDP2Engine(Collectives):
 
     @classmethod
     def create(cls, cfg, env, deepspeed: dict | None, compute_dtype: torch.dtype | None):
-        return cls(env, compute_dtype, cfg.fsdp_cpu_offload)
+        mode = resolve_mode(cfg.mixed_precision, cls.name, compute_dtype)
+        return cls(env, compute_dtype, cfg.fsdp_cpu_offload, mode)
 
-    def __init__(self, env, compute_dtype: torch.dtype | None = None, cpu_offload: bool = False):
+    def __init__(
+        self,
+        env,
+        compute_dtype: torch.dtype | None = None,
+        cpu_offload: bool = False,
+        mixed_precision: str = "params",
+    ):
         self.env = env
         self.compute_dtype = compute_dtype
         self.cpu_offload = cpu_offload
+        self.mixed_precision = mixed_precision if compute_dtype is not None else "fp32"
         from tokentrain.distributed.env import ensure_process_group
 
         self.owns_group = ensure_process_group(env)
@@ -82,9 +92,9 @@ class FSDP2Engine(Collectives):
         self.optimizer: Any = None  # over the sharded parameters
         self.applied = True  # whether the last step() updated the weights
         self._mesh: Any = None
-        compute = str(compute_dtype or torch.float32).replace("torch.", "")
         offload = ", parameters and optimizer state offloaded to the CPU" if cpu_offload else ""
-        self.description = f"FSDP2 over {self.world_size} rank(s), compute {compute}{offload}"
+        precision = describe(self.mixed_precision, compute_dtype)
+        self.description = f"FSDP2 over {self.world_size} rank(s), {precision}{offload}"
 
     # -------------------------------------------------------------- setup
     @property
@@ -100,12 +110,18 @@ class FSDP2Engine(Collectives):
             self._mesh = init_device_mesh(self.env.device.type, (self.world_size,))
         return self._mesh
 
+    @property
+    def _param_dtype(self) -> torch.dtype | None:
+        """The dtype of the gathered (compute) parameters; the shards, the masters, stay fp32."""
+        return self.compute_dtype if self.mixed_precision == "params" else None
+
     def _policies(self) -> dict:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
         kw = {
             "mesh": self.mesh,
-            "mp_policy": MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32),
+            # params: gathered in the compute dtype; autocast: gathered fp32 (twice the traffic)
+            "mp_policy": MixedPrecisionPolicy(param_dtype=self._param_dtype, reduce_dtype=torch.float32),
         }
         if self.cpu_offload:
             kw["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type == "cuda")
@@ -150,7 +166,8 @@ class FSDP2Engine(Collectives):
         register_fsdp_forward_method(self.hf_model, LOSS_METHOD)
         module.forward = getattr(self.hf_model, LOSS_METHOD)  # module(...) now gathers the root first
         self.module = module
-        self.optimizer = _rebuild_optimizer(optimizer, before, dict(module.named_parameters()))
+        now = dict(module.named_parameters())
+        self.optimizer = rebuild_optimizer(optimizer, {i: now[n] for i, n in before.items() if n in now})
         return module
 
     @property
@@ -267,20 +284,3 @@ def _materialize(modules: list[nn.Module], device, init) -> None:
         for m, name in places[1:]:
             setattr(m, name, first)
     init(modules)
-
-
-def _rebuild_optimizer(optimizer, before: dict[int, str], now: dict[str, nn.Parameter]):
-    """The same optimizer over the sharded parameters, when sharding replaced the ones it
-    was built with (same class, same hyperparameters per param group)."""
-    groups = [g["params"] for g in optimizer.param_groups]
-    if all(now.get(before.get(id(p), "")) is p for ps in groups for p in ps):
-        return optimizer
-    if optimizer.state:
-        raise RuntimeError("an optimizer with state cannot be moved onto FSDP shards; prepare() before training")
-    new_groups = [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": [now[before[id(p)]] for p in g["params"]]}
-        for g in optimizer.param_groups
-    ]
-    accepted = inspect.signature(type(optimizer).__init__).parameters
-    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    return type(optimizer)(new_groups, **defaults)

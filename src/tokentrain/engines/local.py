@@ -1,10 +1,14 @@
 """One process: the module as it is, plain backward, clip and AdamW step.
 
-Checkpoint format "plain": ``model.safetensors`` (fp32 weights of the HF model) and
-``optimizer.pt`` (the optimizer state dict, tensors and plain containers only). The same
-files at any world size: a plain checkpoint resumes on any number of ranks. `load` also
-reads an FSDP2 (DCP) checkpoint of any world size, whole, the optimizer state moved by
-parameter name; FSDP2 reads these files the same way (`fsdp2_checkpoint.load_plain`).
+`mixed_precision = 'params'` (engines/mixed_precision.py): the module computes with bf16
+parameters and the optimizer steps their fp32 masters (`MasterWeights`); 'autocast': fp32
+parameters, autocast in the forward.
+
+Checkpoint format "plain": ``model.safetensors`` (fp32 weights of the HF model: the masters)
+and ``optimizer.pt`` (the optimizer state dict, tensors and plain containers only). The same
+files at any world size and in either mode: a plain checkpoint resumes on any number of ranks.
+`load` also reads an FSDP2 (DCP) checkpoint of any world size, whole, the optimizer state moved
+by parameter name; FSDP2 reads these files the same way (`fsdp2_checkpoint.load_plain`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch
 from torch import nn
 
 from tokentrain.engines.base import StepResult
+from tokentrain.engines.mixed_precision import MasterWeights, describe, resolve_mode
+from tokentrain.engines.optimizer import rebuild_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +90,21 @@ class LocalEngine:
 
     stage: int | None = None  # DeepSpeed's ZeRO stage; none here
 
-    def __init__(self, env):
+    def __init__(self, env, compute_dtype: torch.dtype | None = None, mixed_precision: str = "autocast"):
         self.env = env
+        self.compute_dtype = compute_dtype
+        self.mixed_precision = mixed_precision if compute_dtype is not None else "fp32"
         self.module: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.masters: MasterWeights | None = None  # 'params': the fp32 masters of the module's bf16 parameters
 
     @classmethod
     def create(cls, cfg, env, deepspeed: dict | None, compute_dtype: torch.dtype | None):
-        return cls(env)
+        return cls(env, compute_dtype, resolve_mode(cfg.mixed_precision, cls.name, compute_dtype))
 
     @property
     def description(self) -> str:
-        return self.name
+        return f"{self.name}, {describe(self.mixed_precision, self.compute_dtype)}"
 
     @property
     def shard_hook(self) -> None:
@@ -110,8 +119,16 @@ class LocalEngine:
 
     # -------------------------------------------------------------- setup
     def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
-        self.module, self.optimizer = module, optimizer
+        self.module, self.optimizer = module, self._hold_masters(module, optimizer)
         return module
+
+    def _hold_masters(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """'params': the module's parameters to the compute dtype, the optimizer over fp32 masters."""
+        if self.mixed_precision != "params":
+            return optimizer
+        assert self.compute_dtype is not None, "resolve_mode gives 'params' only with a compute dtype"
+        self.masters = MasterWeights(module, self.compute_dtype)
+        return rebuild_optimizer(optimizer, self.masters.replacements())
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -146,21 +163,41 @@ class LocalEngine:
 
     def step(self, max_norm: float) -> StepResult:
         """Clip (if max_norm > 0), apply and clear the gradients. A non-finite norm applies
-        nothing: it would poison the weights and the Adam moments."""
-        norm = grad_norm([p for p in self.unwrapped.parameters() if p.grad is not None], max_norm)
+        nothing: it would poison the weights and the Adam moments. 'params': on the fp32
+        masters (their gradients reduced first: `reduce_master_grads`), then copied into the
+        compute parameters."""
+        if self.masters is not None:
+            self.reduce_master_grads(self.masters.flat_grad)
+            params = self.masters.attach_grads()
+        else:
+            params = [p for p in self.unwrapped.parameters() if p.grad is not None]
+        norm = grad_norm(params, max_norm)
         applied = math.isfinite(norm)
         if applied:
             self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+            if self.masters is not None:
+                self.masters.refresh()
+        self.zero_grad()
         return StepResult(norm, applied)
+
+    def reduce_master_grads(self, flat: torch.Tensor) -> None:
+        """The fp32 gradients of all masters, one flat buffer, summed over ranks: one process, as is."""
 
     def zero_grad(self) -> None:
         self._optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            self.masters.zero_grad()
 
     @contextlib.contextmanager
     def full_parameters(self, module=None):
-        """Whole parameters for the duration (a sharding engine gathers them; here: as is)."""
-        yield
+        """Whole parameters for the duration (a sharding engine gathers them; here: as is). No
+        module (the final export): 'params' exports the fp32 masters."""
+        with self._masters_in_place() if module is None else contextlib.nullcontext():
+            yield
+
+    def _masters_in_place(self) -> contextlib.AbstractContextManager:
+        """The module's parameters are the fp32 masters for the duration ('params'; else as is)."""
+        return self.masters.masters_in_place() if self.masters is not None else contextlib.nullcontext()
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         return list(values)
@@ -178,10 +215,13 @@ class LocalEngine:
             return
         from safetensors.torch import save_model
 
-        save_model(self._hf_model(), str(folder / MODEL_FILE))
+        with self._masters_in_place():
+            save_model(self._hf_model(), str(folder / MODEL_FILE))
         torch.save(self._optimizer.state_dict(), folder / OPTIMIZER_FILE)
 
     def load(self, folder: Path) -> None:
+        """The fp32 weights into the masters ('params': the compute parameters re-derived from
+        them, bit for bit what the uninterrupted run holds) and the optimizer state."""
         from safetensors.torch import load_model
 
         from tokentrain.engines.fsdp2_checkpoint import is_fsdp_checkpoint
@@ -189,13 +229,16 @@ class LocalEngine:
         if is_fsdp_checkpoint(folder) and not owns_checkpoint(folder):
             self._load_fsdp2(folder)
             return
-        load_model(self._hf_model(), str(folder / MODEL_FILE), strict=True, device=str(self.env.device))
+        with self._masters_in_place():
+            load_model(self._hf_model(), str(folder / MODEL_FILE), strict=True, device=str(self.env.device))
         state = torch.load(folder / OPTIMIZER_FILE, map_location=self.env.device, weights_only=True)
         self._optimizer.load_state_dict(state)
 
     def _optimizer_names(self) -> list[str]:
         """The HF model's parameter names in the optimizer's order (its state's indices)."""
         name_of = {id(p): n for n, p in self._hf_model().named_parameters()}
+        if self.masters is not None:  # 'params': the optimizer steps the fp32 masters
+            name_of.update({id(m): name_of[id(p)] for p, m in zip(self.masters.params, self.masters.masters)})
         return [name_of[id(p)] for g in self._optimizer.param_groups for p in g["params"]]
 
     def _load_fsdp2(self, folder: Path) -> None:
@@ -204,7 +247,8 @@ class LocalEngine:
         from tokentrain.engines.fsdp2_checkpoint import read_full_optimizer_state, read_full_state_dict
         from tokentrain.errors import CheckpointError
 
-        self._hf_model().load_state_dict(read_full_state_dict(folder), strict=True)
+        with self._masters_in_place():
+            self._hf_model().load_state_dict(read_full_state_dict(folder), strict=True)
         by_name = read_full_optimizer_state(folder)
         names = self._optimizer_names()
         unknown = sorted(set(by_name) - set(names))
