@@ -65,6 +65,9 @@ def cmd_pth_to_hf(args) -> int:
     if not ckpt.exists():
         raise ConfigError(f"{ckpt}: no such folder; give a step_N folder, a checkpoints folder or a work dir")
     check_out(Path(args.out), args.force)  # before anything heavy
+    from tokentrain.model.source import check_model_source
+
+    check_model_source(cfg.pretrained_model_name_or_path)
     quiet_libraries()
     try:
         out = pth_to_hf(

@@ -219,6 +219,9 @@ def _readable(s: dict, sources: list[dict], tokenizer_path: str) -> str:
     """Each fragment decoded; spans not trained in this sample shown inside [MASKED ...]."""
     from transformers import AutoTokenizer
 
+    from tokentrain.model.source import check_model_source
+
+    check_model_source(tokenizer_path, "--tokenizer", need_config=False)
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
     ids, labels, cu = s["input_ids"], s["labels"], s["cu_seqlens"]
     trained = [False] + [bool(labels[i - 1] != -100) for i in range(1, len(ids))]
