@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "tokentrain.cli.train_cmd",
     "tokentrain.cli.plot_cmd",
     "tokentrain.cli.convert_cmd",
+    "tokentrain.cli.chat_cmd",
 ]
 
 
