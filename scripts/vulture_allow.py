@@ -6,6 +6,7 @@ truly dead code is deleted instead.
 
 # Bare attribute reads are how vulture learns a name is used.
 # ruff: noqa: B018
+from huggingface_hub import constants as hub_constants
 from numpy import ndarray
 from tokenizers import Tokenizer
 
@@ -24,3 +25,4 @@ deepspeed.DeepSpeedEngine  # built by name from its row in engines/specs.py
 varlen.varlen_attention.attention_mask  # transformers' attention-function parameter (some models pass it by name)
 ndarray.flags.writeable  # numpy's array flag (data/packing.py sets it)
 Tokenizer.pre_tokenizer  # the tokenizers library's attribute (model/tiny.py sets it)
+hub_constants.HF_HUB_OFFLINE  # huggingface_hub's offline switch: model/source.py sets it, transformers reads it

@@ -5,7 +5,9 @@ that never answers, as a firewalled network does)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,15 +48,17 @@ def silent_port():
     server.close()
 
 
+def _tokentrain(tmp_path: Path, *argv, **env) -> tuple[subprocess.CompletedProcess, float]:
+    full = {k: v for k, v in os.environ.items() if k not in NETWORK_SETTINGS}
+    full.update(HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1", **env)
+    t0 = time.monotonic()
+    r = subprocess.run([*TT, *map(str, argv)], env=full, capture_output=True, text=True, timeout=300)
+    return r, time.monotonic() - t0
+
+
 def _train(tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, float]:
     cfg = write_config(tmp_path / "run.py", pretrained_model_name_or_path=HUB_ID, dataset_folder=str(tmp_path))
-    full = {k: v for k, v in os.environ.items() if k not in NETWORK_SETTINGS}
-    full.update(HF_HOME=str(tmp_path / "hf_home"), **env)
-    t0 = time.monotonic()
-    r = subprocess.run(
-        [*TT, "train", str(cfg), "--work-dir", str(tmp_path / "work")], env=full, capture_output=True, text=True
-    )
-    return r, time.monotonic() - t0
+    return _tokentrain(tmp_path, "train", cfg, "--work-dir", tmp_path / "work", **env)
 
 
 @pytest.mark.parametrize("port", ["closed_port", "silent_port"])
@@ -80,3 +84,20 @@ def test_offline_without_the_model_in_the_cache(tmp_path):
     assert f"'{HUB_ID}': not a local folder and not in the local Hugging Face cache" in lines[0]
     assert str(tmp_path / "hf_home" / "hub") in lines[0] and "HF_HUB_OFFLINE=1" in lines[0]
     assert seconds < NO_RETRIES_S
+
+
+def test_a_cached_hub_id_is_used_offline_when_the_hub_is_unreachable(tiny_model, tmp_path, closed_port):
+    """The hub's cache layout (refs/main -> snapshots/<commit>/): what a download left there."""
+    commit = "0" * 40
+    repo = tmp_path / "hf_home" / "hub" / "models--tiny--llama"
+    shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    r, _ = _tokentrain(
+        tmp_path, "generate", "tiny/llama", "--prompt", "Hi", "--max-new-tokens", 2, "--jsonl",
+        HF_ENDPOINT=f"http://127.0.0.1:{closed_port}",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tiny/llama: the Hugging Face hub is unreachable" in r.stderr and "using the local cache" in r.stderr
+    assert "Retrying" not in r.stderr
+    assert json.loads(r.stdout)["new_tokens"] >= 1
