@@ -32,10 +32,10 @@ def _run(*argv, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def work_dir(tiny_model, tiny_data, tmp_path_factory):
-    """A two-step run: its work dir, with the export `hf/`."""
+    """A two-step run: its work dir, with the export `hf/` and the checkpoint `step_2`."""
     work = tmp_path_factory.mktemp("chat") / "work"
     assert train(make_config(tiny_model, tiny_data, max_iters=2), work) == 0
-    assert (work / "hf" / "model.safetensors").is_file()
+    assert (work / "hf" / "model.safetensors").is_file() and (work / "checkpoints" / "step_2").is_dir()
     return work
 
 
@@ -56,13 +56,17 @@ def _reference(work_dir: Path):
 
 def test_generate_is_greedy_model_generate(work_dir):
     prompts = ["Hello", "The cat sat on"]
-    r = _run("generate", work_dir, "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", NEW, "--jsonl")
+    flags = ["--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", NEW, "--jsonl"]
+    r = _run("generate", work_dir, *flags)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     tok, greedy = _reference(work_dir)
     assert [row["prompt"] for row in rows] == prompts
     for row in rows:
         assert (row["completion"], row["new_tokens"]) == greedy(row["prompt"], templated=False)
+
+    step = work_dir / "checkpoints" / "step_2"  # the same fp32 weights, converted in memory
+    assert _run("generate", step, *flags).stdout == r.stdout
 
     chat = _run("generate", work_dir / "hf", "--prompt", prompts[0], "--chat", "--max-new-tokens", NEW, "--jsonl")
     assert chat.returncode == 0, chat.stderr[-2000:]
@@ -122,16 +126,16 @@ def test_chat_without_a_template_speaks_plain_text_said_once(tiny_model, tmp_pat
 
 
 def test_nothing_to_talk_to_is_one_line(work_dir, tmp_path):
-    (tmp_path / "empty").mkdir()
+    for name in ("empty", "step_3"):
+        (tmp_path / name).mkdir()
     cases = {
-        tmp_path / "empty": "no model here (no config.json, no hf/ folder)",
+        tmp_path / "empty": "no model here (no config.json, no hf/ folder, no checkpoints)",
         tmp_path / "missing": "model folder does not exist",
-        work_dir / "checkpoints": "training checkpoints, not a model folder",
+        tmp_path / "step_3": "step_3: checkpoint is incomplete (no COMPLETE marker); give another one",
     }
     for folder, says in cases.items():
         r = _run("generate", folder, "--prompt", "Hi")
         assert r.returncode == 2, r.stderr
         assert r.stderr.strip().splitlines() == [r.stderr.strip()] and says in r.stderr, r.stderr
-    assert "tokentrain convert pth_to_hf" in r.stderr
     r = _run("generate", work_dir)
     assert r.returncode == 2 and "no prompt: give --prompt TEXT" in r.stderr, r.stderr

@@ -1,6 +1,6 @@
 """No code from checkpoints, by construction and by a check before anyone loads them.
 
-By construction: `weights_only_everywhere` (called first thing by `train` and `convert`, on
+By construction: `weights_only_everywhere` (called first thing by `train`, `convert`, `generate` and `chat`, on
 every rank) sets PyTorch's process-wide ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``: every
 `torch.load` of the process -- ours, DeepSpeed's (which passes ``weights_only=False``),
 DCP's -- then runs the restricted unpickler, whatever its caller asked. The globals our

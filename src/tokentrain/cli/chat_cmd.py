@@ -61,9 +61,11 @@ class _Session:
             raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
         if args.temperature < 0 or not 0 < args.top_p <= 1:
             raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
-        from tokentrain.model.inference import find_model_dir, pick_device
+        from tokentrain.checkpoint.safety import weights_only_everywhere
+        from tokentrain.model.inference import find_model, pick_device
 
-        path = find_model_dir(args.model)  # one line for a folder with no model, before torch loads a model
+        weights_only_everywhere()  # before anything can load a checkpoint or a pytorch_model.bin: no code
+        source = find_model(args.model)  # one line for a folder with no model, before torch loads a model
         from tokentrain.cli.train_cmd import quiet_libraries
 
         quiet_libraries()
@@ -73,8 +75,8 @@ class _Session:
         from tokentrain.model.inference import load_for_inference
 
         self.device = pick_device(args.device)
-        self.model, self.tokenizer = load_for_inference(path, self.device, args.dtype, args.trust_remote_code)
-        self.path, self.verbose, self.system = path, args.verbose, args.system
+        self.model, self.tokenizer = load_for_inference(source, self.device, args.dtype, args.trust_remote_code)
+        self.path, self.verbose, self.system = args.model, args.verbose, args.system
         self.template = None
         if args.chat_template:
             from tokentrain.tools.tokenize import NAMED_TEMPLATES
