@@ -101,3 +101,17 @@ def test_a_cached_hub_id_is_used_offline_when_the_hub_is_unreachable(tiny_model,
     assert "tiny/llama: the Hugging Face hub is unreachable" in r.stderr and "using the local cache" in r.stderr
     assert "Retrying" not in r.stderr
     assert json.loads(r.stdout)["new_tokens"] >= 1
+
+
+def test_hub_warnings_are_printed_once():
+    """huggingface_hub has its own stderr handler and passes its records on to ours: its retry
+    lines came twice. After the libraries are quietened, once, in the log's format."""
+    code = (
+        "import logging; from tokentrain.cli.main import setup_logging; "
+        "from tokentrain.cli.train_cmd import quiet_libraries; setup_logging(False); quiet_libraries(); "
+        "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "Retrying in 1s" in line]
+    assert len(lines) == 1 and lines[0].startswith("[tokentrain] "), r.stderr
