@@ -76,7 +76,7 @@ class _Session:
 
         self.device = pick_device(args.device)
         self.model, self.tokenizer = load_for_inference(source, self.device, args.dtype, args.trust_remote_code)
-        self.path, self.verbose, self.system = args.model, args.verbose, args.system
+        self.path, self.verbose = args.model, args.verbose
         self.template = None
         if args.chat_template:
             from tokentrain.tools.tokenize import NAMED_TEMPLATES
