@@ -177,7 +177,7 @@ def engines(work: Path, cuda: bool, tiny: bool) -> bool:
         text.replace("'demo/tiny-llama'", repr(str(demo))).replace("'demo_out/data'", repr(str(data)))
         + "\nmax_iters = 6\nsave_steps = 1000\nevaluation_freq = 1000\nlog_interval = 1\n"
     )
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29533"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}"]
     runs = {
         "local": [*tt, "train", str(conf)],
         "fsdp2": [*tt, "train", str(conf), "--engine", "fsdp2"],
@@ -202,6 +202,7 @@ def engines(work: Path, cuda: bool, tiny: bool) -> bool:
         print("(d) deepspeed is not importable: ZeRO runs skipped")
     print(f"(d) the tiny demo, default attention settings, 6 steps, on {'cuda' if cuda else 'cpu'}")
     ok = True
+    starts: dict[str, tuple[str, list[float]]] = {}  # engine -> (init digest, losses): issue 21's same start
     for i, (name, cmd) in enumerate(runs.items()):
         w = work / f"engine-{i}"
         t0 = time.perf_counter()
@@ -218,6 +219,10 @@ def engines(work: Path, cuda: bool, tiny: bool) -> bool:
         loss = [x["loss"] for x in rows if "loss" in x]
         model = next((x.split("model: ", 1)[1] for x in log.splitlines() if "model: " in x), "")
         fell_back = next((x.split("attention: ", 1)[1] for x in log.splitlines() if "] attention: " in x), "")
+        digest = next(
+            (x.rsplit("digest ", 1)[1].strip() for x in log.splitlines() if " init: " in x and "digest " in x), "?"
+        )
+        starts[name] = (digest, loss)
         good = code == 0 and len(loss) == 6
         why = "" if good else " | " + " | ".join(x for x in log.splitlines() if x.startswith("tokentrain:"))[-300:]
         ok &= good
@@ -227,7 +232,36 @@ def engines(work: Path, cuda: bool, tiny: bool) -> bool:
         )
         print(f"  {'':18s}  {model}" + (f"; fallback: {fell_back}" if fell_back else ""))
         shutil.rmtree(w, ignore_errors=True)
+    ok &= same_start(starts)
     return ok
+
+
+def free_port() -> int:
+    """A free loopback port for torchrun (a fixed one collides with any other run on the machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def same_start(starts: dict[str, tuple[str, list[float]]]) -> bool:
+    """From scratch (the demo folder is config-only), every engine starts from the same weights
+    (initialised by name: one digest) and so logs the same first loss; later steps may drift by
+    the compute dtype's rounding (bf16 on CUDA), printed, not judged."""
+    digests = {d for d, _ in starts.values()}
+    firsts = [loss[0] for _, loss in starts.values() if loss]
+    lasts = [loss[-1] for _, loss in starts.values() if loss]
+    if not firsts:
+        return False
+    spread = (max(firsts) - min(firsts)) / abs(min(firsts))
+    good = len(digests) == 1 and "?" not in digests and spread <= 1e-3
+    print(
+        f"  same start: init digest(s) {' '.join(sorted(digests))}; step-1 loss spread {spread:.1e} (<= 1e-3), "
+        f"step-{len(starts[next(iter(starts))][1])} spread {(max(lasts) - min(lasts)) / abs(min(lasts)):.1e} "
+        f"{'ok' if good else 'FAILED'}"
+    )
+    return good
 
 
 def model_folder(out: Path, tiny: bool, vocab: int) -> Path:

@@ -63,27 +63,16 @@ def test_wheel_in_a_fresh_venv_runs_the_quickstart_outside_the_checkout(tmp_path
     r = _run([tt, "copy-cfg", "tiny_demo", "."], user, env)
     assert r.returncode == 0, r.stderr
     cfg = user / "tiny_demo_copy.py"
-    # The template names the checkout's demo model: outside it, one line pointing to make-tiny-model.
+    # The template names the checkout's demo model: outside it, one line pointing to `tokentrain demo`.
     r = _run([tt, "train", str(cfg), "--cfg-options", "max_iters=1"], user, env, timeout=120)
-    assert r.returncode == 2 and "make-tiny-model" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and "tokentrain demo DIR" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
-    # The quickstart with a model made by make-tiny-model: tokenize, edit PART 1, train, export.
-    r = _run([tt, "make-tiny-model", "model"], user, env)
+    # The quickstart outside the checkout is the checkout's demo: `tokentrain demo`, then train.
+    r = _run([tt, "demo", "."], user, env)
+    assert r.returncode == 2 and "--force" in r.stderr  # the copied config is not overwritten silently
+    r = _run([tt, "demo", ".", "--force"], user, env, timeout=300)
     assert r.returncode == 0, r.stderr
-    (user / "chat.jsonl").write_text(
-        "".join(
-            f'{{"messages": [{{"role": "user", "content": "{a} plus {b}?"}}, '
-            f'{{"role": "assistant", "content": "{a + b}"}}]}}\n'
-            for a in range(6)
-            for b in range(6)
-        )
-    )
-    r = _run([tt, "tokenize", "chat.jsonl", "--tokenizer", "model", "--out", "data", "--workers", "1"], user, env)
-    assert r.returncode == 0, r.stderr
-    text = cfg.read_text()
-    text = text.replace("pretrained_model_name_or_path = 'demo/tiny-llama'", "pretrained_model_name_or_path = 'model'")
-    text = text.replace("dataset_folder = 'demo_out/data'", "dataset_folder = 'data'")
-    cfg.write_text(text)
+    assert (user / "demo" / "tiny-llama" / "tokenizer.json").is_file() and (user / "demo_out" / "data").is_dir()
     r = _run(
         [tt, "train", str(cfg), "--work-dir", "work", "--cfg-options", "max_iters=2", "max_length=64",
          "evaluation_inputs=[]", "dataloader_num_workers=0", "tensorboard=False"],

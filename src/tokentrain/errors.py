@@ -37,6 +37,16 @@ class UnsafeCheckpointError(CheckpointError):
     exit_code = EXIT_DATA
 
 
+class SaidByMainRank(TokentrainError):
+    """This rank stops because the main rank refused (a resume, a check all ranks share), and
+    the main rank's one line says why: the CLI prints nothing for it, so the reason is read
+    once, not once per rank. Exits with the main rank's code."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"stopped: the main rank refused (exit {exit_code}; its message says why)")
+        self.exit_code = exit_code
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type when it has none): what a one-line
     error quotes of a library's multi-line one."""

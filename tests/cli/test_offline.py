@@ -76,6 +76,18 @@ def test_unreachable_hub_fails_in_one_line(port, tmp_path, request):
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize("command", ["plan", "data check --config"])
+def test_plan_and_data_check_refuse_it_too(command, tiny_data, tmp_path, closed_port):
+    cfg = write_config(tmp_path / "run.py", pretrained_model_name_or_path=HUB_ID, dataset_folder=str(tiny_data))
+    endpoint = f"http://127.0.0.1:{closed_port}"
+    r, _ = _tokentrain(tmp_path, *command.split(), cfg, HF_ENDPOINT=endpoint)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tokentrain: error: pretrained_model_name_or_path = '{HUB_ID}': not a local folder"), last
+    assert f"the Hugging Face hub is unreachable ({endpoint}: " in last
+    assert "Retrying" not in r.stderr
+
+
 def test_offline_without_the_model_in_the_cache(tmp_path):
     r, seconds = _train(tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
     assert r.returncode == 2, r.stderr

@@ -4,11 +4,21 @@ compute what the data layer should produce, without using tokentrain's own code.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 
 IGNORE = -100
+
+
+def tt(*argv, cache: Path, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    """`tokentrain ARGV` in a subprocess with its own TOKENTRAIN_CACHE (and `env` added), no stdin."""
+    env = dict(os.environ, TOKENTRAIN_CACHE=str(cache), **env)
+    return subprocess.run([sys.executable, "-m", "tokentrain", *map(str, argv)], capture_output=True, text=True,
+                          env=env, timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
 
 
 def line_bytes(tokens, newline: bytes = b"\n", spaced: bool = True) -> bytes:

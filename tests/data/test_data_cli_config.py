@@ -90,3 +90,16 @@ def test_show_shuffles_with_the_training_seed_by_default(tmp_path, capsys):
 def test_show_without_folder_or_config_is_a_usage_error(capsys):
     code, _, err = run(capsys, "data", "show", "--index", 1)
     assert code == 2 and "give DIR and --max-length, or --config CFG" in err
+
+
+def test_cfg_options_override_the_config_as_in_train(tmp_path, capsys):
+    """`--cfg-options` works on `data stats` / `data show` as on `train` (max_iters, max_length ...)."""
+    cfg = _config(tmp_path)
+    code, out, _ = run(capsys, "data", "stats", "--config", cfg, "--cfg-options", "max_iters=10", "--json")
+    assert code == 0 and json.loads(out)["planned_steps"] == 10
+    code, out, _ = run(capsys, "data", "show", "--config", cfg, "--cfg-options", "max_length=8", "--json")
+    assert code == 0 and len(json.loads(out)["input_ids"]) == 8
+    code, _, err = run(capsys, "data", "stats", "--config", cfg, "--cfg-options", "max_lenght=8")
+    assert code == 2 and "max_lenght" in err and "max_length" in err
+    code, _, err = run(capsys, "data", "stats", str(tmp_path / "web"), "--cfg-options", "max_iters=10")
+    assert code == 2 and "--cfg-options needs --config" in err

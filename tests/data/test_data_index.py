@@ -196,6 +196,21 @@ def test_second_open_hits_the_cache_memory_mapped(tmp_path, cache_dir, monkeypat
     assert len(builds) == 2 and third.path == first.path
 
 
+def test_read_only_open_writes_nothing_and_maps_an_existing_entry(tmp_path, cache_dir):
+    """write=False (`tokentrain plan`): no meta, cache entry or lock is written; the table is the
+    one a run builds, and a run's cached entry is mapped when there is one."""
+    files = _dataset(tmp_path / "d", meta=False)
+    expected = idx.build_index(files, seed=3, write=False)
+    assert not list((tmp_path / "d").rglob("*.meta")) and not any(cache_dir.iterdir())
+    peeked = idx.open_index(files, seed=3, write=False)
+    assert not list((tmp_path / "d").rglob("*.meta")) and not any(cache_dir.iterdir())
+    assert peeked.path is None and peeked.docs.tolist() == expected.docs.tolist()
+    run = idx.open_index(files, seed=3)  # writes the metas and the entry
+    again = idx.open_index(files, seed=3, write=False)
+    assert again.path == run.path and isinstance(again.docs, np.memmap)
+    assert again.docs.tolist() == expected.docs.tolist() and vars(again.stats) == vars(run.stats)
+
+
 def test_explicit_cache_dir(tmp_path):
     files = _dataset(tmp_path / "d")
     ix = idx.open_index(files, cache_dir=tmp_path / "mycache")
@@ -311,3 +326,23 @@ def test_interrupted_build_leaves_no_partial_index(tmp_path, cache_dir, monkeypa
     assert [p for p in (cache_dir / "index").iterdir() if not p.name.endswith(".lock")] == []
     ix = idx.open_index(files)
     assert len(ix) == 7 and (ix.path / "info.json").exists()
+
+
+def test_a_meta_built_in_one_read_is_the_meta_of_every_line(tmp_path):
+    """ensure_meta reads usual files in one numpy pass (counts from the commas, confirmed): the
+    meta must be what a hand count gives, for compact and spaced lines, empty lists, ids 0 and
+    negative, no final newline, and (the careful path) blank lines and \\r\\n endings."""
+    rng = np.random.default_rng(5)
+    cases = []
+    for k in range(60):
+        docs = [rng.integers(-70000, 70000, int(rng.choice([0, 1, 2, 7, 90]))).tolist() for _ in range(25)]
+        lines = [line_bytes(d, b"", spaced=bool(rng.integers(2))) for d in docs]
+        if k % 10 == 3:
+            lines.insert(5, b"")
+        newline = b"\r\n" if k % 10 == 7 else b"\n"
+        p = tmp_path / f"f{k}.bin"
+        want = write_bin(p, None, raw_lines=lines, meta=False, newline=newline, final_newline=bool(k % 2))
+        cases.append((p, want))
+    for p, want in cases:
+        got = np.load(idx.ensure_meta(p))
+        assert np.array_equal(got, want), p

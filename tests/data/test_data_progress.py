@@ -3,23 +3,18 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 
-from .helpers import write_bin
+from .helpers import tt, write_bin
 
 LINE = r"{}: (\d+\.\d) MB / (\d+\.\d) MB \((\d+\.\d)%\), ([\d,]+) records, \d+\.\d MB/s"
 SUMMARY = r" in \d+\.\ds \(\d+\.\d MB, \d+\.\d MB/s, [\d,]+ records/s\)$"
 
 
 def _tt(*argv, cache):
-    env = dict(os.environ, TOKENTRAIN_PROGRESS_INTERVAL="0", TOKENTRAIN_CACHE=str(cache))
-    return subprocess.run([sys.executable, "-m", "tokentrain", *map(str, argv)], capture_output=True, text=True,
-                          env=env, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    return tt(*argv, cache=cache, TOKENTRAIN_PROGRESS_INTERVAL="0")
 
 
 def test_index_stats_check_show_progress_and_a_summary(tmp_path, cache_dir):
@@ -34,11 +29,14 @@ def test_index_stats_check_show_progress_and_a_summary(tmp_path, cache_dir):
     assert re.search("indexed 2 file\\(s\\)" + SUMMARY, r.stderr, re.M) and "wrote 2 meta file(s)" in r.stdout
     assert "big.bin.meta: 20000 lines" not in r.stderr  # no line per file any more
 
-    for cmd, summary in (
-        ("stats", "read 2 file\\(s\\), 20010 documents"),
-        ("check", "checked 2 file\\(s\\): 0 problem"),
+    # the metas tokentrain built recorded each file's summary: a check reads only those ...
+    r = _tt("data", "check", data, cache=cache_dir)
+    assert r.returncode == 0 and "checked 2 file(s): 0 problem(s) (2 unchanged since summarised" in r.stderr
+    for cmd, summary, cache in (
+        ("stats", "read 2 file\\(s\\), 20010 documents", cache_dir),
+        ("check", "checked 2 file\\(s\\): 0 problem", tmp_path / "fresh"),  # ... so, to read them, a new cache
     ):
-        r = _tt("data", cmd, data, cache=cache_dir)
+        r = _tt("data", cmd, data, cache=cache)
         assert r.returncode == 0, r.stderr
         found = re.findall(LINE.format(cmd), r.stderr)
         pcts = [float(f[2]) for f in found]

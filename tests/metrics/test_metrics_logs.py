@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tokentrain.metrics.logger import format_record, log_format, log_prefix
+from tokentrain.metrics.logger import ConsoleSink, format_record, log_format, log_prefix
 
 from .conftest import train_detached, write_cfg
 
@@ -60,3 +60,25 @@ def test_multi_rank_lines_name_their_rank(monkeypatch):
 def test_record_line_has_eta():
     r = dict(step=5, total_steps=10, epoch=0.5, loss=1.0, lr=1e-3, grad_norm=0.5)
     assert format_record(r, 3725.0).endswith("eta 1h02m") and "eta" not in format_record(r)
+
+
+def test_eta_follows_the_recent_pace_not_the_runs_average():
+    """A slow start (model load, compilation: 100 s for the first step), then 1 s a step: after
+    the window has passed, the ETA is 1 s per remaining step, not the average's ~3 s."""
+    now = [0.0]
+    sink = ConsoleSink(lambda line: None, total_steps=1000, start_step=0, window=10, clock=lambda: now[0])
+    now[0] = 100.0
+    assert sink.eta(1) == pytest.approx(100.0 * 999)  # one step seen: its pace is all there is
+    etas = []
+    for step in range(2, 51):
+        now[0] += 1.0
+        etas.append(sink.eta(step))
+    assert etas[-1] == pytest.approx(1.0 * 950)  # last 10 records: 1 s a step
+    average = now[0] / 50 * 950
+    assert average > 2.9 * etas[-1]
+    # A resumed run counts from its start step.
+    now[0] = 0.0
+    resumed = ConsoleSink(lambda line: None, total_steps=100, start_step=90, clock=lambda: now[0])
+    now[0] = 5.0
+    assert resumed.eta(90) is None  # no step done yet: no ETA
+    assert resumed.eta(95) == pytest.approx(5.0)  # 5 s for 5 steps, 5 left

@@ -167,5 +167,7 @@ def test_the_gpu_checks_cpu_plumbing_run_passes(tmp_path):
         )
     for run in ("local", "ddp, torchrun 1"):  # (d) the tiny demo under an engine, its verdict
         assert any(x.strip().startswith(run) and "exit 0, losses" in x and x.endswith(" ok") for x in lines)
+    (same,) = [x for x in lines if "same start: init digest(s) " in x]  # one digest, equal first losses
+    assert same.endswith(" ok") and len(same.split("digest(s) ")[1].split(";")[0].split()) == 1, same
     assert "sdpa-mask:" in r.stdout and "tokens/s" in r.stdout
     assert "gpu check passed" in r.stdout

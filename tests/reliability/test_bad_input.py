@@ -44,7 +44,7 @@ CONFIG_CASES = {
         dict(pretrained_model_name_or_path="/nonexistent/model"),
         [],
         2,
-        r"pretrained_model_name_or_path = '/nonexistent/model': model folder does not exist",
+        r"pretrained_model_name_or_path = /nonexistent/model: model folder does not exist",
     ),
     "model folder without config.json": (
         dict(pretrained_model_name_or_path="{tmp}"),

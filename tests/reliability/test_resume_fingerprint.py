@@ -214,3 +214,23 @@ def test_every_key_a_refusal_suggests_lets_the_resume_go_on(case, base, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and re.search(r"resuming from .*step_4 although", r.stderr), r.stderr[-3000:]
     assert checkpoints(work)["latest"] == "step_6"
+
+
+@pytest.mark.slow
+def test_a_refused_resume_on_two_ranks_is_one_line_before_the_model_loads(base, tmp_path, tiny_model):
+    """The fingerprint and the engine's format are checked by the main rank before any model is
+    built; the other rank stops with its exit code, quietly: one line in all, no rank's
+    traceback, no 'terminate called', no torch deprecation lines."""
+    work, data = _case_dir(base, tmp_path, None)
+    cfg = write_cfg(tmp_path / "run.py", tiny_model, data, max_iters=6, batch_size=1, seed=5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = clean_env(TOKENTRAIN_CACHE=str(tmp_path / "c"), NPROC_PER_NODE="2", PORT=str(port))
+    r = train(cfg, "--work-dir", work, "--resume", "auto", env=env)
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert [x for x in lines if "error:" in x and "torchrun" not in x] == [lines[0]], r.stderr[-3000:]
+    assert lines[0].startswith("tokentrain: error: cannot resume from ") and "seed = 5" in lines[0], lines[0]
+    for noise in ("Traceback", "terminate called", "FutureWarning", "init: ", "model: "):
+        assert noise not in r.stderr, (noise, r.stderr[-3000:])

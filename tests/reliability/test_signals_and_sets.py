@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from tests.data.helpers import write_bin
+
 from .helpers import TT, checkpoints, clean_env, error_lines, metrics, train, wait_for, write_cfg
 
 
@@ -105,7 +107,9 @@ def test_a_training_set_without_a_target_token_is_a_data_error(tiny_model, tmp_p
 def test_a_bad_validation_set_is_a_data_error_before_the_first_step(
     case, docs, pattern, tiny_model, tiny_data, tmp_path
 ):
-    val = _write_set(tmp_path / "val", docs)
+    # with a meta written by hand (no summary): checked once the model is built, not from summaries at start
+    val = tmp_path / "val"
+    write_bin(val / "part-000.bin", docs)
     cfg = write_cfg(tmp_path / "run.py", tiny_model, tiny_data, max_iters=4, max_length=32, val_dataset_folder=str(val))
     r = train(cfg, "--work-dir", tmp_path / "w", env=clean_env(TOKENTRAIN_CACHE=str(tmp_path / "cache")))
     _data_error(r, tmp_path / "w", pattern)

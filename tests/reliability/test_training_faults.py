@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.data.helpers import write_bin
+
 from .helpers import TT, checkpoints, clean_env, error_lines, metrics, torchrun_cmd, train, wait_for, write_cfg
 
 
@@ -120,9 +122,9 @@ def test_token_id_beyond_the_vocabulary_names_file_and_line(tiny_model, tmp_path
     f = sorted(data.glob("*.bin"))[0]
     lines = f.read_bytes().splitlines(keepends=True)
     lines[6] = b'{"tokens": [5, 7, 9000, 11, 12]}\n'  # line 7
-    f.write_bytes(b"".join(lines))
-    for meta in data.glob("*.meta"):
-        meta.unlink()
+    # file and meta written by hand (as another tool would: no summary, so nothing refuses it at
+    # start, tests/data/test_data_check_model.py): found when its batch comes up
+    write_bin(f, None, raw_lines=[ln.rstrip(b"\n") for ln in lines])
     cfg = write_cfg(
         tmp_path / "run.py", tiny_model, data, shuffle_before_pack=False, max_iters=None, max_epochs=1, save_steps=1000
     )

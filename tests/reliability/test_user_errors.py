@@ -267,3 +267,33 @@ def test_every_case_is_in_the_docs_table():
     table = DOCS.read_text()
     for case in CASES:
         assert f"| {case} |" in table, case
+
+
+def test_a_relative_path_in_an_error_shows_where_it_was_looked_for(tiny_model, tmp_path):
+    """Relative paths resolve against the working directory (under Slurm often not the folder one
+    thinks): the one-line error adds the absolute path and that directory."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_cfg(run_dir / "cfg.py", tiny_model, "data/x", max_iters=1)
+    write_cfg(run_dir / "nomodel.py", "./models/none", str(tmp_path), max_iters=1)
+    env = clean_env(TOKENTRAIN_CACHE=str(tmp_path / "cache"))
+    where = f"; relative to the working directory {run_dir})"
+    for argv, code, shown in (
+        (["train", "missing.py"], 2, f"missing.py (= {run_dir / 'missing.py'}{where}: config file not found"),
+        (["train", "cfg.py"], 3, f"data/x (= {run_dir / 'data/x'}{where}: dataset folder does not exist"),
+        (["train", "nomodel.py"], 2, f"./models/none (= {run_dir / 'models/none'}{where}: model folder does not exist"),
+        (
+            ["convert", "pth_to_hf", "cfg.py", "w/ckpt", "out"],
+            2,
+            f"w/ckpt (= {run_dir / 'w/ckpt'}{where}: no such folder",
+        ),
+    ):
+        r = subprocess.run([*TT, *argv], cwd=run_dir, env=env, capture_output=True, text=True, timeout=120)
+        lines = error_lines(r.stderr)
+        assert r.returncode == code and len(lines) == 1 and shown in lines[0], (argv, r.stderr[-2000:])
+    # An absolute path is shown as given.
+    write_cfg(run_dir / "abs.py", tiny_model, str(run_dir / "data/x"), max_iters=1)
+    r = subprocess.run([*TT, "train", "abs.py"], cwd=run_dir, env=env, capture_output=True, text=True, timeout=120)
+    assert error_lines(r.stderr) == [
+        f"tokentrain: error: {run_dir / 'data/x'}: dataset folder does not exist; check `dataset_folder`"
+    ]

@@ -17,6 +17,7 @@ import torch
 from tokentrain.cli.main import main
 
 TT = [sys.executable, "-m", "tokentrain"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*argv, cwd=None, timeout=120):
@@ -46,20 +47,28 @@ def trained(tmp_path_factory):
     return cfg, root / "w"
 
 
-def test_demo_config_outside_the_checkout_points_to_make_tiny_model(tmp_path):
+def test_demo_config_outside_the_checkout_points_to_the_demo_verb(tmp_path):
     assert main(["copy-cfg", "tiny_demo", str(tmp_path)]) == 0
     (cfg,) = tmp_path.glob("tiny_demo*.py")
     r = _run("train", cfg.name, cwd=tmp_path, timeout=60)  # no hub retries: refused at once
     (err,) = _errors(r.stderr)
-    assert r.returncode == 2 and "'demo/tiny-llama': no such model folder" in err
-    assert "tokentrain make-tiny-model demo/tiny-llama" in err
+    assert r.returncode == 2 and "demo/tiny-llama (= " in err and "no such model folder" in err
+    assert "tokentrain demo DIR" in err
     (tmp_path / "in.jsonl").write_text('{"text": "hello"}\n')
     r = _run("tokenize", "in.jsonl", "--tokenizer", "demo/tiny-llama", "--out", "o", cwd=tmp_path, timeout=60)
-    assert r.returncode == 2 and "make-tiny-model" in _errors(r.stderr)[0]
-    # Made as the error says, the model is found; the next missing thing is the demo's data.
-    assert _run("make-tiny-model", "demo/tiny-llama", cwd=tmp_path).returncode == 0
-    r = _run("train", cfg.name, cwd=tmp_path, timeout=120)
-    assert r.returncode == 3 and "demo_out/data" in _errors(r.stderr)[0], r.stderr[-1500:]
+    assert r.returncode == 2 and "tokentrain demo DIR" in _errors(r.stderr)[0]
+    # Made as the error says, the demo is the checkout's: the same model files, data a run reads.
+    r = _run("demo", "d", cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and "cd d && tokentrain train tiny_demo_copy.py" in r.stdout, r.stderr[-1500:]
+    shipped = ROOT / "demo" / "tiny-llama"
+    assert sorted(p.name for p in (tmp_path / "d/demo/tiny-llama").iterdir()) == sorted(
+        p.name for p in shipped.iterdir()
+    )
+    assert (tmp_path / "d/demo/tiny-llama/config.json").read_bytes() == (shipped / "config.json").read_bytes()
+    assert _run("data", "check", "demo_out/data", cwd=tmp_path / "d").returncode == 0
+    r = _run("demo", "d", cwd=tmp_path)  # an earlier demo is not replaced without --force
+    assert r.returncode == 2 and "exists" in _errors(r.stderr)[0] and "--force" in _errors(r.stderr)[0]
+    assert _run("demo", "d", "--force", cwd=tmp_path, timeout=120).returncode == 0
 
 
 def test_deepspeed_without_the_extra_is_a_usage_error_naming_it(trained):

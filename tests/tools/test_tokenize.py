@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from tokentrain.cli.main import main
 from tokentrain.data import format as fmt
-from tokentrain.data.inspect import check_dataset
+from tokentrain.data.corpus_check import all_problems, summarize
 from tokentrain.errors import DataError
 from tokentrain.tools.tokenize import TokenizeOptions, tokenize_files
 
@@ -60,7 +60,8 @@ def test_chat_round_trips_and_only_assistant_replies_are_targets(tmp_path, tok):
             runs.append(tok.decode(cur, skip_special_tokens=False))
             cur = []
     assert runs == ["2 plus 3 is 5.<|im_end|>\n", "Lima.<|im_end|>\n"]
-    assert check_dataset(fmt.discover_files(tmp_path / "out")) == []
+    files = fmt.discover_files(tmp_path / "out")
+    assert all_problems(files, summarize(files)[0]) == []
 
 
 def test_train_roles_and_named_template(tmp_path, tok):

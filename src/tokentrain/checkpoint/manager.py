@@ -43,7 +43,7 @@ import torch
 
 from tokentrain.checkpoint.rng import rng_state
 from tokentrain.checkpoint.safety import refused_as_unsafe
-from tokentrain.errors import CheckpointError, ConfigError, TokentrainError, UnsafeCheckpointError
+from tokentrain.errors import CheckpointError, ConfigError, SaidByMainRank, TokentrainError, UnsafeCheckpointError
 from tokentrain.utils import faults
 from tokentrain.utils.atomic import atomic_file, with_umask
 from tokentrain.utils.disk import disk_full, free_bytes
@@ -281,7 +281,7 @@ class CheckpointManager:
         keep: int,
         every: int = 1,
         *,
-        states: dict[str, Stateful],
+        states: dict[str, Stateful] | None = None,
         fingerprint: dict | None = None,
         ignore: list[str] | tuple[str, ...] = (),
     ):
@@ -290,46 +290,60 @@ class CheckpointManager:
         self.engine = engine
         self.keep = keep  # -1: keep all
         self.every = every  # save_steps
-        self.states = states
+        # Set by the trainer once they all exist (the resume is checked before the model is built).
+        self.states: dict[str, Stateful] = states or {}
         self.fingerprint = fingerprint
         self.ignore = list(ignore)
         self.written: list[str] = []  # this run's checkpoints, in the order written (pruning keeps the newest)
+        self._checked: tuple[str | None, Path | None] | None = None  # (--resume, the folder check chose)
 
-    def resolve(self, resume: str | None) -> Path | None:
-        """The checkpoint to resume from (`--resume`), chosen and its files verified by the main
-        rank and sent to every other (they do not read every file again, and could otherwise
-        see a newer damaged one); a refusal on rank 0 stops every rank."""
+    def check(self, resume: str | None) -> Path | None:
+        """The checkpoint to resume from (`--resume`), chosen and checked by the main rank before
+        the model is built (its files verified, the run's fingerprint and the engine's format and
+        world size matched: a refused resume costs no model load) and sent to every other rank
+        (they do not read every file again, and could otherwise see a newer damaged one). A
+        refusal is the main rank's one line; the other ranks stop quietly with its exit code."""
+        if self._checked is not None and self._checked[0] == resume:
+            return self._checked[1]
         if self.env.world_size == 1:
-            return resolve_resume(resume, self.root)
-        choice: str | None = None
-        error: TokentrainError | None = None
-        if self.env.is_main:
-            try:
-                found = resolve_resume(resume, self.root)
-                choice = None if found is None else str(found)
-            except TokentrainError as e:
-                error = e
-        refused, choice = self.engine.broadcast_object((error is not None, choice))
-        if error:
-            raise error
-        if refused:
-            raise CheckpointError(f"--resume {resume}: refused by rank 0 (see its message)")
-        return None if choice is None else Path(choice)
+            folder = self._choose(resume)
+        else:
+            choice: str | None = None
+            error: TokentrainError | None = None
+            if self.env.is_main:
+                try:
+                    found = self._choose(resume)
+                    choice = None if found is None else str(found)
+                except TokentrainError as e:
+                    error = e
+            code, choice = self.engine.broadcast_object((error.exit_code if error else 0, choice))
+            if error:
+                raise error
+            if code:
+                raise SaidByMainRank(code)
+            folder = None if choice is None else Path(choice)
+        self._checked = (resume, folder)
+        return folder
 
-    def restore(self, resume: str | None) -> tuple[Path, dict | None] | None:
-        """Resume (`--resume`): the checkpoint chosen, checked against this run's fingerprint,
-        loaded into the engine and every state; (its folder, this rank's RNG state), or None
-        when there is nothing to resume. The caller applies the RNG state (`set_rng_state`) as
-        the very last thing before training continues, so nothing in between draws from it."""
+    def _choose(self, resume: str | None) -> Path | None:
         from tokentrain.checkpoint.fingerprint import check_resume
         from tokentrain.engines.registry import check_resumable
 
-        folder = self.resolve(resume)
+        folder = resolve_resume(resume, self.root)
+        if folder is not None:
+            if self.fingerprint is not None:
+                check_resume(folder, self.fingerprint, self.ignore)  # a changed run is refused in one line
+            check_resumable(folder, self.engine, self.env.world_size)
+        return folder
+
+    def restore(self, resume: str | None) -> tuple[Path, dict | None] | None:
+        """Resume (`--resume`): the checkpoint `check` chose, loaded into the engine and every
+        state; (its folder, this rank's RNG state), or None when there is nothing to resume. The
+        caller applies the RNG state (`set_rng_state`) as the very last thing before training
+        continues, so nothing in between draws from it."""
+        folder = self.check(resume)
         if folder is None:
             return None
-        if self.fingerprint is not None:
-            check_resume(folder, self.fingerprint, self.ignore)  # a changed run is refused in one line
-        check_resumable(folder, self.engine, self.env.world_size)
         with refused_as_unsafe(folder):
             self.engine.load(folder)
         saved = _parts(torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True))

@@ -1,4 +1,5 @@
-"""`tokentrain list-cfg [-p PATTERN]` and `tokentrain copy-cfg NAME DIR` (shipped templates)."""
+"""`tokentrain list-cfg [-p PATTERN]`, `tokentrain copy-cfg NAME DIR` (shipped templates) and
+`tokentrain demo [DIR]` (the demo's model, data and config, outside a checkout too)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ def register(sub, common) -> None:
     p.add_argument("dest", metavar="DIR")
     p.add_argument("--force", action="store_true", help="overwrite DIR/NAME_copy.py if it exists")
     p.set_defaults(func=cmd_copy)
+
+    p = sub.add_parser(
+        "demo",
+        help="write the demo (tiny model, tokenized chat data, tiny_demo config) into DIR",
+        parents=[common],
+    )
+    p.add_argument("dest", metavar="DIR", nargs="?", default="tokentrain_demo", help="default ./tokentrain_demo")
+    p.add_argument("--force", action="store_true", help="replace an earlier demo in DIR")
+    p.set_defaults(func=cmd_demo)
 
 
 def cmd_list(args) -> int:
@@ -38,4 +48,13 @@ def cmd_copy(args) -> int:
         print(f"Copied to {copy_template(args.name, args.dest)}")
     except OSError as e:  # a read-only or missing DIR, a file where a folder should be
         raise ConfigError(f"copy-cfg: cannot write {dest} ({e.strerror}); give a folder you can write in") from None
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tokentrain.tools.demo import write_demo
+
+    cfg = write_demo(args.dest, args.force)
+    print(f"Wrote the demo into {args.dest}: demo/tiny-llama (config-only model), demo_out/data, {cfg.name}")
+    print(f"Train it:  cd {args.dest} && tokentrain train {cfg.name} --work-dir work")
     return 0

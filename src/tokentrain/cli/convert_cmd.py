@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from tokentrain.utils.dtypes import DTYPE_NAMES
+from tokentrain.utils.paths import shown
 
 
 def register(sub, common) -> None:
@@ -63,7 +64,7 @@ def cmd_pth_to_hf(args) -> int:
         )
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
-        raise ConfigError(f"{ckpt}: no such folder; give a step_N folder, a checkpoints folder or a work dir")
+        raise ConfigError(f"{shown(ckpt)}: no such folder; give a step_N folder, a checkpoints folder or a work dir")
     check_out(Path(args.out), args.force)  # before anything heavy
     from tokentrain.model.source import check_model_source
 

@@ -27,6 +27,9 @@ def register(sub, common) -> None:
         "the effective epochs at the planned steps",
     )
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks planned (with --config)")
+    p.add_argument(
+        "--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings (with --config)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_stats)
 
@@ -39,6 +42,9 @@ def register(sub, common) -> None:
         metavar="CFG",
         help="a training config: its data and data settings (max_length, seed, packing, a `datasets` mixture)",
     )
+    p.add_argument(
+        "--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="override config settings (with --config)"
+    )
     p.add_argument("--max-length", type=int, help="required without --config")
     p.add_argument("--index", type=int, default=0, help="sample number (with a mixture: the stream position)")
     p.add_argument("--no-shuffle", action="store_true", help="documents in file order")
@@ -50,8 +56,28 @@ def register(sub, common) -> None:
     p.add_argument("--json", action="store_true", help="print the arrays as JSON")
     p.set_defaults(func=cmd_show)
 
-    p = dsub.add_parser("check", help="validate every line against its meta; list every problem", parents=[common])
-    folder_args(p)
+    p = dsub.add_parser(
+        "check",
+        help="validate every line against its meta, and (--model / --config) the ids against the model; "
+        "list every problem",
+        parents=[common],
+    )
+    p.add_argument("folder", metavar="DIR", nargs="?", help="dataset folder (or --config)")
+    p.add_argument("--file-type", default=".bin", help="data file suffix (default .bin)")
+    p.add_argument("--data-order", metavar="FILE", help="text file listing the data files to use, in order")
+    p.add_argument("--model", metavar="MODEL", help="model folder: token ids must be < its config.json vocab_size")
+    p.add_argument(
+        "--config",
+        metavar="CFG",
+        help="a training config: its data (dataset_folder or `datasets`, and val_dataset_folder), its model's "
+        "vocabulary, max_length, pack_to_max_length, zero_is_target",
+    )
+    p.add_argument("--max-length", type=int, help="count documents longer than this (with --model; --config has it)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes reading files not yet summarised (default: the CPUs this process may use)",
+    )
     p.set_defaults(func=cmd_check)
 
     p = dsub.add_parser("index", help="write missing (or, with --rebuild, all) .bin.meta files", parents=[common])
@@ -103,10 +129,11 @@ def cmd_stats(args) -> int:
     from tokentrain.data.inspect import dataset_stats
     from tokentrain.errors import ConfigError
 
+    options = _options(args)
     if args.config:
         from tokentrain.config.loader import load_config
 
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, options)
         if cfg.datasets:
             return _mixture_stats(cfg, args)
         args.folder, args.file_type, args.data_order = cfg.dataset_folder, cfg.file_type, cfg.data_order_path
@@ -130,6 +157,7 @@ def _mixture_stats(cfg, args) -> int:
     """Per source of a `datasets` mixture: its data, its share, and how often the planned run reads it."""
     from tokentrain.data.dataset import build_mixture, planned_counts
     from tokentrain.errors import ConfigError
+    from tokentrain.training.schedule import planned_steps
 
     if args.world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
@@ -138,7 +166,7 @@ def _mixture_stats(cfg, args) -> int:
     spe = (len(mix) // args.world_size) // per_rank
     if spe == 0:
         raise ConfigError(f"{args.config}: fewer samples ({len(mix)}) than one step of the planned global batch")
-    steps = cfg.max_iters if cfg.max_iters is not None else cfg.max_epochs * spe
+    steps = planned_steps(cfg.max_iters, cfg.max_epochs, spe)
     rows = mix.describe(planned_counts(mix, steps, spe, per_rank * args.world_size))
     for r in rows:
         r["tokens"] = int(mix.datasets[mix.names.index(r["name"])].index.num_tokens)
@@ -161,6 +189,7 @@ def cmd_show(args) -> int:
     from tokentrain.data.dataset import DataSettings, build_dataset
     from tokentrain.errors import ConfigError
 
+    _options(args)
     if args.config:
         ds = _dataset_of_config(args)
         return _print_sample(ds, args, limit=None if getattr(ds, "names", None) else len(ds))
@@ -184,12 +213,21 @@ def cmd_show(args) -> int:
     return _print_sample(ds, args, len(ds))
 
 
+def _options(args) -> list[str]:
+    """--cfg-options, which only a config can take (refused without one, not ignored)."""
+    from tokentrain.errors import ConfigError
+
+    if args.cfg_options and not args.config:
+        raise ConfigError("--cfg-options needs --config CFG (the options override that config's settings)")
+    return args.cfg_options
+
+
 def _dataset_of_config(args):
     """The training dataset a config describes (command-line data options override it)."""
     from tokentrain.config.loader import load_config
     from tokentrain.data.dataset import build_dataset, build_mixture, settings_for
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, _options(args))
     changes = {"max_length": args.max_length} if args.max_length else {}
     if args.no_shuffle:
         changes["shuffle_before_pack"] = False
@@ -247,15 +285,81 @@ def _readable(s: dict, sources: list[dict], tokenizer_path: str) -> str:
 
 
 def cmd_check(args) -> int:
-    from tokentrain.data.inspect import check_dataset
+    """Format problems of every file, then (with a model) ids over its vocabulary and a
+    dataset with no target; notes on documents without targets and over max_length.
+    Files read before and unchanged since are not read again (data/summary.py)."""
+    from tokentrain.data import corpus_check as cc
+    from tokentrain.errors import ConfigError
 
-    files = _files(args)
+    workers = cc.default_workers() if args.workers is None else args.workers
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    sets, limits = _check_targets(args)
+    files = [p for _, fs in sets for p in fs]
     progress = _progress(files, "check")
-    problems = check_dataset(files, progress)
+    sums, stored = cc.summarize(files, workers, progress)
+    problems = cc.all_problems(files, sums)
+    notes: list[str] = []
+    start = 0
+    for where, fs in sets:
+        found, said = cc.model_problems(where, fs, sums[start : start + len(fs)], limits)
+        problems += found
+        notes += [f"{where}: {n}" for n in said]
+        start += len(fs)
     for p in problems:
         print(p)
-    _summary(progress, f"checked {len(files)} file(s): {len(problems)} problem(s)")
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    against = f" against {limits.model} (vocabulary {limits.vocab_size})" if limits.vocab_size else ""
+    _summary(
+        progress,
+        f"checked {len(files)} file(s){against}: {len(problems)} problem(s) ({stored} unchanged since "
+        f"summarised, the rest read with {workers} worker(s))",
+    )
     return 1 if problems else 0
+
+
+def _check_targets(args):
+    """([(name, files) per dataset], Limits) from DIR / --model / --max-length or --config."""
+    from tokentrain.data import corpus_check as cc
+    from tokentrain.data.format import discover_files
+    from tokentrain.errors import ConfigError
+
+    if args.config:
+        from tokentrain.config.loader import load_config
+        from tokentrain.data.mixture import parse_sources
+
+        if args.folder or args.model:
+            raise ConfigError("data check: give --config CFG alone, or DIR (with --model MODEL)")
+        cfg = load_config(args.config)
+        named = [("dataset_folder", cfg.dataset_folder)] if cfg.dataset_folder else []
+        if cfg.datasets:
+            named = [(f"datasets {s.name!r}", s.folder) for s in parse_sources(cfg.datasets)]
+        if cfg.val_dataset_folder:
+            named.append(("val_dataset_folder", cfg.val_dataset_folder))
+        sets = [
+            (f"{key} = {folder!r}", discover_files(folder, cfg.file_type, cfg.data_order_path)) for key, folder in named
+        ]
+        model = cfg.pretrained_model_name_or_path
+        from tokentrain.model.source import check_model_source
+
+        check_model_source(model)  # a hub id without network: one line, not a minute of retries
+        limits = cc.Limits(
+            cc.vocab_size_of(model, cfg.trust_remote_code),
+            args.max_length or cfg.max_length,
+            cfg.pack_to_max_length,
+            cfg.zero_is_target,
+            model,
+        )
+        return sets, limits
+    if not args.folder:
+        raise ConfigError("data check: give a dataset folder DIR, or --config CFG")
+    if args.max_length is not None and args.max_length <= 0:
+        raise ConfigError(f"--max-length must be positive, got {args.max_length}")
+    if args.model and not Path(args.model, "config.json").is_file():
+        raise ConfigError(f"--model {args.model}: no config.json there; give the model's folder")
+    vocab = cc.vocab_size_of(args.model) if args.model else None
+    return [(args.folder, _files(args))], cc.Limits(vocab, args.max_length, model=args.model or "")
 
 
 def cmd_index(args) -> int:
@@ -263,6 +367,7 @@ def cmd_index(args) -> int:
 
     from tokentrain.data import format as fmt
     from tokentrain.data.index import _cached_meta_path
+    from tokentrain.data.summary import index_file, remember
     from tokentrain.errors import DataError
 
     built = 0
@@ -273,9 +378,10 @@ def cmd_index(args) -> int:
         if p.stat().st_size == 0 or (mp.exists() and not args.rebuild):
             progress.update(p.stat().st_size)
             continue
-        meta = fmt.build_meta(p)
+        meta, summary = index_file(p)
         try:
             fmt.save_meta(meta, mp)
+            remember(p, mp, summary)
         except OSError as e:
             if mp.exists():  # a stale meta we cannot replace would keep winning over a cached one
                 raise DataError(f"{mp}: cannot rewrite the meta ({e.strerror}); make the folder writable") from None

@@ -16,7 +16,7 @@ import logging
 import sys
 
 from tokentrain import __version__
-from tokentrain.errors import EXIT_FAILURE, EXIT_USAGE, TokentrainError
+from tokentrain.errors import EXIT_FAILURE, EXIT_USAGE, SaidByMainRank, TokentrainError
 from tokentrain.run.signals import EXIT_INTERRUPTED, ignore_while_ending, install_startup_handlers, restore_handlers
 from tokentrain.utils import disk
 
@@ -106,7 +106,7 @@ def _run(argv: list[str]) -> int:
     try:
         from tokentrain.distributed import spawn
 
-        if args.command == "train" and spawn.wants_spawn():
+        if args.command == "train" and not args.dry_run and spawn.wants_spawn():
             from tokentrain.cli.train_cmd import preflight
             from tokentrain.run.parent_watch import grace_seconds
 
@@ -118,7 +118,8 @@ def _run(argv: list[str]) -> int:
     except TokentrainError as e:
         if args.debug:
             raise
-        print(f"tokentrain: error: {e}", file=sys.stderr)
+        if not isinstance(e, SaidByMainRank):  # the main rank printed the reason: once, not per rank
+            print(f"tokentrain: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         resume = "; nothing was saved since the last checkpoint (if any): continue with --resume auto"

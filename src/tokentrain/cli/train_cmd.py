@@ -60,10 +60,43 @@ def add_train_arguments(p) -> None:
     )
 
 
+def add_plan_arguments(p, flag: str = "") -> None:
+    """The options of a plan (`tokentrain plan`, `train --dry-run`)."""
+    g = p.add_argument_group(f"plan{flag}")
+    g.add_argument("--world-size", type=int, metavar="N", help="ranks to plan for (default: the launcher's, else 1)")
+    g.add_argument(
+        "--gpu-memory", metavar="SIZE", help="GPU memory to check against, e.g. 80GiB (default: the visible GPU's)"
+    )
+    g.add_argument("--tokens-per-s", type=float, metavar="R", help="tokens/s of the whole job, for the time")
+    g.add_argument(
+        "--mfu",
+        type=float,
+        default=0.4,
+        help="model FLOPs utilisation assumed for the time without --tokens-per-s (default 0.4)",
+    )
+    g.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
 def register(sub, common) -> None:
     p = sub.add_parser("train", help="train a model from a config file", parents=[common])
     add_train_arguments(p)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (data, steps, model size, memory, checkpoint and export sizes, disk, time) and exit; "
+        "loads no weights, writes nothing (= `tokentrain plan`)",
+    )
+    add_plan_arguments(p, " (with --dry-run)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "plan",
+        help="what a training run will need, before it is queued (= train --dry-run)",
+        parents=[common],
+    )
+    add_train_arguments(p)
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan, dry_run=True)
 
     p = sub.add_parser(
         "make-tiny-model", help="write a tiny random Llama + tokenizer folder (demo, tests)", parents=[common]
@@ -190,7 +223,28 @@ OWN_SECTIONS = {
 }
 
 
+def cmd_plan(args) -> int:
+    """The plan of `train` with the same arguments: preflight's checks, then figures from the
+    config, the data's indices and the model's config.json; no weights, nothing written."""
+    import json
+
+    from tokentrain.plan.make import make_plan
+    from tokentrain.plan.report import render
+
+    cfg, deepspeed = preflight(args)
+    quiet_libraries()
+    plan = make_plan(args, cfg, deepspeed, work_dir_of(args, cfg))
+    print(json.dumps(plan, indent=2) if args.json else render(plan))
+    return 0
+
+
 def cmd_train(args) -> int:
+    if args.dry_run:
+        return cmd_plan(args)
+    if plan_only := [f for f in ("world_size", "gpu_memory", "tokens_per_s", "json") if getattr(args, f)]:
+        from tokentrain.errors import ConfigError
+
+        raise ConfigError(f"--{plan_only[0].replace('_', '-')} is an option of the plan: add --dry-run")
     from tokentrain.checkpoint.safety import weights_only_everywhere
 
     weights_only_everywhere()  # every rank, before anything can load a checkpoint: no code from one

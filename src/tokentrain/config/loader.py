@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tokentrain.config.schema import DTYPE_ALIASES, FIELDS, TrainConfig, check_values
 from tokentrain.errors import ConfigError
+from tokentrain.utils.paths import shown
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "True or False"}
 
@@ -304,7 +305,7 @@ def build_config(
 def read_settings(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found" + (" (it is a folder)" if p.is_dir() else ""))
+        raise ConfigError(f"{shown(p)}: config file not found" + (" (it is a folder)" if p.is_dir() else ""))
     try:
         namespace = runpy.run_path(str(p), run_name="__tokentrain_config__")
     except SyntaxError as e:
@@ -340,6 +341,7 @@ def missing_demo_model(path: str) -> str | None:
     if p.exists() or p.name != "tiny-llama":
         return None
     return (
-        f"{path!r}: no such model folder (the demo model ships with the source checkout); "
-        f"make one with `tokentrain make-tiny-model {path}`"
+        f"{shown(path)}: no such model folder (the demo model ships with the source checkout); "
+        "write the demo with `tokentrain demo DIR` (its model, data and config; then `cd DIR`), or point "
+        "pretrained_model_name_or_path at your model"
     )

@@ -1,6 +1,8 @@
 """Checks of the training and validation sets before the first step.
 
-Each failure is a one-line `DataError` (exit 3) naming the set, found before any training
+Token ids against the model's vocabulary are checked first, before the model loads, from
+each file's stored summary (`check_stored_ids`: a stat and a small read per file; exit 2).
+Then each failure is a one-line `DataError` (exit 3) naming the set, found before any training
 time is spent and before anything is written: a set with no target token (every token
 negative: "training" would only skip steps and export the untrained model), validation
 token ids outside the vocabulary (else the first evaluation fails after hours of
@@ -119,3 +121,33 @@ def check_datasets(
             f"val_dataset_folder = {val_folder!r}: no target token in any of its {len(val_set)} sample(s) (every "
             "token negative, i.e. masked); its loss would be 0. Check the sign convention of the data"
         )
+
+
+def check_stored_ids(datasets: list, vocab_size: int, model: str) -> tuple[int, int]:
+    """Every file whose summary is stored (`data check`, or a meta tokentrain built) has ids <
+    `vocab_size`: a ConfigError naming the file, the line and the id otherwise. Files with no
+    summary are not read here (a terabyte would take hours at start); their ids are checked
+    batch by batch as training reads them. Returns (files checked, files without a summary)."""
+    from tokentrain.data.summary import stored_max_id
+
+    checked = missing = 0
+    seen: set[str] = set()
+    for ds in datasets:
+        for part in getattr(ds, "datasets", None) or [ds]:
+            for f in part.index.files:
+                if f in seen:
+                    continue
+                seen.add(f)
+                got = stored_max_id(Path(f))
+                if got is None:
+                    missing += 1
+                    continue
+                checked += 1
+                top, at = got
+                if top >= vocab_size and at is not None:
+                    raise ConfigError(
+                        f"{f}: line {at[0]} (byte {at[1]}): token id {top} >= the vocabulary size {vocab_size} of "
+                        f"{model}; tokenize the data with this model's tokenizer, or train a model whose "
+                        "vocabulary holds it (`tokentrain data check --config CFG` lists every such file)"
+                    )
+    return checked, missing

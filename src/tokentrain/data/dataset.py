@@ -25,11 +25,12 @@ class DataSettings:
     drop_last_pack: bool = True
     zero_is_target: bool = False
     cache_dir: str | None = None
+    write: bool = True  # False (a plan): no meta, index cache or lock is written
 
 
 def build_dataset(s: DataSettings) -> PackedDataset | UnpackedDataset:
     files = fmt.discover_files(s.folder, s.file_type, s.data_order_path)
-    index = open_index(files, s.min_length, s.shuffle, s.seed, s.cache_dir)
+    index = open_index(files, s.min_length, s.shuffle, s.seed, s.cache_dir, write=s.write)
     st = index.stats
     log.info(
         "dataset %s: %d files (%d empty), %d documents kept of %d (%d empty, %d shorter than %d), %d tokens",
@@ -51,7 +52,7 @@ def build_dataset(s: DataSettings) -> PackedDataset | UnpackedDataset:
 # --------------------------------------------------------------------------- from a training config
 
 
-def settings_for(cfg, folder: str) -> DataSettings:
+def settings_for(cfg, folder: str, write: bool = True) -> DataSettings:
     """The DataSettings a training config implies for one folder (train, validation or one source)."""
     return DataSettings(
         folder=folder,
@@ -63,15 +64,16 @@ def settings_for(cfg, folder: str) -> DataSettings:
         file_type=cfg.file_type,
         data_order_path=cfg.data_order_path,
         zero_is_target=cfg.zero_is_target,
+        write=write,
     )
 
 
-def build_mixture(cfg):
+def build_mixture(cfg, write: bool = True):
     """The `datasets = [...]` of a config as one MixtureDataset (each source packed on its own)."""
     from tokentrain.data.mixture import MixtureDataset, parse_sources
 
     sources = parse_sources(cfg.datasets)
-    parts = [build_dataset(settings_for(cfg, s.folder)) for s in sources]
+    parts = [build_dataset(settings_for(cfg, s.folder, write)) for s in sources]
     return MixtureDataset(parts, [s.name for s in sources], [s.weight for s in sources], cfg.seed)
 
 
@@ -83,17 +85,18 @@ def build_named(settings: DataSettings, key: str):
         return build_dataset(settings)
 
 
-def build_train_data(cfg, rank: int = 0, world_size: int = 1):
+def build_train_data(cfg, rank: int = 0, world_size: int = 1, write: bool = True):
     """(training dataset, its sampler) for a config: one `dataset_folder` (shuffled per epoch)
-    or a `datasets` mixture (its own seeded order, read as a stream)."""
+    or a `datasets` mixture (its own seeded order, read as a stream). `write=False` (a plan):
+    nothing is written (no meta, index cache or lock)."""
     from tokentrain.data.sampler import ResumableSampler, StreamSampler
 
     # Ignoring a change of the data or its settings (resume_ignore) means going on with another stream.
     relaxed = bool(set(cfg.resume_ignore) - {"global_batch", "val_dataset"})
     if not getattr(cfg, "datasets", None):
-        ds = build_named(settings_for(cfg, cfg.dataset_folder), "dataset_folder")
+        ds = build_named(settings_for(cfg, cfg.dataset_folder, write), "dataset_folder")
         return ds, ResumableSampler(len(ds), rank, world_size, seed=cfg.seed, shuffle=True, relaxed=relaxed)
-    mix = build_mixture(cfg)
+    mix = build_mixture(cfg, write)
     fingerprint = mixture_fingerprint(mix)
     return mix, StreamSampler(len(mix), rank, world_size, seed=cfg.seed, fingerprint=fingerprint, relaxed=relaxed)
 

@@ -38,6 +38,7 @@ import orjson
 
 from tokentrain.data import fastjson
 from tokentrain.errors import DataError
+from tokentrain.utils.paths import shown
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,9 @@ def discover_files(
     """Return the data files of a dataset folder, in training order (see module doc)."""
     root = Path(folder)
     if not root.exists():
-        raise DataError(f"{root}: dataset folder does not exist; check `dataset_folder`")
+        raise DataError(f"{shown(root)}: dataset folder does not exist; check `dataset_folder`")
     if not root.is_dir():
-        raise DataError(f"{root}: dataset folder is not a directory; point `dataset_folder` at a folder")
+        raise DataError(f"{shown(root)}: dataset folder is not a directory; point `dataset_folder` at a folder")
     if data_order_path is not None:
         return _files_from_order(root, Path(data_order_path))
 
@@ -110,7 +111,9 @@ def discover_files(
             root,
         )
     if not files:
-        raise DataError(f"{root}: no files ending with {file_type!r} found; check `dataset_folder` and `file_type`")
+        raise DataError(
+            f"{shown(root)}: no files ending with {file_type!r} found; check `dataset_folder` and `file_type`"
+        )
     return files
 
 

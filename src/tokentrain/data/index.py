@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tokentrain.data import format as fmt
+from tokentrain.data.summary import index_file, remember
 from tokentrain.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -78,24 +79,35 @@ class DocIndex:
 def ensure_meta(data_path: Path, stats: IndexStats | None = None) -> Path:
     """Path of the meta of one data file; a missing one is built beside it, or in the cache
     when the folder is read-only (logged either way)."""
-    mp = fmt.meta_path(data_path)
-    if mp.exists():
-        return mp
-    cached = _cached_meta_path(data_path)
-    if cached.exists() and cached.stat().st_mtime_ns >= data_path.stat().st_mtime_ns:
-        return cached
-    meta = fmt.build_meta(data_path)
+    found = find_meta(data_path)
+    if found is not None:
+        return found
+    mp, cached = fmt.meta_path(data_path), _cached_meta_path(data_path)
+    meta, summary = index_file(data_path)
     if stats is not None:
         stats.built_metas += 1
     try:
         fmt.save_meta(meta, mp)
         log.info("%s: no meta; built %s (%d lines)", data_path, mp.name, len(meta))
+        remember(data_path, mp, summary)  # its largest id, for the vocabulary check at start
         return mp
     except OSError:
         cached.parent.mkdir(parents=True, exist_ok=True)
         fmt.save_meta(meta, cached)
         log.info("%s: no meta and the folder is read-only; built it into %s", data_path, cached)
         return cached
+
+
+def find_meta(data_path: Path) -> Path | None:
+    """The meta of one data file, beside it or (a read-only folder) in the cache; None when
+    it has none yet."""
+    mp = fmt.meta_path(data_path)
+    if mp.exists():
+        return mp
+    cached = _cached_meta_path(data_path)
+    if cached.exists() and cached.stat().st_mtime_ns >= data_path.stat().st_mtime_ns:
+        return cached
+    return None
 
 
 def _check_empty(data_path: Path) -> None:
@@ -151,7 +163,7 @@ class _Layout:
         return np.take(whole_rows, self.order[start:stop]).view(np.int64).reshape(-1, 4)
 
 
-def _layout(files: list[Path], min_length: int, shuffle: bool, seed: int) -> _Layout:
+def _layout(files: list[Path], min_length: int, shuffle: bool, seed: int, write: bool = True) -> _Layout:
     stats = IndexStats(files=len(files))
     sizes = _file_sizes(files)
     metas = []
@@ -160,8 +172,12 @@ def _layout(files: list[Path], min_length: int, shuffle: bool, seed: int) -> _La
             _check_empty(p)
             stats.empty_files += 1
             metas.append(np.zeros((0, 2), np.int64))
-        else:
+        elif write:
             metas.append(fmt.read_meta(ensure_meta(p, stats), p, size))
+        elif (found := find_meta(p)) is not None:
+            metas.append(fmt.read_meta(found, p, size))
+        else:  # read-only (a plan): a missing meta is built in memory, not saved
+            metas.append(fmt.build_meta(p))
     total = sum(len(m) for m in metas)
     table = np.empty((total, 4), dtype=np.int64)
     lens = np.empty(total, np.int64)
@@ -202,9 +218,12 @@ def _layout(files: list[Path], min_length: int, shuffle: bool, seed: int) -> _La
     return _Layout(files, sizes, stats, table, order, ends)
 
 
-def build_index(files: list[Path], min_length: int = 1, shuffle: bool = True, seed: int = 0) -> DocIndex:
-    """Read every meta and lay out the kept documents in training order (in memory)."""
-    lay = _layout(files, min_length, shuffle, seed)
+def build_index(
+    files: list[Path], min_length: int = 1, shuffle: bool = True, seed: int = 0, write: bool = True
+) -> DocIndex:
+    """Read every meta and lay out the kept documents in training order (in memory); `write`:
+    a missing meta is saved (else built in memory only)."""
+    lay = _layout(files, min_length, shuffle, seed, write)
     return DocIndex([str(p) for p in files], lay.sizes, lay.rows(0, len(lay.order)), lay.ends, lay.stats)
 
 
@@ -256,10 +275,13 @@ def open_index(
     cache_dir: str | os.PathLike | None = None,
     rebuild: bool = False,
     _retried: bool = False,
+    write: bool = True,
 ) -> DocIndex:
     """The document table, from the cache when present (memory-mapped), else built and cached.
 
     Safe to call from every rank at once: one builds under a file lock, the rest map it.
+    `write=False` (a plan) writes nothing, not even a lock: the cached table when there is
+    one, else the table built in memory.
     """
     import shutil
 
@@ -268,6 +290,8 @@ def open_index(
     from tokentrain.utils.atomic import atomic_dir
 
     root = Path(cache_dir) if cache_dir else cache_root() / "index"
+    if not write:
+        return _peek_index(files, min_length, shuffle, seed, root)
     root.mkdir(parents=True, exist_ok=True)
     lock_name = hashlib.sha1("\n".join(str(p.resolve()) for p in files).encode()).hexdigest()[:16]
     with FileLock(str(root / f"{lock_name}.lock")):
@@ -303,3 +327,18 @@ def open_index(
     # The key is made of resolved paths, so the cached table may have been built from another
     # working directory: name the files as this caller does, never by the stored (maybe relative) names.
     return DocIndex([str(p) for p in files], info["file_sizes"], docs, ends, IndexStats(**info["stats"]), target)
+
+
+def _peek_index(files: list[Path], min_length: int, shuffle: bool, seed: int, root: Path) -> DocIndex:
+    """open_index without writing: the cached table if every file's meta and the entry exist."""
+    sizes = _file_sizes(files)  # a file that cannot be read: the one-line DataError a run gives
+    if all(size == 0 or find_meta(p) is not None for p, size in zip(files, sizes)):
+        target = root / _cache_key(files, min_length, shuffle, seed)
+        try:
+            info, docs, ends = _load_entry(target)
+            return DocIndex(
+                [str(p) for p in files], info["file_sizes"], docs, ends, IndexStats(**info["stats"]), target
+            )
+        except (OSError, ValueError, EOFError, KeyError, TypeError):
+            pass  # none (or damaged): built in memory below
+    return build_index(files, min_length, shuffle, seed, write=False)

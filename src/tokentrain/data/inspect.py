@@ -10,6 +10,7 @@ import numpy as np
 
 from tokentrain.data import format as fmt
 from tokentrain.data.index import ensure_meta
+from tokentrain.data.summary import misplaced
 from tokentrain.errors import DataError
 
 
@@ -67,83 +68,6 @@ class _Ticks:
         if self.progress is not None and (self.bytes or self.lines):
             self.progress.update(self.bytes, self.lines)
         self.bytes, self.lines = 0, 0
-
-
-def check_file(path: Path, progress=None) -> list[Problem]:
-    """Every problem of one data file, rather than the first, each with its line and byte."""
-    problems: list[Problem] = []
-    ticks = _Ticks(progress)
-    try:
-        return _check_file(path, problems, ticks)
-    finally:
-        ticks.flush()
-
-
-def _check_file(path: Path, problems: list[Problem], ticks: _Ticks) -> list[Problem]:
-    try:
-        size = path.stat().st_size
-    except OSError as e:  # e.g. a dangling symlink
-        return [Problem(str(path), None, None, f"cannot read data file ({e.strerror})")]
-    if size == 0:
-        return problems
-    mp = fmt.meta_path(path)
-    meta = None
-    if not mp.exists():
-        problems.append(
-            Problem(str(path), None, None, f"no meta file {mp.name}; build it with `tokentrain data index`")
-        )
-    else:
-        try:
-            meta = fmt.read_meta(mp, path, size)
-        except DataError as e:
-            problems.append(Problem(str(mp), None, None, str(e).removeprefix(f"{mp}: ")))
-    data = _map(path)
-    # Line numbers count every line of the file, blank ones too (as build_meta's errors do).
-    newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A)
-    if meta is None:  # no usable meta: check every line on its own
-        starts = np.concatenate(([0], newlines + 1)).tolist()
-        ends = np.concatenate((newlines + 1, [size])).tolist()
-        for lineno, (s, end) in enumerate(zip(starts, ends), 1):
-            line = data[s:end]
-            ticks.line(end - s)
-            if line.strip():
-                _check_line(problems, path, line, lineno, s, None)
-        return problems
-    for off, nbytes, count in _line_spans(meta, size):
-        ticks.line(nbytes)
-        lineno = int(np.searchsorted(newlines, off)) + 1
-        line = data[off : off + nbytes]
-        why = _misplaced(data, line, off, size)
-        if why:
-            problems.append(Problem(str(path), lineno, off, f"{why}; rebuild the meta"))
-            continue
-        _check_line(problems, path, line, lineno, off, count)
-    return problems
-
-
-def _misplaced(data, line: bytes, off: int, size: int) -> str | None:
-    """Why the meta's line [off, off + len(line)) is not one line of the file, or None."""
-    if off and data[off - 1] != 0x0A:
-        return "the meta's offset is not at a line start"
-    if b"\n" in line.rstrip():
-        return "the meta skips a line here"
-    if off + len(line) < size and not line.endswith(b"\n"):
-        return "the line runs on past where the meta says it ends"
-    return None
-
-
-def _check_line(problems: list[Problem], path: Path, line: bytes, lineno: int, off: int, count: int | None) -> None:
-    try:
-        fmt.parse_line(line, path, lineno, off, count)
-    except DataError as e:
-        problems.append(Problem(str(path), lineno, off, str(e).split("): ", 1)[-1]))
-
-
-def check_dataset(files: list[Path], progress=None) -> list[Problem]:
-    out = []
-    for p in files:
-        out.extend(check_file(p, progress=progress))
-    return out
 
 
 # --------------------------------------------------------------------------- stats
@@ -205,7 +129,7 @@ def _file_stats(p: Path, st: Stats, ticks: _Ticks) -> None:
     for lineno, (off, nbytes, count) in enumerate(_line_spans(meta, size), 1):
         ticks.line(nbytes)
         line = data[off : off + nbytes]
-        why = _misplaced(data, line, off, size)
+        why = misplaced(data[off - 1] if off else 0x0A, line, off + nbytes < size)
         if why:
             raise DataError(
                 f"{p}: line {lineno} (byte {off}): {why}; the meta is stale; rebuild it with `tokentrain "

@@ -33,7 +33,7 @@ class DDPEngine(Collectives, LocalEngine):
 
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         self.inner = module
-        self.module = DDP(module, device_ids=device_ids, broadcast_buffers=False)
+        self.module = DDP(module, device_ids=device_ids, **no_buffer_sync(DDP))
         self.optimizer = optimizer
         return self.module
 
@@ -52,3 +52,15 @@ class DDPEngine(Collectives, LocalEngine):
 
         assert isinstance(self.module, DDP), "prepare() first"
         return self.module.no_sync()
+
+
+def no_buffer_sync(ddp_class) -> dict:
+    """DDP's keyword for "no buffer broadcast before each forward" in the installed torch: newer
+    releases name it `forward_sync_buffers` and warn (once per rank) on the old
+    `broadcast_buffers`, which older ones (2.11) only know. The buffers (rotary tables) are
+    the same on every rank by construction; the one sync at init either keyword keeps is harmless."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 from tokentrain.metrics.sinks import JsonlSink, Sink, TensorBoardSink, WandbSink, optional_sink
@@ -80,18 +81,24 @@ def format_record(r: dict, eta_s: float | None = None) -> str:
 
 
 class ConsoleSink(Sink):
-    """One log line per record, ending with the ETA at this process's pace so far (evaluation
-    and checkpoints included)."""
+    """One log line per record, ending with the ETA at the pace of the recent steps.
 
-    def __init__(self, say, total_steps: int, start_step: int):
-        self.say, self.total_steps, self.start_step = say, total_steps, start_step
-        self.t0 = time.perf_counter()
+    Why recent and not the run's average: the average carries the start-up (model load,
+    compilation, the first steps' warm-up) and any slow patch long past, so on a long run it
+    is wrong for hours. The pace is measured over the last `window` log records (evaluation and
+    checkpoints in them included), from the start until that many exist."""
+
+    def __init__(self, say, total_steps: int, start_step: int, window: int = 10, clock=time.perf_counter):
+        self.say, self.total_steps, self.clock = say, total_steps, clock
+        self.marks: deque[tuple[float, int]] = deque([(clock(), start_step)], maxlen=window + 1)
 
     def eta(self, step: int) -> float | None:
-        done = step - self.start_step
-        if done <= 0:
+        now = self.clock()
+        t_old, step_old = self.marks[0]
+        self.marks.append((now, step))
+        if step <= step_old:
             return None
-        return (time.perf_counter() - self.t0) / done * max(0, self.total_steps - step)
+        return (now - t_old) / (step - step_old) * max(0, self.total_steps - step)
 
     def write(self, record: dict) -> None:
         self.say(format_record(record, self.eta(record["step"])) if "total_steps" in record else str(record))

@@ -94,6 +94,13 @@ def read_config(path: str, trust_remote_code: bool) -> PretrainedConfig:
         ) from None
 
 
+def vocab_size(config: PretrainedConfig) -> int:
+    """The vocabulary the model's embedding will have, from its config (multimodal configs keep
+    it in their text config); 0 when the config does not say."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "vocab_size", 0) or 0)
+
+
 # Model types whose positions are a learned table of fixed size: a position past its end has
 # no embedding (an index error mid-run), so a longer max_length is refused, not extrapolated.
 LEARNED_POSITIONS = frozenset({"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"})
@@ -241,7 +248,7 @@ def _build(
         raise ConfigError(f"pretrained_model_name_or_path = {path!r}: cannot load the model: {first_line(e)}") from None
 
 
-def _fused_parts(model: PreTrainedModel) -> tuple[nn.Module, nn.Linear] | None:
+def fused_parts(model: PreTrainedModel) -> tuple[nn.Module, nn.Linear] | None:
     """(decoder, lm_head) when logits are plainly lm_head(decoder(x)); else None."""
     cfg = model.config
     if any(
@@ -271,7 +278,7 @@ class CausalLMWithLoss(nn.Module):
     def _check_fused(self) -> bool:
         """Use the fused head only if lm_head(decoder(x)) reproduces model(x).logits here, on a
         two-document pack called exactly as training calls it (varlen needs its boundaries)."""
-        parts = _fused_parts(self.model)
+        parts = fused_parts(self.model)
         if parts is None:
             return False
         decoder, head = parts
@@ -309,7 +316,7 @@ class CausalLMWithLoss(nn.Module):
         kw = self.masking.model_inputs(input_ids, position_ids, self.compute_dtype or torch.float32, cu_seqlens)
         with torch.autocast(dev, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
             if self.fused:
-                parts = _fused_parts(self.model)
+                parts = fused_parts(self.model)
                 assert parts is not None, "_check_fused found them"
                 decoder, head = parts
                 hidden = decoder(**kw)[0]

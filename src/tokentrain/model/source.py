@@ -65,9 +65,11 @@ def check_model_source(path: str, what: str = "pretrained_model_name_or_path", n
 
 
 def _check_folder(path: str, p: Path, what: str, need_config: bool) -> None:
+    from tokentrain.utils.paths import shown
+
     if not p.is_dir():
         raise ConfigError(
-            f"{_named(what)}{path!r}: model folder does not exist; cannot load the tokenizer or the model"
+            f"{_named(what)}{shown(path)}: model folder does not exist; cannot load the tokenizer or the model"
             if not p.exists()
             else f"{_named(what)}{path!r}: not a folder; give a Hugging Face model folder"
         )

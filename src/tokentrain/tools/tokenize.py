@@ -32,6 +32,7 @@ import orjson
 
 from tokentrain.errors import ConfigError, DataError
 from tokentrain.metrics.progress import Progress
+from tokentrain.utils.paths import shown
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ def tokenize_files(inputs: list[str | Path], opts: TokenizeOptions) -> Summary:
     paths = [Path(p) for p in inputs]
     for p in paths:
         if not p.is_file():
-            raise DataError(f"{p}: input file does not exist")
+            raise DataError(f"{shown(p)}: input file does not exist")
     stems = [p.name.split(".")[0] for p in paths]
     if len(set(stems)) != len(stems):
         raise ConfigError("input files must have distinct names (their stems name the output shards)")

@@ -12,6 +12,14 @@ import math
 WARMUP_START_FACTOR = 1 / 40
 
 
+def planned_steps(max_iters: int | None, max_epochs: int | None, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run: max_iters when set, else max_epochs whole epochs."""
+    if max_iters is not None:
+        return max_iters
+    assert max_epochs is not None, "check_values requires max_epochs without max_iters"
+    return max_epochs * steps_per_epoch
+
+
 def lr_factor(step: int, total_steps: int, warm_up_ratio: float, min_lr_ratio: float) -> float:
     """Multiplier of the base lr used by optimizer step `step` (0-based) of `total_steps`."""
     warm = round(warm_up_ratio * total_steps)

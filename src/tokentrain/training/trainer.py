@@ -33,8 +33,8 @@ from tokentrain.checkpoint.hf_export import export_hf
 from tokentrain.checkpoint.manager import CheckpointManager
 from tokentrain.checkpoint.rng import set_rng_state
 from tokentrain.config.schema import TrainConfig
-from tokentrain.data.checks import check_datasets
-from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, TokentrainError
+from tokentrain.data.checks import check_datasets, check_stored_ids
+from tokentrain.errors import EXIT_OK, EXIT_PREEMPTED, ConfigError, TokentrainError
 from tokentrain.metrics.flops import FlopCounter, full_numel, peak_tflops
 from tokentrain.metrics.logger import MetricsLogger
 from tokentrain.metrics.sources import SourceTokens
@@ -43,7 +43,7 @@ from tokentrain.training.batch_checks import check_token_ids, describe_samples
 from tokentrain.training.data_stream import MicroBatch, StepStream
 from tokentrain.training.evaluation import Evaluator
 from tokentrain.training.preemption import Preemption
-from tokentrain.training.schedule import WarmupCosine
+from tokentrain.training.schedule import WarmupCosine, planned_steps
 from tokentrain.training.step import StepOutcome, StepTotals, enable_checkpointing, seed_everything
 from tokentrain.utils import faults
 
@@ -80,31 +80,40 @@ class Trainer:
             raise
 
     def _setup(self) -> None:
+        from tokentrain.model.lm import load_tokenizer, read_config, vocab_size
+
         cfg, env = self.cfg, self.env
         seed_everything(cfg.seed, env.rank)
         self._setup_data()
+        # The tokenizer first (a path that cannot load fails there, once: no second round of hub
+        # retries for its config), then the model's config.json: what the checks before the
+        # weights need (positions, the resume's fingerprint).
+        self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
+        self.model_config = read_config(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
+        self._check_ids_early()
         self.engine = self._make_engine()  # before the model: ZeRO-3 / FSDP2 build it sharded
-        self._setup_model()
-        check_datasets(
-            self.train_set, self.val_set, self.vocab_size, cfg.dataset_folder, cfg.val_dataset_folder, cfg.datasets
-        )
-        self._setup_optimization()
         self.ckpt = CheckpointManager(
             self.work_dir / "checkpoints",
             env,
             self.engine,
             cfg.save_total_limit,
             every=cfg.save_steps,
-            # What a checkpoint holds, listed once: saved and restored through state_dict/load_state_dict.
-            states={
-                "trainer": self,
-                "sampler": self.sampler,
-                "scheduler": self.scheduler,
-                "source_tokens": self.source_tokens,
-            },
-            fingerprint=run_fingerprint(cfg, self.hf_model.config, self.vocab_size, env.world_size),
+            fingerprint=run_fingerprint(cfg, self.model_config, vocab_size(self.model_config), env.world_size),
             ignore=cfg.resume_ignore,
         )
+        self.ckpt.check(self.resume)  # before the model: a refused resume costs no model load
+        self._setup_model()
+        check_datasets(
+            self.train_set, self.val_set, self.vocab_size, cfg.dataset_folder, cfg.val_dataset_folder, cfg.datasets
+        )
+        self._setup_optimization()
+        # What a checkpoint holds, listed once: saved and restored through state_dict/load_state_dict.
+        self.ckpt.states = {
+            "trainer": self,
+            "sampler": self.sampler,
+            "scheduler": self.scheduler,
+            "source_tokens": self.source_tokens,
+        }
         self.flops = FlopCounter.for_model(self.hf_model)
         self.peak = peak_tflops(env.device, self.compute_dtype, cfg.peak_tflops)
         rng = self._resume()
@@ -162,11 +171,7 @@ class Trainer:
             pin_memory=env.device.type == "cuda",
         )
         spe = self.stream.steps_per_epoch
-        if cfg.max_iters is not None:
-            self.total_steps = cfg.max_iters
-        else:
-            assert cfg.max_epochs is not None, "check_config requires max_epochs without max_iters"
-            self.total_steps = cfg.max_epochs * spe
+        self.total_steps = planned_steps(cfg.max_iters, cfg.max_epochs, spe)  # what `tokentrain plan` says too
         if env.is_main:
             log.info(
                 "data: %d samples of max_length %d, %d steps per epoch of %d samples (%d per rank x %d "
@@ -185,13 +190,36 @@ class Trainer:
             g = self.stream.samples_per_step * env.world_size
             log_mixture_plan(self.train_set, planned_counts(self.train_set, self.total_steps, spe, g))
 
+    def _check_ids_early(self) -> None:
+        """Ids over the model's vocabulary refused from the files' stored summaries, before the
+        engine and the model are built (else found only when their batch comes up)."""
+        from tokentrain.data.corpus_check import vocab_size_of
+
+        cfg = self.cfg
+        try:
+            vocab = vocab_size_of(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
+        except ConfigError:
+            return  # load_model says why the model cannot be read
+        sets = [self.train_set] + ([self.val_set] if self.val_set is not None else [])
+        checked, missing = check_stored_ids(sets, vocab, cfg.pretrained_model_name_or_path)
+        if not self.env.is_main:
+            return
+        if missing:
+            log.info(
+                "token ids: %d of %d data file(s) not yet summarised, so checked batch by batch as read; "
+                "`tokentrain data check --config CFG` checks them all up front (and records them for this check)",
+                missing,
+                checked + missing,
+            )
+        else:
+            log.info("token ids: every data file's largest id is < the vocabulary size %d", vocab)
+
     def _setup_model(self) -> None:
         from tokentrain.model.attention import auto_attention, choose_attn_implementation, select_masking
         from tokentrain.model.lm import (
             CausalLMWithLoss,
             check_positions,
             load_model,
-            load_tokenizer,
             soft_caps_attention,
         )
 
@@ -200,9 +228,6 @@ class Trainer:
             cfg.pretrained_model_name_or_path, cfg.trust_remote_code
         )
         impl = choose_attn_implementation(cfg.attn_implementation, env.device, cfg.use_varlen_attn, capped)
-        self.tokenizer = load_tokenizer(cfg.pretrained_model_name_or_path, cfg.trust_remote_code)
-        # After the tokenizer (a path that cannot load fails there, once: no second round of hub
-        # retries for its config), before the weights.
         too_long = check_positions(cfg.pretrained_model_name_or_path, cfg.trust_remote_code, cfg.max_length)
         if too_long and env.is_main:
             log.warning("%s", too_long)

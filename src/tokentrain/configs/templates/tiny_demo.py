@@ -9,7 +9,7 @@
 #                          PART 1  Settings                           #
 #######################################################################
 # Model
-pretrained_model_name_or_path = 'demo/tiny-llama'  # in the checkout (else: tokentrain make-tiny-model demo/tiny-llama)
+pretrained_model_name_or_path = 'demo/tiny-llama'  # in the checkout (elsewhere: `tokentrain demo DIR` writes it)
 trust_remote_code = False
 
 # Data
