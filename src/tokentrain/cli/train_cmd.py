@@ -156,7 +156,8 @@ def preflight(args, probe_lock: bool = False):
     choose(cfg.engine, deepspeed=bool(args.deepspeed), world_size=1)  # flag conflicts, before any rank starts
     from tokentrain.model.source import check_model_source
 
-    check_model_source(cfg.pretrained_model_name_or_path)  # a hub id without network: one line, not a minute
+    # A hub id without network: one line, not a minute of retries (a plan reads no hub: not checked).
+    check_model_source(cfg.pretrained_model_name_or_path, hub=not getattr(args, "dry_run", False))
     work_dir = work_dir_of(args, cfg)
     workdir.check_usable(work_dir)
     if probe_lock:

@@ -29,11 +29,14 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _TRUE = {"1", "on", "yes", "true"}
 
 
-def check_model_source(path: str, what: str = "pretrained_model_name_or_path", need_config: bool = True) -> None:
+def check_model_source(
+    path: str, what: str = "pretrained_model_name_or_path", need_config: bool = True, hub: bool = True
+) -> None:
     """Raise one ConfigError line unless `path` is a usable local folder or a hub id that can be
     loaded now. `what` names the setting or flag in the message; `need_config`: a model folder
-    (config.json), not only a tokenizer's. A cached hub id with the hub unreachable switches this
-    process (and its children) to offline mode, so the cache is used without retries."""
+    (config.json), not only a tokenizer's; `hub=False`: a hub id is not checked (a plan loads
+    nothing from it). A cached hub id with the hub unreachable switches this process (and its
+    children) to offline mode, so the cache is used without retries."""
     from tokentrain.config.loader import missing_demo_model
 
     if hint := missing_demo_model(path):  # demo/tiny-llama outside the checkout: not a hub id
@@ -41,6 +44,8 @@ def check_model_source(path: str, what: str = "pretrained_model_name_or_path", n
     p = Path(path).expanduser()
     if path.startswith(("/", "./", "../", "~")) or p.exists() or not _HUB_ID.match(path):
         _check_folder(path, p, what, need_config)
+        return
+    if not hub:
         return
     if offline_mode():
         if not in_cache(path):
