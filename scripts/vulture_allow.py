@@ -7,6 +7,7 @@ truly dead code is deleted instead.
 # Bare attribute reads are how vulture learns a name is used.
 # ruff: noqa: B018
 from deepspeed.runtime.config import DeepSpeedConfig
+from huggingface_hub import constants as hub_constants
 from numpy import ndarray
 from tokenizers import Tokenizer
 
@@ -26,3 +27,4 @@ varlen.varlen_attention.attention_mask  # transformers' attention-function param
 ndarray.flags.writeable  # numpy's array flag (data/packing.py sets it)
 Tokenizer.pre_tokenizer  # the tokenizers library's attribute (model/tiny.py sets it)
 DeepSpeedConfig.load_universal_checkpoint  # DeepSpeed's flag its load_checkpoint reads (engines/deepspeed.py sets it)
+hub_constants.HF_HUB_OFFLINE  # huggingface_hub's offline switch: model/source.py sets it, transformers reads it

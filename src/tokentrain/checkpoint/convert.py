@@ -15,12 +15,13 @@ or lies inside the checkpoints being converted is refused even with it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import torch
 
-from tokentrain.errors import ConfigError
+from tokentrain.errors import ConfigError, TokentrainError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,23 @@ def find_checkpoint(path: Path) -> Path:
     if found is None:
         raise ConfigError(f"{path}: no checkpoint found; give a step_N folder or a work dir")
     return found
+
+
+@contextlib.contextmanager
+def named_as_given(ckpt: Path):
+    """The checkpoint finder speaks of training's --resume; a command given CKPT_DIR speaks of it."""
+    try:
+        yield
+    except TokentrainError as e:
+        prefix = f"--resume {ckpt}: "
+        if not str(e).startswith(prefix):
+            raise
+        text = (
+            str(e)[len(prefix) :]
+            .replace(", a work dir, or 'auto'", " or a work dir")
+            .replace("use another one or --resume auto", "give another one")
+        )
+        raise type(e)(f"{ckpt}: {text}") from None
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -78,18 +96,29 @@ def pth_to_hf(
     dtype: str = "float32",
     force: bool = False,
 ) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from tokentrain.checkpoint.hf_export import export_hf
 
     check_out(Path(out), force)
     ckpt = find_checkpoint(Path(ckpt_dir))
     check_not_over(Path(out), ckpt)
+    model, tokenizer = model_from_checkpoint(model_path, ckpt, trust_remote_code)
+    log.info("converting %s (%d tensors) -> %s", ckpt, len(model.state_dict()), out)
+    return export_hf(model, tokenizer, Path(out), dtype, max_shard_size=max_shard_size)
+
+
+def model_from_checkpoint(model_path: str, ckpt: Path, trust_remote_code: bool = False, to_run: bool = False):
+    """(the fp32 HF model on the CPU, its tokenizer or None) from a checked checkpoint folder and
+    the model folder the run started from (its config and tokenizer). Built on the meta device,
+    enough to save it; `to_run`: built on the CPU uninitialised instead, so the buffers no
+    checkpoint holds (rotary tables) are computed and the model can run."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     from tokentrain.engines.registry import read_model_state
+    from tokentrain.model.init import no_init_weights
 
     state = read_model_state(ckpt)  # the engine that wrote it reads it; its files were checked first
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
+    with no_init_weights() if to_run else torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     expected = set(model.state_dict())
     _fill_shared(model, state)
@@ -109,5 +138,4 @@ def pth_to_hf(
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except Exception as e:  # a model folder without a tokenizer is still convertible
         log.warning("no tokenizer saved: cannot load one from %s (%s)", model_path, e)
-    log.info("converting %s (%d tensors) -> %s", ckpt, len(state), out)
-    return export_hf(model, tokenizer, Path(out), dtype, max_shard_size=max_shard_size)
+    return model, tokenizer

@@ -1,6 +1,6 @@
 """No code from checkpoints, by construction and by a check before anyone loads them.
 
-By construction: `weights_only_everywhere` (called first thing by `train` and `convert`, on
+By construction: `weights_only_everywhere` (called first thing by `train`, `convert`, `generate` and `chat`, on
 every rank) sets PyTorch's process-wide ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``: every
 `torch.load` of the process -- ours, DeepSpeed's (which passes ``weights_only=False``),
 DCP's -- then runs the restricted unpickler, whatever its caller asked. The globals our
@@ -24,8 +24,6 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from tokentrain.errors import UnsafeCheckpointError
 
 FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -41,6 +39,8 @@ def weights_only_everywhere() -> None:
 def allow(globals_: list) -> None:
     """Let weights-only loads of this process build these (an engine's own pickled classes)."""
     if globals_:
+        import torch
+
         torch.serialization.add_safe_globals(globals_)
 
 
@@ -88,6 +88,8 @@ def walk(folder: Path) -> Iterator[Path]:
 
 
 def _check(path: Path, allowed: list) -> str | None:
+    import torch  # here: a command that calls weights_only_everywhere checks its input before torch loads
+
     # Only what `allow` has not registered for the process: leaving the context removes them.
     registered = torch.serialization.get_safe_globals()
     try:

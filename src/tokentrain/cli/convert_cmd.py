@@ -50,11 +50,11 @@ def register(sub, common) -> None:
 def cmd_pth_to_hf(args) -> int:
     from pathlib import Path
 
-    from tokentrain.checkpoint.convert import check_out, pth_to_hf
+    from tokentrain.checkpoint.convert import check_out, named_as_given, pth_to_hf
     from tokentrain.checkpoint.safety import weights_only_everywhere
     from tokentrain.cli.train_cmd import quiet_libraries
     from tokentrain.config.loader import load_config
-    from tokentrain.errors import ConfigError, TokentrainError
+    from tokentrain.errors import ConfigError
 
     weights_only_everywhere()  # DeepSpeed's and DCP's loaders too: no code from a checkpoint
     cfg = load_config(args.config, [])
@@ -66,8 +66,11 @@ def cmd_pth_to_hf(args) -> int:
     if not ckpt.exists():
         raise ConfigError(f"{shown(ckpt)}: no such folder; give a step_N folder, a checkpoints folder or a work dir")
     check_out(Path(args.out), args.force)  # before anything heavy
+    from tokentrain.model.source import check_model_source
+
+    check_model_source(cfg.pretrained_model_name_or_path)
     quiet_libraries()
-    try:
+    with named_as_given(ckpt):
         out = pth_to_hf(
             cfg.pretrained_model_name_or_path,
             ckpt,
@@ -77,15 +80,5 @@ def cmd_pth_to_hf(args) -> int:
             args.dtype,
             args.force,
         )
-    except TokentrainError as e:  # the checkpoint finder speaks of training's --resume: say it for convert
-        prefix = f"--resume {ckpt}: "
-        if not str(e).startswith(prefix):
-            raise
-        text = (
-            str(e)[len(prefix) :]
-            .replace(", a work dir, or 'auto'", " or a work dir")
-            .replace("use another one or --resume auto", "give another one")
-        )
-        raise type(e)(f"{ckpt}: {text}") from None
     print(f"wrote {out}")
     return 0

@@ -257,6 +257,9 @@ def _readable(s: dict, sources: list[dict], tokenizer_path: str) -> str:
     """Each fragment decoded; spans not trained in this sample shown inside [MASKED ...]."""
     from transformers import AutoTokenizer
 
+    from tokentrain.model.source import check_model_source
+
+    check_model_source(tokenizer_path, "--tokenizer", need_config=False)
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
     ids, labels, cu = s["input_ids"], s["labels"], s["cu_seqlens"]
     trained = [False] + [bool(labels[i - 1] != -100) for i in range(1, len(ids))]
@@ -338,6 +341,9 @@ def _check_targets(args):
             (f"{key} = {folder!r}", discover_files(folder, cfg.file_type, cfg.data_order_path)) for key, folder in named
         ]
         model = cfg.pretrained_model_name_or_path
+        from tokentrain.model.source import check_model_source
+
+        check_model_source(model)  # a hub id without network: one line, not a minute of retries
         limits = cc.Limits(
             cc.vocab_size_of(model, cfg.trust_remote_code),
             args.max_length or cfg.max_length,

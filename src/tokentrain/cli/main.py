@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "tokentrain.cli.train_cmd",
     "tokentrain.cli.plot_cmd",
     "tokentrain.cli.convert_cmd",
+    "tokentrain.cli.chat_cmd",
 ]
 
 
@@ -121,11 +122,8 @@ def _run(argv: list[str]) -> int:
             print(f"tokentrain: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(
-            "tokentrain: interrupted; nothing was saved since the last checkpoint (if any): "
-            "continue with --resume auto",
-            file=sys.stderr,
-        )
+        resume = "; nothing was saved since the last checkpoint (if any): continue with --resume auto"
+        print(f"tokentrain: interrupted{resume if args.command == 'train' else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `tokentrain data show ... | head`
         return 0

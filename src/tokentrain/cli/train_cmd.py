@@ -22,7 +22,6 @@ from tokentrain.distributed.env import LAUNCHER_HELP, LAUNCHERS
 from tokentrain.engines.specs import CHOICES
 from tokentrain.errors import TokentrainError
 from tokentrain.utils.disk import UNWRITABLE, what_failed
-from tokentrain.utils.paths import shown
 
 
 def add_train_arguments(p) -> None:
@@ -123,31 +122,17 @@ def quiet_libraries() -> None:
     set_accelerator()  # before transformers imports DeepSpeed, which then probes (and warns about "no GPU")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    quiet_hub()
 
 
-def check_local_model(path: str) -> None:
-    """A model given as a local path must be a folder with a config.json, checked before any
-    heavy work (a hub id like 'org/name' is left to the Auto classes)."""
-    from tokentrain.config.loader import missing_demo_model
-    from tokentrain.errors import ConfigError
+def quiet_hub() -> None:
+    """huggingface_hub prints its warnings (a retry, ...) through its own handler *and* passes them
+    to ours: every line twice. Ours alone prints them (time and rank prefixed)."""
+    import logging
 
-    if hint := missing_demo_model(path):  # demo/tiny-llama outside the checkout: not a hub id
-        raise ConfigError(f"pretrained_model_name_or_path = {hint}")
-    p = Path(path).expanduser()
-    local = path.startswith(("/", "./", "../", "~")) or p.exists()
-    if not local:
-        return
-    if not p.is_dir():
-        raise ConfigError(
-            f"pretrained_model_name_or_path = {shown(path)}: model folder does not exist; cannot load the "
-            "tokenizer or the model"
-            if not p.exists()
-            else f"pretrained_model_name_or_path = {path!r}: not a folder; give a Hugging Face model folder"
-        )
-    if not (p / "config.json").is_file():
-        raise ConfigError(
-            f"pretrained_model_name_or_path = {path!r}: no config.json in the folder; give a Hugging Face model folder"
-        )
+    hub = logging.getLogger("huggingface_hub")
+    for handler in list(hub.handlers):
+        hub.removeHandler(handler)
 
 
 def work_dir_of(args, cfg) -> Path:
@@ -169,7 +154,10 @@ def preflight(args, probe_lock: bool = False):
     from tokentrain.engines.registry import choose
 
     choose(cfg.engine, deepspeed=bool(args.deepspeed), world_size=1)  # flag conflicts, before any rank starts
-    check_local_model(cfg.pretrained_model_name_or_path)
+    from tokentrain.model.source import check_model_source
+
+    # A hub id without network: one line, not a minute of retries (a plan reads no hub: not checked).
+    check_model_source(cfg.pretrained_model_name_or_path, hub=not getattr(args, "dry_run", False))
     work_dir = work_dir_of(args, cfg)
     workdir.check_usable(work_dir)
     if probe_lock:

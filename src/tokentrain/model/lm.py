@@ -50,15 +50,16 @@ def _raised_by_engine(e: BaseException) -> bool:
     return any(("/deepspeed/" in f.filename or "/torch/distributed/" in f.filename) for f in frames)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool):
+def load_tokenizer(path: str, trust_remote_code: bool, named: str = ""):
+    """The model's tokenizer, with a pad token; `named`: how an error names `path` (default: as
+    the config's setting)."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ConfigError(
-            f"pretrained_model_name_or_path = {path!r}: cannot load the tokenizer: {first_line(e)}"
-        ) from None
+        named = named or f"pretrained_model_name_or_path = {path!r}"
+        raise ConfigError(f"{named}: cannot load the tokenizer: {first_line(e)}") from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

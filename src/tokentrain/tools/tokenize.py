@@ -263,10 +263,9 @@ def tokenize_files(inputs: list[str | Path], opts: TokenizeOptions) -> Summary:
     bad_roles = [r for r in opts.train_roles if r not in ROLES]
     if bad_roles:
         raise ConfigError(f"--train-roles: unknown role(s) {', '.join(bad_roles)} (expected {', '.join(ROLES)})")
-    from tokentrain.config.loader import missing_demo_model
+    from tokentrain.model.source import check_model_source
 
-    if hint := missing_demo_model(opts.tokenizer):  # before any worker starts: not a hub id
-        raise ConfigError(f"--tokenizer {hint}")
+    check_model_source(opts.tokenizer, "--tokenizer", need_config=False)  # before any worker starts
     paths = [Path(p) for p in inputs]
     for p in paths:
         if not p.is_file():

@@ -51,17 +51,6 @@ def validation_loss(engine: Engine, dataset, env, batch_size: int, num_workers: 
     return total / targets if targets else 0.0
 
 
-def build_prompt(tokenizer, text: str, system: str) -> str:
-    """The prompt for one evaluation input: the tokenizer's chat template when it has one."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # e.g. a template that refuses a system turn
-            log.debug("chat template failed (%s); using plain text", e)
-    return f"{system}{text}"
-
-
 def generate_samples(
     model,
     tokenizer,
@@ -72,30 +61,21 @@ def generate_samples(
     compute_dtype: torch.dtype | None,
     synced: bool = False,
 ) -> list[tuple[str, str]]:
-    """Greedy continuations of each evaluation input; [(input, generated text)].
+    """Greedy continuations of each evaluation input, through the chat template when the tokenizer
+    has one (model/generation.py, as `tokentrain generate --chat` does); [(input, generated text)].
 
     `synced`: every rank runs this together (ZeRO-3), each forward gathering parameters;
     ranks keep stepping until all are done, as transformers' `synced_gpus` does."""
+    from tokentrain.model.generation import Sampling, build_prompt, encode, generate_ids
+
     results = []
     was = model.training
     model.eval()
     try:
         for text in inputs:
-            prompt = build_prompt(tokenizer, text, system)
-            enc = tokenizer(
-                prompt, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None)
-            ).to(device)
-            with torch.no_grad(), torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    use_cache=True,
-                    **({"synced_gpus": True} if synced else {}),
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            new = out[0, enc["input_ids"].shape[1] :]
+            prompt, is_templated = build_prompt(tokenizer, text, system)
+            enc = encode(tokenizer, prompt, is_templated, device)
+            new = generate_ids(model, tokenizer, enc, Sampling(max_new_tokens), compute_dtype, synced=synced)
             results.append((text, tokenizer.decode(new, skip_special_tokens=True)))
     finally:
         model.train(was)
