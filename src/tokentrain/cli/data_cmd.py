@@ -11,15 +11,17 @@ def register(sub, common) -> None:
     data = sub.add_parser("data", help="inspect, check, index and synthesize InternLM-format data", parents=[common])
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True, parser_class=type(data))
 
-    def folder_args(p):
-        p.add_argument("folder", metavar="DIR", help="dataset folder")
+    def folder_args(p, or_config: bool = False):
+        """DIR, --file-type, --data-order; `or_config`: DIR may be left out for --config CFG."""
+        if or_config:
+            p.add_argument("folder", metavar="DIR", nargs="?", help="dataset folder (or --config)")
+        else:
+            p.add_argument("folder", metavar="DIR", help="dataset folder")
         p.add_argument("--file-type", default=".bin", help="data file suffix (default .bin)")
         p.add_argument("--data-order", metavar="FILE", help="text file listing the data files to use, in order")
 
     p = dsub.add_parser("stats", help="files, documents, tokens, target tokens, length percentiles", parents=[common])
-    p.add_argument("folder", metavar="DIR", nargs="?", help="dataset folder (or --config)")
-    p.add_argument("--file-type", default=".bin", help="data file suffix (default .bin)")
-    p.add_argument("--data-order", metavar="FILE", help="text file listing the data files to use, in order")
+    folder_args(p, or_config=True)
     p.add_argument(
         "--config",
         metavar="CFG",
@@ -34,9 +36,7 @@ def register(sub, common) -> None:
     p.set_defaults(func=cmd_stats)
 
     p = dsub.add_parser("show", help="print one sample exactly as training sees it", parents=[common])
-    p.add_argument("folder", metavar="DIR", nargs="?", help="dataset folder (or --config)")
-    p.add_argument("--file-type", default=".bin", help="data file suffix (default .bin)")
-    p.add_argument("--data-order", metavar="FILE", help="text file listing the data files to use, in order")
+    folder_args(p, or_config=True)
     p.add_argument(
         "--config",
         metavar="CFG",
@@ -62,9 +62,7 @@ def register(sub, common) -> None:
         "list every problem",
         parents=[common],
     )
-    p.add_argument("folder", metavar="DIR", nargs="?", help="dataset folder (or --config)")
-    p.add_argument("--file-type", default=".bin", help="data file suffix (default .bin)")
-    p.add_argument("--data-order", metavar="FILE", help="text file listing the data files to use, in order")
+    folder_args(p, or_config=True)
     p.add_argument("--model", metavar="MODEL", help="model folder: token ids must be < its config.json vocab_size")
     p.add_argument(
         "--config",
