@@ -20,8 +20,9 @@ would stall the host until the GPU caught up, once per micro-batch.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,16 +51,16 @@ class Batch:
 
     def to(self, device) -> Batch:
         """On `device`, copied asynchronously (from pinned memory on CUDA: the host runs on)."""
-        move = [t.to(device, non_blocking=True) for t in self.tensors()]
-        return dataclasses.replace(self, **dict(zip(TENSOR_FIELDS, move)))
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f) for f in TENSOR_FIELDS]
+        return self._map(lambda t: t.to(device, non_blocking=True))
 
     def pin_memory(self) -> Batch:
         """Page-locked copies (what the DataLoader calls with pin_memory=True), so that `to` is
         an asynchronous copy."""
-        return dataclasses.replace(self, **{f: t.pin_memory() for f, t in zip(TENSOR_FIELDS, self.tensors())})
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        changes: dict[str, Any] = {f: fn(getattr(self, f)) for f in TENSOR_FIELDS}
+        return dataclasses.replace(self, **changes)
 
 
 TENSOR_FIELDS = ("input_ids", "labels", "position_ids", "cu_seqlens", "targets", "doc_bounds")

@@ -35,7 +35,7 @@ def compile_layers(model: nn.Module) -> list[nn.Module]:
 
     layers = decoder_layers(model)
     for layer in layers:
-        layer.forward = torch.compile(layer.forward)  # type: ignore[method-assign]
+        layer.forward = torch.compile(layer.forward)
     return layers
 
 

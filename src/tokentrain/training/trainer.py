@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,7 +60,7 @@ class TrainingDiverged(TokentrainError):
     """The loss or the gradients became NaN/inf (with nan_policy = 'stop')."""
 
 
-def fused_adamw(params: list[torch.Tensor]) -> bool:
+def fused_adamw(params: Sequence[torch.Tensor]) -> bool:
     """AdamW's fused kernel (one launch for every parameter) when this torch has it and every
     parameter is a floating CUDA tensor; else its foreach path (CPU, FSDP2's offloaded shards)."""
     import inspect
