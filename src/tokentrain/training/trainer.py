@@ -13,6 +13,15 @@ step do not depend on how the global batch is split across micro-batches, accumu
 and ranks. A step whose global batch has no target token does no forward, no backward
 and no optimizer update (loss 0, counted as skipped).
 
+Host syncs: a micro-batch reads nothing back from the device (what the step needs about its
+batch is counted on the host by `collate`: data/batch.py). A step reads a fixed number of
+values, whatever `accumulative_counts`: the gradient norm (the engine must know it is finite
+before it applies the update, so NaN never reaches the weights or the Adam moments) and, in one
+all-reduce, the step's loss sum with the preemption flag and token counts (every rank stops at
+the same step; `nan_policy` names the step and its samples). The loss could be read once per
+log interval instead; that would lose the exact step of a non-finite loss and save one read
+per optimizer step, not per micro-batch. tests/training/test_host_syncs.py counts them.
+
 When to checkpoint, evaluate and log is decided by their owners (`CheckpointManager.due`,
 `Evaluator.due`, `MetricsLogger.due`); the loop only asks.
 """
