@@ -7,6 +7,7 @@ ranks) divided by their count.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,13 @@ def build_prompt(tokenizer, text: str, system: str) -> str:
     return f"{system}{text}"
 
 
+def eager() -> contextlib.AbstractContextManager:
+    """Compiled decoder layers (`compile`) run eagerly for generation: one token at a time against
+    a growing cache would recompile them, for a few tokens of output."""
+    stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
 def generate_samples(
     model,
     tokenizer,
@@ -85,7 +93,11 @@ def generate_samples(
             enc = tokenizer(
                 prompt, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None)
             ).to(device)
-            with torch.no_grad(), torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None):
+            with (
+                torch.no_grad(),
+                torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype is not None),
+                eager(),
+            ):
                 out = model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
