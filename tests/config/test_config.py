@@ -90,6 +90,22 @@ def test_cfg_options_are_coerced_to_the_key_type(tmp_path):
         parse_override("batch_size")
 
 
+def test_the_keys_that_take_a_boolean_or_a_word(tmp_path):
+    """compile ('auto' | True | False) and gradient_checkpointing (False | True | 'selective'):
+    a boolean word is the boolean, another word the string, and only the listed ones are kept."""
+    p = write_config(tmp_path / "c.py", **REQUIRED)
+    assert load_config(p).compile == "auto" and load_config(p).gradient_checkpointing is False
+    cfg = load_config(p, ["compile=true", "gradient_checkpointing=selective"])
+    assert cfg.compile is True and cfg.gradient_checkpointing == "selective"
+    assert load_config(p, ["compile=off"]).compile is False
+    with pytest.raises(ConfigError, match="compile = 'fast': must be 'auto', True or False"):
+        load_config(p, ["compile=fast"])
+    with pytest.raises(ConfigError, match="gradient_checkpointing = 'full': must be False, True or 'selective'"):
+        load_config(write_config(tmp_path / "g.py", **REQUIRED, gradient_checkpointing="full"))
+    with pytest.raises(ConfigError, match="compile = 1: expected True or False or a string"):
+        load_config(write_config(tmp_path / "n.py", **REQUIRED, compile=1))
+
+
 def test_templates_list_copy_and_load(tmp_path):
     names = list_templates()
     for must in ("internlm_7b_full_intern_repo_dataset_template", "internlm2_7b_w_tokenized_dataset", "tiny_demo"):

@@ -165,6 +165,15 @@ def test_collate_pads_unpacked_rows(tmp_path):
     assert b.cu_seqlens.tolist() == [[0, 4, 4], [0, 2, 4], [0, 3, 4]]
     assert str(b.cu_seqlens.dtype) == "torch.int32" and str(b.input_ids.dtype) == "torch.int64"
     assert b.indices == [0, 1, 2] and b.num_targets == 4 + 1 + 2
+    # what the step needs, counted on the host: the targets' flat positions, the largest id, and
+    # every row's documents back to back (the padding its own) -- the device computes the same
+    from tokentrain.model.varlen import flat_cu_seqlens
+
+    assert b.targets.tolist() == (b.labels.reshape(-1) != -100).nonzero()[:, 0].tolist() == [0, 1, 2, 3, 4, 8, 9]
+    assert b.max_token == 10
+    flat, longest = flat_cu_seqlens(b.cu_seqlens, 4)
+    assert b.doc_bounds.tolist() == flat.tolist() == [0, 4, 6, 8, 11, 12] and b.max_doc == longest == 4
+    assert b.doc_bounds.dtype == flat.dtype
 
 
 def test_collate_packs_needs_no_padding(tmp_path):

@@ -60,6 +60,19 @@ def test_each_releases_signature_trains_the_default_config_through_varlen_like_s
         assert max(abs(a - b) / abs(b) for a, b in zip(got, want)) <= 1e-5, (release, got, want)
 
 
+@pytest.mark.parametrize("model", ["llama", "mistral"])
+def test_micro_batches_of_several_rows_train_through_varlen_like_sdpa(job, model):
+    """batch_size > 1 under varlen: the rows are flattened into one sequence of documents (a GQA
+    model, and a windowed one)."""
+    for name, over in (("sdpa", {"attn_implementation": "sdpa"}), ("varlen", {"kernel": "torch_2_12"})):
+        r = run(job, f"{model}_{name}_b2", model=model, batch_size=2, **over)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "documents kept apart by varlen" in r.stdout + r.stderr
+    got, want = losses(job / f"{model}_varlen_b2"), losses(job / f"{model}_sdpa_b2")
+    assert len(got) == len(want) == 3
+    assert max(abs(a - b) / abs(b) for a, b in zip(got, want)) <= 1e-5, (got, want)
+
+
 def test_auto_moves_on_from_a_kernel_that_fails_a_probe_and_an_explicit_request_fails(job):
     r = run(job, "bidi", kernel="bidirectional")  # ignores the causal window
     assert r.returncode == 0, r.stderr[-2000:]

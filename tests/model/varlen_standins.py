@@ -85,3 +85,35 @@ def bidirectional(
     """A broken kernel (2.11's signature) that ignores the window: every token sees its whole
     document. Documents stay apart and packed equals alone -- only causality is lost."""
     return _reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, -1, -1, scale)
+
+
+def one_call(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+):
+    """torch 2.12's signature computed as the real kernel runs: one call over every document,
+    nothing read back to the host (a block-diagonal mask from `cu_seq_q`, no loop over
+    documents). What the host-sync count runs (tests/training/test_host_syncs.py); not recorded."""
+    t = query.shape[0]
+    i = torch.arange(t, device=query.device)
+    doc = torch.searchsorted(cu_seq_q[1:].to(torch.int64), i, right=True)  # the document of each token
+    allowed = doc[:, None] == doc[None, :]
+    left, right = window_size
+    if left >= 0:
+        allowed &= i[None, :] >= i[:, None] - left
+    if right >= 0:
+        allowed &= i[None, :] <= i[:, None] + right
+    o = torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(0, 1)[None] for x in (query, key, value)), attn_mask=allowed, scale=scale, enable_gqa=enable_gqa
+    )
+    return o[0].transpose(0, 1)

@@ -213,48 +213,56 @@ def coerce_text(key: str, raw: str):
     args = typing.get_args(tp)
     if raw.lower() in ("none", "null") and (type(None) in args or key in UNSET_BY_NONE):
         return None
-    base = (
-        next((a for a in args if a is not type(None)), tp)
-        if args and typing.get_origin(tp) in (types.UnionType, typing.Union)
-        else tp
-    )
-    try:
-        if base is bool:
-            low = raw.lower()
-            if low in ("true", "1", "yes", "on"):
-                return True
-            if low in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if base is int:
-            try:
-                return int(raw)
-            except ValueError:
-                f = float(raw)  # "1e3" -> 1000
-                if not f.is_integer():
-                    raise
-                return int(f)
-        if base is float:
-            return float(raw)
-        if base is str:
-            try:
-                v = ast.literal_eval(raw)
-                return v if isinstance(v, str) else raw
-            except (ValueError, SyntaxError):
-                return raw
-        # tuple / list: a Python literal, or comma-separated items
+    union = bool(args) and typing.get_origin(tp) in (types.UnionType, typing.Union)
+    bases = [a for a in args if a is not type(None)] if union else [tp]
+    # `bool | str` (compile = 'auto' | True | False): a word that is no boolean is the string
+    for base in bases[:-1]:
         try:
-            v = ast.literal_eval(raw)
-            if not isinstance(v, (list, tuple)):
-                v = [v]
-        except (ValueError, SyntaxError):
-            v = [s.strip() for s in raw.split(",") if s.strip()]
-            inner = typing.get_args(base)
-            if inner and inner[0] is float:
-                v = [float(s) for s in v]
-        return check_type(key, v)
+            return _coerce_as(key, raw, base)
+        except ValueError:
+            pass
+    try:
+        return _coerce_as(key, raw, bases[-1])
     except ValueError:
         raise ConfigError(f"--cfg-options {key}={raw!r}: expected {_describe(tp)}") from None
+
+
+def _coerce_as(key: str, raw: str, base):
+    """`raw` as a value of `base` (one member of the key's type); ValueError when it is none."""
+    if base is bool:
+        low = raw.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError
+    if base is int:
+        try:
+            return int(raw)
+        except ValueError:
+            f = float(raw)  # "1e3" -> 1000
+            if not f.is_integer():
+                raise
+            return int(f)
+    if base is float:
+        return float(raw)
+    if base is str:
+        try:
+            v = ast.literal_eval(raw)
+            return v if isinstance(v, str) else raw
+        except (ValueError, SyntaxError):
+            return raw
+    # tuple / list: a Python literal, or comma-separated items
+    try:
+        v = ast.literal_eval(raw)
+        if not isinstance(v, (list, tuple)):
+            v = [v]
+    except (ValueError, SyntaxError):
+        v = [s.strip() for s in raw.split(",") if s.strip()]
+        inner = typing.get_args(base)
+        if inner and inner[0] is float:
+            v = [float(s) for s in v]
+    return check_type(key, v)
 
 
 def build_config(

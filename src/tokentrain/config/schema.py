@@ -21,6 +21,8 @@ DOC_MASKING = ("auto", "positions", "mask4d", "varlen", "flex")
 KERNELS = ("auto", "liger", "torch")
 NAN_POLICIES = ("stop", "skip")
 MIXED_PRECISION = ("auto", "autocast", "params")  # engines/mixed_precision.py
+COMPILE_CHOICES = ("auto", True, False)
+CHECKPOINTING_CHOICES = (False, True, "selective")
 MAX_LENGTH_LIMIT = 1 << 24
 
 
@@ -72,7 +74,10 @@ class TrainConfig:
     # How the compute dtype is applied: 'autocast' (fp32 parameters, cast per op) or 'params'
     # (parameters held in the compute dtype, fp32 masters in the optimizer); auto: params on fsdp2/deepspeed
     mixed_precision: str = "auto"
-    gradient_checkpointing: bool = False
+    # True: recompute each decoder layer in backward (least memory); 'selective': keep the matmul
+    # outputs, recompute the cheap ops between them (training/checkpointing.py)
+    gradient_checkpointing: bool | str = False
+    compile: bool | str = "auto"  # torch.compile each decoder layer; auto: on CUDA (training/compile.py)
     use_varlen_attn: bool | None = None  # None: a varlen kernel on CUDA (PyTorch's own, else flash_attn's)
     attn_implementation: str = "auto"
     doc_masking: str = "auto"
@@ -158,6 +163,12 @@ def check_values(cfg: TrainConfig) -> list[tuple[str, str]]:
     need(cfg.doc_masking in DOC_MASKING, "doc_masking", f"must be one of {', '.join(DOC_MASKING)}")
     need(cfg.kernels in KERNELS, "kernels", f"must be one of {', '.join(KERNELS)}")
     need(cfg.engine in ENGINES, "engine", f"must be one of {', '.join(ENGINES)}")
+    need(
+        cfg.gradient_checkpointing in CHECKPOINTING_CHOICES,
+        "gradient_checkpointing",
+        "must be False, True or 'selective'",
+    )
+    need(cfg.compile in COMPILE_CHOICES, "compile", "must be 'auto', True or False")
     need(cfg.nan_policy in NAN_POLICIES, "nan_policy", f"must be one of {', '.join(NAN_POLICIES)}")
     need(cfg.peak_tflops is None or cfg.peak_tflops > 0, "peak_tflops", "must be > 0 (or None)")
     need(bool(cfg.file_type), "file_type", "must not be empty")

@@ -176,14 +176,20 @@ class DocMasking:
         position_ids: torch.Tensor,
         additive_dtype: torch.dtype | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        max_doc: int | None = None,
     ) -> dict:
         """Keyword arguments for the model (or its decoder) for one (B, L) micro-batch;
-        `cu_seqlens` (the batch's, (B, K)) spares varlen re-deriving them from positions."""
+        `cu_seqlens` (the batch's, (B, K)) spares varlen re-deriving them from positions. In
+        training they come already flat ((D + 1,), `Batch.doc_bounds`) with their longest
+        document `max_doc` counted on the host: nothing is read back from the device."""
         if self.mode == "varlen":
             if cu_seqlens is None:
                 kw = varlen_kwargs(position_ids)
             else:
-                cu, m = flat_cu_seqlens(cu_seqlens, position_ids.shape[1])
+                if cu_seqlens.ndim == 1 and max_doc is not None:
+                    cu, m = cu_seqlens, max_doc
+                else:
+                    cu, m = flat_cu_seqlens(cu_seqlens, position_ids.shape[1])
                 kw = {
                     "position_ids": position_ids.reshape(1, -1),
                     "cu_seq_lens_q": cu,

@@ -5,6 +5,7 @@ what the exported model answers."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -57,6 +58,13 @@ def encode(tokenizer, prompt: str, is_templated: bool, device: torch.device):
     return tokenizer(prompt, return_tensors="pt", add_special_tokens=not is_templated).to(device)
 
 
+def eager() -> contextlib.AbstractContextManager:
+    """Compiled decoder layers (the `compile` setting) run eagerly for generation: one token at a
+    time against a growing cache would recompile them, for a few tokens of output."""
+    stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
 def generate_ids(
     model,
     tokenizer,
@@ -70,7 +78,11 @@ def generate_ids(
     streamer, given each token as it comes. `synced`: every rank runs this together (ZeRO-3),
     each forward gathering parameters; ranks keep stepping until all are done."""
     dev = enc["input_ids"].device
-    with torch.no_grad(), torch.autocast(dev.type, dtype=compute_dtype, enabled=compute_dtype is not None):
+    with (
+        torch.no_grad(),
+        torch.autocast(dev.type, dtype=compute_dtype, enabled=compute_dtype is not None),
+        eager(),
+    ):
         out = model.generate(
             **enc,
             max_new_tokens=sampling.max_new_tokens,

@@ -24,7 +24,7 @@ import torch
 
 from tokentrain.config.schema import KERNELS
 from tokentrain.errors import ConfigError, first_line
-from tokentrain.model.loss import IGNORE_INDEX
+from tokentrain.model.loss import IGNORE_INDEX, target_positions
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -101,6 +101,7 @@ def linear_cross_entropy_sum(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     compute_dtype: torch.dtype | None,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Liger's fused linear cross-entropy under our rule: the fp32 sum over targets (label -100
     costs nothing), the projection in the compute dtype, the weight gradient accumulated in fp32
@@ -110,7 +111,7 @@ def linear_cross_entropy_sum(
 
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
-    keep = (y != IGNORE_INDEX).nonzero()[:, 0]
+    keep = target_positions(y, targets)  # `targets` found on the host: no wait for the GPU here
     h, y = h.index_select(0, keep), y.index_select(0, keep)
     dt = compute_dtype or weight.dtype
     if len(y) == 0:

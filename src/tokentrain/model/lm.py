@@ -328,9 +328,16 @@ class CausalLMWithLoss(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor,
         cu_seqlens: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        max_doc: int | None = None,
     ) -> torch.Tensor:
+        """`cu_seqlens`: (B, K) per row, or flat with `max_doc` (`Batch.doc_bounds`); `targets`:
+        the flat target positions (`Batch.targets`). Training passes all three, counted on the
+        host, so that a micro-batch reads nothing back from the GPU."""
         dev = input_ids.device.type
-        kw = self.masking.model_inputs(input_ids, position_ids, self.compute_dtype or torch.float32, cu_seqlens)
+        kw = self.masking.model_inputs(
+            input_ids, position_ids, self.compute_dtype or torch.float32, cu_seqlens, max_doc
+        )
         with torch.autocast(dev, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
             if self.fused:
                 parts = fused_parts(self.model)
@@ -338,9 +345,11 @@ class CausalLMWithLoss(nn.Module):
                 decoder, head = parts
                 hidden = decoder(**kw)[0]
                 if self.liger:
-                    return liger_linear_cross_entropy_sum(hidden, labels, head.weight, head.bias, self.compute_dtype)
+                    return liger_linear_cross_entropy_sum(
+                        hidden, labels, head.weight, head.bias, self.compute_dtype, targets
+                    )
                 return linear_cross_entropy_sum(
-                    hidden, labels, head.weight, head.bias, self.chunk_tokens, self.compute_dtype
+                    hidden, labels, head.weight, head.bias, self.chunk_tokens, self.compute_dtype, targets
                 )
             logits = self.model(**kw).logits
-            return logits_cross_entropy_sum(logits, labels, self.chunk_tokens)
+            return logits_cross_entropy_sum(logits, labels, self.chunk_tokens, targets)

@@ -71,15 +71,18 @@ def linear_cross_entropy_sum(
     bias: torch.Tensor | None = None,
     chunk_tokens: int = 0,
     compute_dtype: torch.dtype | None = None,
+    targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed CE of `hidden` (..., H) projected by `weight` (V, H) against `labels` (...).
 
     Positions with label -100 cost nothing. Returns a fp32 scalar that is 0 (still
     connected to the graph, so every parameter gets a zero gradient) when there are no targets.
+    `targets`: the flat positions of the targets when known (`Batch.targets`, found on the host);
+    else found here, which on a GPU waits for it (their number sizes what follows).
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
-    keep = (y != IGNORE_INDEX).nonzero()[:, 0]
+    keep = target_positions(y, targets)
     h, y = h.index_select(0, keep), y.index_select(0, keep)
     if compute_dtype is None:
         compute_dtype = (
@@ -100,11 +103,18 @@ def linear_cross_entropy_sum(
         return total
 
 
-def logits_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
+def target_positions(flat_labels: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    """The positions of `flat_labels` that are targets: `targets` when given, else searched."""
+    return targets if targets is not None else (flat_labels != IGNORE_INDEX).nonzero()[:, 0]
+
+
+def logits_cross_entropy_sum(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0, targets: torch.Tensor | None = None
+) -> torch.Tensor:
     """Summed CE from already computed logits, upcast to fp32 one chunk at a time."""
     x = logits.reshape(-1, logits.shape[-1])
     y = labels.reshape(-1)
-    keep = (y != IGNORE_INDEX).nonzero()[:, 0]
+    keep = target_positions(y, targets)
     x, y = x.index_select(0, keep), y.index_select(0, keep)
     chunk = auto_chunk_tokens(x.shape[-1], chunk_tokens)
     total = x.new_zeros((), dtype=torch.float32) + 0.0 * x.sum()  # stay on the graph with no targets

@@ -28,6 +28,10 @@ class MicroBatch:
     real_tokens: int  # padding is not a real token
     sq_doc_lengths: int  # sum of squared document lengths (attention FLOPs)
 
+    def pin_memory(self) -> MicroBatch:
+        """Called by the DataLoader (pin_memory=True on CUDA): the batch in page-locked memory."""
+        return MicroBatch(self.batch.pin_memory(), self.real_tokens, self.sq_doc_lengths)
+
 
 def collate_with_stats(samples: list[dict]) -> MicroBatch:
     real = sum(len(s["input_ids"]) for s in samples)

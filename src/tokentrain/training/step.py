@@ -1,5 +1,5 @@
 """One optimizer step's records (what `Trainer.train_step` returns and what the ranks sum),
-and the per-run set-up of the model and the RNGs."""
+and the seeding of the RNGs."""
 
 from __future__ import annotations
 
@@ -35,15 +35,6 @@ class StepTotals:
     real_tokens: int
     sq_doc_lengths: int
     stop: bool  # a preemption signal reached some rank
-
-
-def enable_checkpointing(model) -> None:
-    """Activation (gradient) checkpointing, non-reentrant; the name changed in transformers 5.x."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def seed_everything(seed: int, rank: int) -> None:

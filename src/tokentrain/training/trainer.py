@@ -13,6 +13,15 @@ step do not depend on how the global batch is split across micro-batches, accumu
 and ranks. A step whose global batch has no target token does no forward, no backward
 and no optimizer update (loss 0, counted as skipped).
 
+Host syncs: a micro-batch reads nothing back from the device (what the step needs about its
+batch is counted on the host by `collate`: data/batch.py). A step reads a fixed number of
+values, whatever `accumulative_counts`: the gradient norm (the engine must know it is finite
+before it applies the update, so NaN never reaches the weights or the Adam moments) and, in one
+all-reduce, the step's loss sum with the preemption flag and token counts (every rank stops at
+the same step; `nan_policy` names the step and its samples). The loss could be read once per
+log interval instead; that would lose the exact step of a non-finite loss and save one read
+per optimizer step, not per micro-batch. tests/training/test_host_syncs.py counts them.
+
 When to checkpoint, evaluate and log is decided by their owners (`CheckpointManager.due`,
 `Evaluator.due`, `MetricsLogger.due`); the loop only asks.
 """
@@ -22,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,11 +49,12 @@ from tokentrain.metrics.logger import MetricsLogger
 from tokentrain.metrics.sources import SourceTokens
 from tokentrain.metrics.window import Window, memory_gb
 from tokentrain.training.batch_checks import check_token_ids, describe_samples
+from tokentrain.training.checkpointing import enable_checkpointing
 from tokentrain.training.data_stream import MicroBatch, StepStream
 from tokentrain.training.evaluation import Evaluator
 from tokentrain.training.preemption import Preemption
 from tokentrain.training.schedule import WarmupCosine, planned_steps
-from tokentrain.training.step import StepOutcome, StepTotals, enable_checkpointing, seed_everything
+from tokentrain.training.step import StepOutcome, StepTotals, seed_everything
 from tokentrain.utils import faults
 
 if TYPE_CHECKING:
@@ -57,6 +67,18 @@ log = logging.getLogger("tokentrain.train")
 
 class TrainingDiverged(TokentrainError):
     """The loss or the gradients became NaN/inf (with nan_policy = 'stop')."""
+
+
+def fused_adamw(params: Sequence[torch.Tensor]) -> bool:
+    """AdamW's fused kernel (one launch for every parameter) when this torch has it and every
+    parameter is a floating CUDA tensor; else its foreach path (CPU, FSDP2's offloaded shards)."""
+    import inspect
+
+    return (
+        bool(params)
+        and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        and all(p.is_cuda and p.is_floating_point() for p in params)
+    )
 
 
 class Trainer:
@@ -254,12 +276,13 @@ class Trainer:
             masking = select_masking(
                 self.hf_model, impl, cfg.doc_masking, env.device, self.compute_dtype, fallback=auto_attention(cfg)
             )
+            self._compile(masking)  # before the loss module: its fused-head check runs compiled too
             self.module = CausalLMWithLoss(
                 self.hf_model, masking, self.compute_dtype, cfg.loss_chunk_tokens, kernels.liger
             )
         impl = masking.attn_implementation
         if cfg.gradient_checkpointing:
-            enable_checkpointing(self.hf_model)
+            enable_checkpointing(self.hf_model, cfg.gradient_checkpointing)
         self.hf_model.train()
         if env.is_main:
             n = sum(full_numel(p) for p in self.hf_model.parameters())
@@ -273,10 +296,36 @@ class Trainer:
                 ("fused (Liger)" if kernels.liger else "fused chunked") if self.module.fused else "chunked from logits",
             )
 
+    def _compile(self, masking) -> None:
+        """Compile the decoder layers (`compile`, training/compile.py) and run the start-up
+        probes again on the compiled model: eager chose the attention path and stays the
+        reference. 'auto' goes back to eager in one line when the compiled model fails them."""
+        from tokentrain.model.attention import probe_failure
+        from tokentrain.training.compile import compile_layers, uncompile_layers, wanted
+
+        self.compiled: list = []
+        self.compile_s = 0.0
+        if not wanted(self.cfg.compile, self.env.device):
+            return
+        t0 = time.perf_counter()
+        layers = compile_layers(self.hf_model)
+        why = probe_failure(self.hf_model, masking, self.env.device, self.compute_dtype) if layers else "no layers"
+        if why is None:
+            self.compiled, self.compile_s = layers, time.perf_counter() - t0
+            return
+        uncompile_layers(layers)
+        if self.cfg.compile is True:
+            raise ConfigError(
+                f"compile = True: the compiled decoder layers fail the start-up probes ({why}); "
+                "set compile = 'auto' or False"
+            )
+        if self.env.is_main:
+            log.warning("compile: the compiled decoder layers fail the start-up probes (%s); training eager", why)
+
     def _setup_optimization(self) -> None:
         cfg = self.cfg
         params = [p for p in self.module.parameters() if p.requires_grad]
-        fused = self.env.device.type == "cuda"
+        fused = fused_adamw(params)
         optimizer = torch.optim.AdamW(
             params,
             lr=cfg.lr,
@@ -344,12 +393,22 @@ class Trainer:
                 self.evaluator.run(self.step, val=False)
             steps = iter(self.stream)
             window, saved_at = Window(), self.step
+            first = True
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 micro = next(steps)
                 t_data = time.perf_counter() - t0
 
                 outcome = self.train_step(micro)
+                if first and self.compiled and self.env.is_main:
+                    log.info(
+                        "compile: %d decoder blocks compiled in %.1f s (start-up probes) + %.1f s (first step, "
+                        "compiling for the training shapes)",
+                        len(self.compiled),
+                        self.compile_s,
+                        time.perf_counter() - t0,
+                    )
+                first = False
                 self.scheduler.step()
                 self.sampler.advance(self.stream.samples_per_step)
                 self.step += 1
@@ -419,7 +478,9 @@ class Trainer:
         for i, m in enumerate(micro):
             batch = m.batch.to(device)
             with engine.accumulate(is_last=i == len(micro) - 1):
-                part = engine.forward(batch.input_ids, batch.labels, batch.position_ids, batch.cu_seqlens)
+                part = engine.forward(
+                    batch.input_ids, batch.labels, batch.position_ids, batch.doc_bounds, batch.targets, batch.max_doc
+                )
                 if faults.FAULTS and faults.at_step("nan_loss_at_step", self.step + 1, self.env.rank):
                     part = part * math.nan
                 engine.backward(part * scale)

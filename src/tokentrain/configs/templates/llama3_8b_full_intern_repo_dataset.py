@@ -48,6 +48,7 @@ evaluation_inputs = ['Please tell me five scenic spots in Shanghai']
 #######################################################################
 seed = 1024
 dtype = 'auto'  # bfloat16 autocast where the device supports it, else float32
-gradient_checkpointing = True
+gradient_checkpointing = True  # or 'selective': keep matmul outputs, recompute the cheap ops (faster)
+compile = 'auto'  # torch.compile each decoder layer; auto: on CUDA
 use_varlen_attn = None  # None: a varlen kernel on CUDA (PyTorch's own, else flash_attn's), else sdpa
 log_interval = 10

@@ -50,7 +50,8 @@ evaluation_inputs = ['What is the capital of France?', 'What is 3 plus 4?']
 #######################################################################
 seed = 1024
 dtype = 'float32'  # a model this small is overhead-bound: bf16 autocast is ~2x slower on CPU here
-gradient_checkpointing = False
+gradient_checkpointing = False  # True: least memory; 'selective': most of the saving, little compute
+compile = 'auto'  # torch.compile each decoder layer; auto: on CUDA
 use_varlen_attn = None  # None: a varlen kernel on CUDA (PyTorch's own, else flash_attn's), else sdpa
 log_interval = 20
 evaluation_max_new_tokens = 16
