@@ -24,7 +24,7 @@ from tokentrain.utils.disk import UNWRITABLE, free_bytes, what_failed
 
 
 def _cache_name() -> str:
-    from tokentrain.data.index import cache_root
+    from tokentrain.data.cache import cache_root
 
     root = cache_root()
     return f"TOKENTRAIN_CACHE={root}" if os.environ.get("TOKENTRAIN_CACHE") else f"the cache folder {root}"
@@ -32,7 +32,7 @@ def _cache_name() -> str:
 
 def check_cache_root() -> None:
     """The index cache must be a folder we can write in: a usage error (exit 2) otherwise, before any work."""
-    from tokentrain.data.index import cache_root
+    from tokentrain.data.cache import cache_root
 
     root, name = cache_root(), _cache_name()
     if root.exists() and not root.is_dir():
@@ -54,7 +54,7 @@ def check_cache_root() -> None:
 def naming_errors(settings, key: str):
     """Around building the set of config key `key`: its errors name the key and folder when
     they do not already, and a full or unwritable disk (index cache, metas) is one line."""
-    from tokentrain.data.index import cache_root
+    from tokentrain.data.cache import cache_root
 
     try:
         yield

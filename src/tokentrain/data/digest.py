@@ -31,7 +31,7 @@ def _identity(st: os.stat_result) -> list[int]:
 
 
 def _entry(real: str) -> Path:
-    from tokentrain.data.index import cache_root
+    from tokentrain.data.cache import cache_root
 
     return cache_root() / "digest" / f"{hashlib.sha1(real.encode()).hexdigest()[:20]}.json"
 

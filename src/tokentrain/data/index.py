@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tokentrain.data import format as fmt
+from tokentrain.data.cache import cache_root
 from tokentrain.data.summary import index_file, remember
 from tokentrain.errors import DataError
 
@@ -31,12 +32,6 @@ log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
 FILE, LINE, OFFSET, NBYTES = range(4)
-
-
-def cache_root() -> Path:
-    """Where indexes (and metas for read-only folders) go: $TOKENTRAIN_CACHE or ~/.cache/tokentrain."""
-    env = os.environ.get("TOKENTRAIN_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "tokentrain"
 
 
 @dataclass

@@ -286,7 +286,7 @@ def _identity(path: Path) -> list[int]:
 
 
 def _entry(path: Path) -> Path:
-    from tokentrain.data.index import cache_root
+    from tokentrain.data.cache import cache_root
 
     real = os.path.realpath(path)
     return cache_root() / "summary" / f"{hashlib.sha1(real.encode()).hexdigest()[:20]}.json"

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from tokentrain.engines.base import Collectives
-from tokentrain.engines.local import LocalEngine, owns_checkpoint, read_model_state, safe_globals
+from tokentrain.engines.local import LocalEngine
+from tokentrain.engines.plain_checkpoint import owns_checkpoint, read_model_state, safe_globals
 
 __all__ = ["DDPEngine", "owns_checkpoint", "read_model_state", "safe_globals"]
 

@@ -247,7 +247,7 @@ class FSDP2Engine(Collectives):
     def load(self, folder: Path) -> None:
         """Restore from a checkpoint written on any number of ranks: DCP reshards its own; a
         plain (local/DDP) one is read by the main rank and broadcast into the shards."""
-        from tokentrain.engines.local import owns_checkpoint as is_plain
+        from tokentrain.engines.plain_checkpoint import owns_checkpoint as is_plain
 
         if is_plain(folder) and not ckpt.is_fsdp_checkpoint(folder):
             ckpt.load_plain(self.hf_model, self.optimizer, Path(folder), self.env.is_main, not self.cpu_offload)

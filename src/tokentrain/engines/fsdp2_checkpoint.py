@@ -203,7 +203,7 @@ def load_plain(model, optimizer, folder: Path, is_main: bool, broadcast: bool = 
     size wrote it (collective): the main rank reads the whole state (weights-only), DCP's
     state-dict API broadcasts it tensor by tensor and every rank keeps its own slices. Without
     `broadcast` (shards in host memory, which NCCL cannot send) every rank reads the files and
-    keeps its slices. The optimizer state moves by parameter name (`local.read_optimizer_by_name`)."""
+    keeps its slices. The optimizer state moves by parameter name (`plain_checkpoint.read_optimizer_by_name`)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -212,8 +212,8 @@ def load_plain(model, optimizer, folder: Path, is_main: bool, broadcast: bool = 
         set_optimizer_state_dict,
     )
 
-    from tokentrain.engines.local import read_model_state as read_plain_model
-    from tokentrain.engines.local import read_optimizer_by_name
+    from tokentrain.engines.plain_checkpoint import read_model_state as read_plain_model
+    from tokentrain.engines.plain_checkpoint import read_optimizer_by_name
     from tokentrain.errors import CheckpointError
 
     _, osd = get_state_dict(model, optimizer)  # the param groups by name, hyperparameters from the config

@@ -68,7 +68,7 @@ CHOICES = ("auto", *ENGINES)  # the `engine` config key and --engine
 # Checkpoint format -> the module that reads it without a process group (for resume checks and
 # `convert`). Each gives owns_checkpoint(folder), read_model_state(folder) and safe_globals().
 FORMAT_MODULES = {
-    "plain": "tokentrain.engines.local",
+    "plain": "tokentrain.engines.plain_checkpoint",
     "deepspeed": "tokentrain.engines.deepspeed",
     "fsdp2": "tokentrain.engines.fsdp2_checkpoint",
 }
