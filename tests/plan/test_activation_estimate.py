@@ -32,7 +32,7 @@ def _saved_bytes(model, module, batch: int, length: int) -> int:
 def test_activation_estimate_is_near_what_a_forward_saves(tiny_model, checkpointing):
     from tokentrain.model.attention import select_masking
     from tokentrain.model.lm import CausalLMWithLoss, load_model
-    from tokentrain.training.step import enable_checkpointing
+    from tokentrain.training.checkpointing import enable_checkpointing
 
     shape, why = model_shape(str(tiny_model), False)
     assert shape is not None, why
