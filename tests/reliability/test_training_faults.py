@@ -17,6 +17,9 @@ from tests.data.helpers import write_bin
 
 from .helpers import TT, checkpoints, clean_env, error_lines, metrics, torchrun_cmd, train, wait_for, write_cfg
 
+# bf16 compute parameters, fp32 masters: the gradients live in the masters' fp32 buffer.
+PARAMS_MODE = dict(dtype="bfloat16", mixed_precision="params")
+
 
 def _sources_of_step(cfg_data: Path, step: int, batch_size: int = 2, seed: int = 3) -> list[tuple[str, int]]:
     """(file, line) of every document of the samples one-process training takes at `step`."""
@@ -29,10 +32,17 @@ def _sources_of_step(cfg_data: Path, step: int, batch_size: int = 2, seed: int =
     return [(k, ds.sources(int(k))) for k in ks]
 
 
-@pytest.mark.parametrize("fault,workers", [("nan_loss_at_step", 2), ("inf_grad_at_step", 0)])
-def test_non_finite_stops_by_default_naming_step_and_samples(tiny_model, tiny_data, tmp_path, fault, workers):
-    """(With DataLoader workers too: they ignore SIGTERM, and once made the exit hang.)"""
-    cfg = write_cfg(tmp_path / "run.py", tiny_model, tiny_data, dataloader_num_workers=workers)
+@pytest.mark.parametrize(
+    "fault,workers,precision",
+    [("nan_loss_at_step", 2, {}), ("inf_grad_at_step", 0, {}), ("inf_grad_at_step", 0, PARAMS_MODE)],
+    ids=["nan-loss", "inf-grad", "inf-grad-fp32-masters"],
+)
+def test_non_finite_stops_by_default_naming_step_and_samples(
+    tiny_model, tiny_data, tmp_path, fault, workers, precision
+):
+    """(With DataLoader workers too: they ignore SIGTERM, and once made the exit hang. In
+    mixed_precision = 'params' the gradient that goes inf is an fp32 master's.)"""
+    cfg = write_cfg(tmp_path / "run.py", tiny_model, tiny_data, dataloader_num_workers=workers, **precision)
     work = tmp_path / "w"
     r = train(
         cfg, "--work-dir", work, env=clean_env(faults=f"{fault}=5", TOKENTRAIN_CACHE=os.environ["TOKENTRAIN_CACHE"])

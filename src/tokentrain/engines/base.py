@@ -92,6 +92,10 @@ class Engine(Protocol):
 
     def zero_grad(self) -> None: ...
 
+    def gradients(self) -> list[torch.Tensor]:
+        """The gradients the next `step` reads, as this engine holds them (the fault tests poison
+        one); empty where DeepSpeed keeps them in its own flat buffers."""
+
     def full_parameters(self, module: nn.Module | None = None) -> contextlib.AbstractContextManager: ...
 
     def all_reduce_sum(self, values: list[float]) -> list[float]: ...

@@ -212,6 +212,10 @@ class FSDP2Engine(Collectives):
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def gradients(self) -> list[torch.Tensor]:
+        """This rank's fp32 gradient shards (DTensors)."""
+        return [p.grad for p in self.module.parameters() if p.grad is not None]
+
     @contextlib.contextmanager
     def full_parameters(self, module: nn.Module | None = None):
         """`module` given (the probes on the freshly built model): the root's parameters

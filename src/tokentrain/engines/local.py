@@ -142,6 +142,12 @@ class LocalEngine:
         if self.masters is not None:
             self.masters.zero_grad()
 
+    def gradients(self) -> list[torch.Tensor]:
+        """'params': the fp32 master gradients (the compute parameters' are dropped once added)."""
+        if self.masters is not None:
+            return list(self.masters.grads)
+        return [p.grad for p in self.unwrapped.parameters() if p.grad is not None]
+
     @contextlib.contextmanager
     def full_parameters(self, module=None):
         """Whole parameters for the duration (a sharding engine gathers them; here: as is). No

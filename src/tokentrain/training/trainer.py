@@ -486,9 +486,9 @@ class Trainer:
                 engine.backward(part * scale)
             loss_sum += part.detach()
         if faults.FAULTS and faults.at_step("inf_grad_at_step", self.step + 1, self.env.rank):
-            grad = next((p.grad for p in engine.unwrapped.parameters() if p.grad is not None), None)
-            if grad is not None:  # (a ZeRO engine keeps its gradients in its own buffers)
-                grad.fill_(math.inf)
+            grads = engine.gradients()
+            if grads:  # (a ZeRO engine keeps its gradients in its own buffers)
+                grads[0].fill_(math.inf)
         result = engine.step(self.cfg.max_norm)  # a non-finite gradient norm applies no update
         return StepOutcome(loss_sum, global_targets, lr, result.grad_norm, result.applied, result.loss_scale_overflow)
 
