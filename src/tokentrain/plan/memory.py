@@ -18,7 +18,9 @@ Activations, per micro-batch of T = batch_size x max_length tokens, for a Llama-
 q/k, attention output, SwiGLU). Attention kernels that are linear in memory (sdpa's flash and
 memory-efficient kernels, varlen, flex) save O(T) more; eager attention saves its probabilities,
 c x heads x max_length^2 per sample per layer, twice. Gradient checkpointing keeps only each
-layer's fp32 input (4h) plus one layer's activations being recomputed. The loss head: fused
+layer's fp32 input (4h) plus one layer's activations being recomputed; 'selective' also keeps
+the outputs of the layer's matmuls and attention (training/checkpointing.py), c (4h + 2kv + 2i):
+q, k, v, attention, o, gate, up and down, and recomputes the norms, rotary and SwiGLU product. The loss head: fused
 (model/loss.py) keeps the hidden states and their gradient (8h per token), an fp32 weight
 gradient (4 x vocab x h) and one chunk of fp32 logits; unfused, the logits in c bytes plus a
 chunk. Not counted: the CUDA context and kernels' workspaces (~1 GiB), allocator fragmentation,
@@ -66,7 +68,7 @@ class Shape:
     batch_size: int
     max_length: int
     compute_bytes: int  # c: 2 (bf16/fp16) or 4 (fp32)
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool | str  # False, True or 'selective'
     eager_attention: bool
     chunk_tokens: int  # the loss's chunk (model/loss.py)
 
@@ -78,7 +80,12 @@ def saved_and_transient(m: ModelShape, s: Shape) -> tuple[float, float]:
     per_layer = t * (16 * h + c * (5 * h + 3 * m.kv_dim + 4 * m.intermediate))
     if s.eager_attention:
         per_layer += 2 * c * m.heads * s.batch_size * s.max_length**2
-    layers = m.layers * t * 4 * h if s.gradient_checkpointing else m.layers * per_layer
+    if s.gradient_checkpointing == "selective":
+        layers = m.layers * t * (4 * h + c * (4 * h + 2 * m.kv_dim + 2 * m.intermediate))
+    elif s.gradient_checkpointing:
+        layers = m.layers * t * 4 * h
+    else:
+        layers = m.layers * per_layer
     head = t * 8 * h + 4 * m.vocab * h if m.fused_loss else t * c * m.vocab
     chunks = 2 * min(t, s.chunk_tokens) * m.vocab * 4  # fp32 logits and their gradient, one chunk
     return float(layers + t * 4 * h + head), float(chunks + (per_layer if s.gradient_checkpointing else 0))

@@ -78,7 +78,9 @@ def _memory(plan: dict) -> list[str]:
     mem = plan["memory"]
     cfg = plan["resolved_config"]
     tokens = cfg["batch_size"] * cfg["max_length"]
-    ckpt = ", gradient checkpointing" if cfg["gradient_checkpointing"] else ""
+    ckpt = {True: ", gradient checkpointing", "selective": ", selective gradient checkpointing"}.get(
+        cfg["gradient_checkpointing"], ""
+    )
     out = [
         f"\nmemory per GPU, GiB (estimate: {mem['estimate']})",
         f"  {plan['world_size']} rank(s), {plan['compute_dtype']}, {tokens} tokens per micro-batch{ckpt}; "
