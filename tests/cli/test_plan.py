@@ -169,3 +169,17 @@ def test_mixture_plan_per_source_is_data_stats(tiny_model, tiny_data, val_data, 
         for key in ("name", "samples", "planned_samples", "epochs", "tokens"):
             assert mine[key] == theirs[key], key
     assert any("over-sampled" in w and "code" in w for w in plan["warnings"])
+
+
+@pytest.mark.distributed
+def test_dry_run_under_torchrun_prints_one_plan(tiny_model, tiny_data, tmp_path):
+    """Every rank of a launched dry run checks the config; the job's plan is printed once."""
+    from tests.reliability.helpers import clean_env, torchrun_cmd
+
+    cfg = _cfg(tmp_path / "run.py", tiny_model, tiny_data)
+    env = clean_env(TOKENTRAIN_CACHE=os.environ["TOKENTRAIN_CACHE"])
+    r = subprocess.run(torchrun_cmd(cfg, "--dry-run", "--json"), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plan = json.loads(r.stdout)  # one JSON document: a second rank's would make this fail
+    assert plan["world_size"] == 2 and plan["data"]["global_batch"] == 2 * 4 * 2
+    assert not (tmp_path / "work_dirs").exists() and not (Path.cwd() / "work_dirs" / "run").exists()

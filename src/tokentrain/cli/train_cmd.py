@@ -14,6 +14,7 @@ start without --resume on one that holds checkpoints is refused (or --overwrite)
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -233,10 +234,20 @@ def cmd_plan(args) -> int:
     from tokentrain.plan.report import render
 
     cfg, deepspeed = preflight(args)
+    if _launched_rank(args.launcher) > 0:  # every rank of a launched dry run checked; rank 0 prints the plan
+        return 0
     quiet_libraries()
     plan = make_plan(args, cfg, deepspeed, work_dir_of(args, cfg))
     print(json.dumps(plan, indent=2) if args.json else render(plan))
     return 0
+
+
+def _launched_rank(launcher: str) -> int:
+    """This process's rank under torchrun/srun (0 when planned outside a launcher, where a dry run
+    with `--launcher pytorch` is a plan of the job it will be)."""
+    name = {"pytorch": "RANK", "slurm": "SLURM_PROCID"}.get(launcher)
+    value = os.environ.get(name, "0") if name else "0"
+    return int(value) if value.isdigit() else 0
 
 
 def cmd_train(args) -> int:
