@@ -131,6 +131,34 @@ def test_a_checkpoint_of_one_mode_resumes_in_the_other(runs):
     assert checkpoint_dtypes(switched / "checkpoints" / "step_4") == {torch.float32}
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.deepspeed
+def test_a_deepspeed_checkpoint_of_one_mode_resumes_in_the_other(runs):
+    """ZeRO's bf16 optimizer (params) and its fp32 one (autocast) read each other's checkpoints."""
+    autocast, _ = runs.run("deepspeed_zero2", "autocast")
+    switched, log = runs.run("deepspeed_zero2", "params", resume_from=autocast / "checkpoints" / "step_2")
+    assert "bfloat16 compute parameters" in log
+    assert "holds the other mixed_precision mode's optimizer" in log and "universal checkpoint" in log
+    assert losses(switched) == pytest.approx(losses(autocast)[2:], rel=5e-3)
+    final = model_state(switched / "checkpoints" / "step_4")
+    assert all(v.dtype == torch.float32 for v in final.values())
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_fsdp2_params_checkpoint_resumes_on_the_local_engine(runs):
+    """FSDP2's sharded fp32 masters and Adam state go into the local engine's masters: its steps
+    3-4 are the FSDP2 run's (one rank each: the global batch is the same)."""
+    sharded, _ = runs.run("fsdp2_1", "params")
+    moved, log = runs.run("local", "params", resume_from=sharded / "checkpoints" / "step_2")
+    assert "bfloat16 compute parameters" in log and "FSDP2" in log
+    assert losses(moved) == pytest.approx(losses(sharded)[2:], rel=1e-3)
+    want, got = model_state(sharded / "checkpoints" / "step_4"), model_state(moved / "checkpoints" / "step_4")
+    assert want.keys() == got.keys()
+    assert all(torch.allclose(want[k], got[k], rtol=0, atol=2e-3) for k in want)
+
+
 # ------------------------------------------------------------------ in process
 
 

@@ -278,19 +278,31 @@ class DeepSpeedEngine(Collectives, LocalEngine):
     def load(self, folder: Path) -> None:
         from tokentrain.engines.registry import checkpoint_record
 
-        written = checkpoint_record(folder).get("world_size")
-        if not written or written == self.env.world_size:
+        written = checkpoint_record(folder).get("world_size") or self.env.world_size
+        why = []
+        if written != self.env.world_size:
+            why.append(f"was written by {written} rank(s)")
+        if self._other_optimizer(folder):
+            why.append("holds the other mixed_precision mode's optimizer (DeepSpeed's bf16 one or its fp32 one)")
+        if not why:
             self._load(folder)
             return
-        with self._universal(folder, written) as universal:
+        with self._universal(folder, written, " and ".join(why)) as universal:
             self.engine._config.load_universal_checkpoint = True  # what load_checkpoint reads
             try:
                 self._load(universal)
             finally:
                 self.engine._config.load_universal_checkpoint = False
 
+    def _other_optimizer(self, folder: Path) -> bool:
+        """True when the checkpoint's optimizer files are not the ones this engine reads: DeepSpeed
+        names its bf16 optimizer's state ``bf16_zero_pp_rank_*`` (mixed_precision 'params' in bf16)
+        and its fp32 one ``zero_pp_rank_*`` ('autocast'); the universal checkpoint is either's."""
+        files = [p.name for p in (folder / DS_TAG).glob("*zero_pp_rank_*_optim_states.pt")]
+        return bool(files) and any(f.startswith("bf16_") for f in files) != self.engine.bfloat16_enabled()
+
     @contextlib.contextmanager
-    def _universal(self, folder: Path, written: int):
+    def _universal(self, folder: Path, written: int, why: str):
         """The checkpoint as DeepSpeed's universal checkpoint, in ``.step_N.universal`` beside
         it for the duration (shared by every rank, as checkpoints are): made by the main rank,
         a failure there stops every rank with its one line."""
@@ -303,15 +315,17 @@ class DeepSpeedEngine(Collectives, LocalEngine):
             try:
                 to_universal(folder / DS_TAG, out / DS_TAG)
             except Exception as e:
-                error = f"{folder / DS_TAG}: cannot convert to a universal checkpoint for {self.env.world_size} " + (
-                    f"rank(s) ({type(e).__name__}: {first_line(e)}); resume on {written} rank(s)"
+                error = (
+                    f"{folder / DS_TAG} {why}, and cannot be converted to a universal checkpoint to resume on "
+                    f"{self.env.world_size} rank(s) ({type(e).__name__}: {first_line(e)}); resume it as it was "
+                    f"written ({written} rank(s), the same mixed_precision)"
                 )
             else:
                 log.info(
-                    "%s was written by %d rank(s): converted to DeepSpeed's universal checkpoint in %s (%.1fs) to "
-                    "resume on %d, optimizer state included",
+                    "%s %s: converted to DeepSpeed's universal checkpoint in %s (%.1fs) to resume on %d rank(s), "
+                    "optimizer state included",
                     folder,
-                    written,
+                    why,
                     out,
                     time.perf_counter() - start,
                     self.env.world_size,
