@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.reliability.helpers import BIN
 from tokentrain.cli.main import main
 from tokentrain.data import format as fmt
 from tokentrain.data.dataset import DataSettings, build_dataset
 
 from .helpers import BAD_DATASETS, as_lists, line_bytes, make_bad_dataset, ref_packs, ref_unpacked, save_meta, write_bin
 
-REPO = Path(__file__).resolve().parents[2]
-EXE = REPO / ".venv" / "bin" / "tokentrain"
+EXE = Path(BIN)  # the console script of the venv running the tests (not necessarily the checkout's .venv)
 
 
 def run(capsys, *argv):

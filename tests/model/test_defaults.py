@@ -71,9 +71,33 @@ def test_auto_attention_falls_back_to_what_the_model_supports(tmp_path, caplog):
     with pytest.raises(ConfigError, match="attn_implementation = 'varlen' needs torch.nn.attention.varlen"):
         choose_attn_implementation("varlen", cpu, None)
     config("gemma2").save_pretrained(tmp_path / "g2")
-    with pytest.raises(ConfigError, match="does not support"):  # asked for sdpa by name: refused, one line
+    # Asked for sdpa by name: refused, one line -- by tokentrain, whatever transformers does (5.17
+    # loads gemma2 with sdpa and drops the cap).
+    with pytest.raises(ConfigError, match="soft-caps its attention scores .* which sdpa does not support"):
         load_model(str(tmp_path / "g2"), False, "sdpa", cpu)
     with caplog.at_level(logging.INFO, logger="tokentrain.model.lm"):
         m = load_model(str(tmp_path / "g2"), False, "sdpa", cpu, fallback="eager")
     assert m.config._attn_implementation == "eager"
     assert "attn_implementation = 'eager' instead" in caplog.text
+
+
+def test_a_soft_capped_model_runs_capped_outside_training(tmp_path):
+    """chat loads the model itself, with transformers' default attention -- sdpa for gemma2 in
+    transformers 5.17, which drops the cap: a soft-capped model gets eager there instead."""
+    from transformers import AutoModelForCausalLM
+
+    from tokentrain.model.inference import ModelSource, load_for_inference
+    from tokentrain.model.tiny import make_tokenizer
+
+    cfg = config("gemma2")
+    cfg.vocab_size = 512
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "g2")
+    make_tokenizer(512).save_pretrained(tmp_path / "g2")
+    model, _ = load_for_inference(ModelSource(str(tmp_path / "g2")), torch.device("cpu"), "float32")
+    assert model.config._attn_implementation == "eager"
+    llama = config("llama")  # a model without a cap keeps transformers' default
+    llama.vocab_size = 512
+    AutoModelForCausalLM.from_config(llama).save_pretrained(tmp_path / "llama")
+    make_tokenizer(512).save_pretrained(tmp_path / "llama")
+    model, _ = load_for_inference(ModelSource(str(tmp_path / "llama")), torch.device("cpu"), "float32")
+    assert model.config._attn_implementation == "sdpa"

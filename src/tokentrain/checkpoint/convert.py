@@ -115,11 +115,15 @@ def model_from_checkpoint(model_path: str, ckpt: Path, trust_remote_code: bool =
 
     from tokentrain.engines.registry import read_model_state
     from tokentrain.model.init import no_init_weights
+    from tokentrain.model.lm import running_attention
 
     state = read_model_state(ckpt)  # the engine that wrote it reads it; its files were checked first
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    attention = running_attention(config) if to_run else {}
     with no_init_weights() if to_run else torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, trust_remote_code=trust_remote_code, **attention
+        )
     expected = set(model.state_dict())
     _fill_shared(model, state)
     tied = {k for k in expected - set(state) if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}

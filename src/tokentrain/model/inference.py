@@ -99,9 +99,9 @@ def load_for_inference(source: ModelSource, device: torch.device, dtype_name: st
     """(model in eval mode on `device`, tokenizer). `dtype_name` as training's `dtype`: 'auto' is
     bf16 on a GPU that has it, fp32 on CPU (model/lm.autocast_dtype); the weights are held in it."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tokentrain.model.lm import autocast_dtype, load_tokenizer
+    from tokentrain.model.lm import autocast_dtype, load_tokenizer, running_attention
 
     dtype = autocast_dtype(dtype_name, device) or torch.float32
     path = source.path
@@ -114,7 +114,10 @@ def load_for_inference(source: ModelSource, device: torch.device, dtype_name: st
         model.eval()
         return model, tokenizer
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **running_attention(config)
+        )
     except Exception as e:
         raise ConfigError(f"{path}: cannot load the model: {first_line(e)}") from None
     model.to(device)  # type: ignore[arg-type]  # transformers' decorator stub drops `self`

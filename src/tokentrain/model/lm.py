@@ -144,8 +144,32 @@ def soft_caps_attention(path: str, trust_remote_code: bool) -> bool:
         cfg = read_config(path, trust_remote_code)
     except ConfigError:
         return False
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return bool(getattr(cfg, "attn_logit_softcapping", None))
+    return attention_cap(cfg) is not None
+
+
+def attention_cap(config: PretrainedConfig) -> float | None:
+    """The soft-cap on attention scores (gemma2's ``attn_logit_softcapping``); None without one."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "attn_logit_softcapping", None) or None
+
+
+def refuse_uncapped_sdpa(config: PretrainedConfig, attn_implementation: str) -> None:
+    """sdpa cannot soft-cap scores. Recent transformers refuse sdpa for such a model; older ones
+    (5.17, the GPU image's) load gemma2 with it and drop the cap without a word -- a different
+    model. So it is refused here, whatever transformers is installed."""
+    cap = attention_cap(config)
+    if attn_implementation == "sdpa" and cap is not None:
+        raise ValueError(
+            f"{getattr(config, 'model_type', 'the model')} soft-caps its attention scores (attn_logit_softcapping = "
+            f"{cap}), which sdpa does not support: set attn_implementation = 'eager' (or 'flex' on CUDA)"
+        )
+
+
+def running_attention(config: PretrainedConfig) -> dict[str, str]:
+    """from_pretrained keywords for a model run outside training (chat, eval): transformers'
+    default attention, but eager for a model that soft-caps its scores, which older
+    transformers (5.17) would give sdpa, dropping the cap (`refuse_uncapped_sdpa`)."""
+    return {"attn_implementation": "eager"} if attention_cap(config) is not None else {}
 
 
 # Initialises the given modules of the model being built (allocated, whole), by name: `init_by_name`.
@@ -237,6 +261,7 @@ def _build(
 
     impl, remote = attn_implementation, trust_remote_code
     try:
+        refuse_uncapped_sdpa(config, impl)
         if not scratch:
             return AutoModelForCausalLM.from_pretrained(
                 path, config=config, dtype=torch.float32, attn_implementation=impl, trust_remote_code=remote
