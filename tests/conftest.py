@@ -23,6 +23,7 @@ VOCAB = 512
 _DEEPSPEED = re.compile(r"deepspeed|zero[123]|ZeRO", re.IGNORECASE)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         # Slurm tests (the fixture, or `srun` cases that ask for it at run time) share one
@@ -30,8 +31,18 @@ def pytest_collection_modifyitems(config, items):
         if "slurm_cluster" in getattr(item, "fixturenames", ()) or "srun" in item.nodeid:
             item.add_marker(pytest.mark.slurm)
             item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif item.get_closest_marker("xdist_group") is None and _uses_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
         if _DEEPSPEED.search(item.nodeid):
             item.add_marker(pytest.mark.deepspeed)
+
+
+def _uses_module_fixture(item) -> bool:
+    """A module-scoped fixture here is an expensive shared run. Under `--dist loadgroup` the
+    module's tests would be spread over both workers, each computing it (and again whenever a
+    worker's queue leaves the module and comes back), so they get one group: one worker, in a row."""
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(d and d[-1].scope == "module" for d in defs.values())
 
 
 @pytest.fixture(autouse=True)

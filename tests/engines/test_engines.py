@@ -85,7 +85,7 @@ def job(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engines_run(job):
     """Every engine on 2 ranks (engines_worker.py): a full run and one resumed from step 2.
-    Two tests read it; under xdist they share a group, so it runs once."""
+    Two tests read it; under xdist the module is one group (tests/conftest.py), so it runs once."""
     out = job["root"] / "engines"
     cmd = [
         sys.executable,
@@ -104,7 +104,6 @@ def engines_run(job):
     return out
 
 
-@pytest.mark.xdist_group("engines-run")
 def test_every_engine_matches_one_process_and_resumes_exactly(job, engines_run):
     out = engines_run
     ref_w, ref_loss = weights(job["ref"]), losses(job["ref"])
@@ -121,7 +120,6 @@ def test_every_engine_matches_one_process_and_resumes_exactly(job, engines_run):
     assert (out / "deepspeed_zero1" / "full" / "checkpoints" / "step_2" / "ds").is_dir()
 
 
-@pytest.mark.xdist_group("engines-run")
 def test_convert_deepspeed_and_plain_checkpoints_to_hf(job, engines_run, tmp_path):
     """pth_to_hf on a ZeRO-3 checkpoint (from the engines run) and on a plain one: loads in
     transformers with the trainer's own weights, hence identical logits."""

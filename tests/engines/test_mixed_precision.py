@@ -135,14 +135,17 @@ def test_a_checkpoint_of_one_mode_resumes_in_the_other(runs):
 @pytest.mark.distributed
 @pytest.mark.deepspeed
 def test_a_deepspeed_checkpoint_of_one_mode_resumes_in_the_other(runs):
-    """ZeRO's bf16 optimizer (params) and its fp32 one (autocast) read each other's checkpoints."""
+    """ZeRO's bf16 optimizer (params) and its fp32 one (autocast) read each other's checkpoints,
+    both ways."""
     autocast, _ = runs.run("deepspeed_zero2", "autocast")
-    switched, log = runs.run("deepspeed_zero2", "params", resume_from=autocast / "checkpoints" / "step_2")
-    assert "bfloat16 compute parameters" in log
-    assert "holds the other mixed_precision mode's optimizer" in log and "universal checkpoint" in log
-    assert losses(switched) == pytest.approx(losses(autocast)[2:], rel=5e-3)
-    final = model_state(switched / "checkpoints" / "step_4")
-    assert all(v.dtype == torch.float32 for v in final.values())
+    params, _ = runs.run("deepspeed_zero2", "params")
+    for written, mode in ((autocast, "params"), (params, "autocast")):
+        switched, log = runs.run("deepspeed_zero2", mode, resume_from=written / "checkpoints" / "step_2")
+        assert ("bfloat16 compute parameters" in log) == (mode == "params"), mode
+        assert "holds the other mixed_precision mode's optimizer" in log and "universal checkpoint" in log, mode
+        assert losses(switched) == pytest.approx(losses(written)[2:], rel=5e-3), mode
+        final = model_state(switched / "checkpoints" / "step_4")
+        assert all(v.dtype == torch.float32 for v in final.values()), mode
 
 
 @pytest.mark.slow
